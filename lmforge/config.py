@@ -1,0 +1,262 @@
+"""Configuration: typed dataclasses, named presets, YAML in and out, and validation.
+
+There is one config system. `ModelConfig` says what a model is (its kind and sizes; it is the
+`config.json` of every checkpoint); `TrainConfig` says how a run trains. Each field carries its help
+text, which becomes the `--model.FIELD` / `--train.FIELD` flags of the CLI and the docs of YAML
+files. `load_run_config` merges, in order: preset, YAML file, flags.
+
+    model = preset("gpt-mini")                      # a ModelConfig
+    model, train = load_run_config("gpt-mini", "run.yaml", {"train.lr": 3e-4})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import UserError
+
+
+def param(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (shown by `--help` and written into docs)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """The architecture of a model: stored as `config.json` in every checkpoint."""
+
+    kind: str = param("decoder", "model kind: decoder (causal LM)")
+    vocab_size: int = param(8192, "number of token ids (set from the tokenizer when training)")
+    block_size: int = param(256, "context length in tokens")
+    n_layer: int = param(6, "number of Transformer blocks")
+    n_head: int = param(6, "attention heads (queries)")
+    n_kv_head: int | None = param(None, "key/value heads for grouped-query attention (default: n_head)")
+    d_model: int = param(384, "width of the residual stream")
+    d_ff: int | None = param(None, "hidden width of the MLP (default: 4*d_model, or ~8/3*d_model for swiglu)")
+    norm: str = param("layernorm", "layernorm (GPT-2) or rmsnorm (Llama)")
+    mlp: str = param("gelu", "gelu (GPT-2, tanh approximation) or swiglu (Llama)")
+    position: str = param("learned", "learned absolute positions (GPT-2) or rope (Llama)")
+    rope_theta: float = param(10000.0, "RoPE base frequency")
+    bias: bool = param(True, "biases in linear layers and norms")
+    qkv_bias: bool | None = param(None, "biases on the q/k/v projections only (default: same as bias)")
+    tie_embeddings: bool = param(True, "share the token embedding with the output head")
+    norm_eps: float = param(1e-5, "epsilon of the normalisation layers")
+    dropout: float = param(0.0, "dropout probability in training")
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        if self.d_ff is None:
+            if self.mlp == "swiglu":
+                self.d_ff = 64 * -(-(8 * self.d_model // 3) // 64)  # round up to a multiple of 64
+            else:
+                self.d_ff = 4 * self.d_model
+
+    def validate(self) -> ModelConfig:
+        choices = {"kind": ("decoder",), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+                   "position": ("learned", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"model.{name} = {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.{name} = {getattr(self, name)}; expected a positive integer")
+        if self.d_model % self.n_head:
+            raise UserError(f"model.d_model = {self.d_model} is not divisible by model.n_head = {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"model.n_head = {self.n_head} is not divisible by model.n_kv_head = {self.n_kv_head}")
+        if self.position == "rope" and (self.d_model // self.n_head) % 2:
+            raise UserError("rope needs an even head size (d_model / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout = {self.dropout}; expected a value in [0, 1)")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains: the optimizer, schedule, batch, precision and bookkeeping."""
+
+    batch_size: int = param(8, "sequences per optimizer step, over all processes and accumulation steps")
+    grad_accum: int = param(1, "micro-batches per optimizer step (each batch_size / grad_accum / world)")
+    max_steps: int = param(1000, "optimizer steps in the run (sets the length of the cosine schedule)")
+    max_minutes: float | None = param(None, "stop (and save) after this many minutes of training")
+    lr: float = param(1e-3, "peak learning rate")
+    min_lr: float = param(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = param(100, "steps of linear warmup")
+    weight_decay: float = param(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = param(0.9, "AdamW beta1")
+    beta2: float = param(0.95, "AdamW beta2")
+    grad_clip: float = param(1.0, "clip the global gradient norm to this (0 = off)")
+    precision: str = param("bf16", "fp32, bf16 (bf16 weights with fp32 master copies) or fp16 (autocast)")
+    eval_interval: int = param(200, "evaluate (and save) every this many steps")
+    eval_batches: int = param(20, "batches per evaluation")
+    log_interval: int = param(10, "write metrics every this many steps")
+    seed: int = param(1337, "seed for initialisation and batch order")
+    compile: bool = param(False, "torch.compile the model")
+
+    def validate(self) -> TrainConfig:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} = {getattr(self, name)}; expected a positive integer")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"train.batch_size = {self.batch_size} is not divisible by "
+                            f"train.grad_accum = {self.grad_accum}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"train.precision = {self.precision!r}; expected fp32, bf16 or fp16")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}; expected 0 <= min_lr <= lr, lr > 0")
+        if self.warmup_steps < 0:
+            raise UserError(f"train.warmup_steps = {self.warmup_steps}; expected >= 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise UserError(f"train.max_minutes = {self.max_minutes}; expected a positive number")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# presets: named model shapes, from a toy that trains in seconds to a ~1B Llama shape
+
+_GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True)
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=True)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(_GPT2, vocab_size=2048, block_size=128, n_layer=2, n_head=2, d_model=64),
+    "gpt-mini": dict(_GPT2, vocab_size=8192, block_size=256, n_layer=6, n_head=6, d_model=384),
+    "gpt2": dict(_GPT2, vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768),
+    "gpt2-medium": dict(_GPT2, vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024),
+    "llama-tiny": dict(_LLAMA, vocab_size=2048, block_size=128, n_layer=2, n_head=4, n_kv_head=2, d_model=64),
+    "llama-mini": dict(_LLAMA, vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_kv_head=2, d_model=384),
+    "smollm2-135m": dict(_LLAMA, vocab_size=49152, block_size=2048, n_layer=30, n_head=9, n_kv_head=3,
+                         d_model=576, d_ff=1536, rope_theta=100000.0),
+    "llama-1b": dict(_LLAMA, vocab_size=128256, block_size=2048, n_layer=16, n_head=32, n_kv_head=8,
+                     d_model=2048, d_ff=8192, rope_theta=500000.0),
+}
+
+PRESET_NOTES = {
+    "tiny": "a toy for tests and smoke runs",
+    "gpt-mini": "GPT-2 style, the demo and benchmark shape",
+    "gpt2": "the GPT-2 124M shape",
+    "gpt2-medium": "the GPT-2 350M shape",
+    "llama-tiny": "Llama style toy (RoPE, RMSNorm, SwiGLU, GQA)",
+    "llama-mini": "Llama style, gpt-mini's size",
+    "smollm2-135m": "the SmolLM2-135M shape",
+    "llama-1b": "the Llama 3.2 1B shape",
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The ModelConfig of a named preset (`lmforge models` lists them)."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name]).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# dicts, YAML and flags in; dicts out
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return `value` converted to the field's type, or raise a UserError naming the field."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{where} = {value!r} has the wrong type; expected {annotation.__name__}")
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from `values`; unknown keys and wrong types are UserErrors naming `where`."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping of field: value, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
+            raise UserError(f"{where}.{key} is not a config key{hint}")
+        kwargs[key] = _check_type(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def parse_flag_value(text: str, annotation: Any, where: str) -> Any:
+    """Turn a command-line string into a value of the field's type (`--train.lr 3e-4`)."""
+    value = yaml.safe_load(text) if text.strip() else text
+    if isinstance(value, (int, float)) and annotation in (str, str | None):
+        value = text
+    return _check_type(value, annotation, where)
+
+
+def load_run_config(
+    preset_name: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Merge a preset, a YAML file (`preset:`, `model:`, `train:` sections) and `section.key` overrides."""
+    sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(doc, dict):
+            raise UserError(f"{path} must be a mapping with model:, train: and optionally preset:")
+        for key in doc:
+            if key not in ("preset", "model", "train"):
+                raise UserError(f"{path}: unknown section {key!r}; expected preset, model, train")
+        preset_name = preset_name or doc.get("preset")
+        for section in ("model", "train"):
+            part = doc.get(section) or {}
+            if not isinstance(part, dict):
+                raise UserError(f"{path}: {section} must be a mapping of field: value")
+            sections[section].update(part)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in sections or not key:
+            raise UserError(f"unknown setting {dotted!r}; expected model.FIELD or train.FIELD")
+        sections[section][key] = value
+    if preset_name and preset_name not in PRESETS:
+        raise UserError(f"unknown preset {preset_name!r}; known presets: {', '.join(PRESETS)}")
+    base = dict(PRESETS[preset_name]) if preset_name else {}
+    model = from_dict(ModelConfig, {**base, **sections["model"]}, "model").validate()
+    train = from_dict(TrainConfig, sections["train"], "train").validate()
+    return model, train
+
+
+def save_yaml(path: str | Path, model: ModelConfig, train: TrainConfig) -> None:
+    Path(path).write_text(yaml.safe_dump({"model": to_dict(model), "train": to_dict(train)}, sort_keys=False))

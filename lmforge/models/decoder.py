@@ -1,0 +1,125 @@
+"""The decoder-only causal language model: GPT-2 style or Llama style, chosen by `ModelConfig`.
+
+    model = Decoder(preset("gpt-mini"))
+    logits = model(ids)                 # (B, T, vocab)
+    loss = model(ids, targets)          # mean cross-entropy, fused with the output head
+    text = model.generate(...)          # see lmforge.infer.generate
+
+GPT-2 style: learned positions, LayerNorm, GELU, tied embeddings. Llama style: RoPE, RMSNorm,
+SwiGLU, grouped-query attention. Both are the same class; the config switches pick the parts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.models.layers import (
+    Block,
+    KVCache,
+    RotaryEmbedding,
+    fused_linear_cross_entropy,
+    init_weights,
+    make_norm,
+)
+
+
+class Decoder(nn.Module):
+    """Token ids in, next-token logits out; `tokenizer` is attached by `lmforge.load`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.block_size, config.d_model) if config.position == "learned" else None
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta) if config.position == "rope" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tokenizer: Any = None
+        init_weights(self, config.n_layer)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.head is None else self.head.weight
+
+    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, d_model) for token ids (B, T)."""
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
+        pad = cache.pad if cache is not None else None
+        positions = torch.arange(start, start + T, device=ids.device)[None]  # (1, T)
+        if pad is not None:
+            positions = (positions - pad[:, None]).clamp(min=0)  # (B, T): left padding shifts positions
+        x = self.tok_emb(ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.dropout(x)
+        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
+        mask = None
+        if pad is not None or (start > 0 and T > 1):
+            # explicit mask (B, 1, T, S): causal from `start`, and never to left padding
+            keys = torch.arange(start + T, device=ids.device)
+            mask = keys[None, :] <= torch.arange(start, start + T, device=ids.device)[:, None]  # (T, S)
+            mask = mask[None, None]
+            if pad is not None:
+                mask = mask & (keys[None, :] >= pad[:, None])[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, rope, cache, mask)
+        if cache is not None:
+            cache.length = start + T
+        return self.norm(x)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab); or, given `targets` (B, T), the mean next-token cross-entropy.
+
+        With targets the output head and the loss are fused (the full logits are never made);
+        targets equal to `ignore_index` do not count. `last_only` returns logits (B, 1, vocab).
+        """
+        h = self.hidden_states(ids, cache)
+        if targets is not None:
+            return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
+                                              ignore_index=ignore_index)
+        if last_only:
+            h = h[:, -1:]
+        return h @ self.head_weight.T
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype, pad)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """Generate text or token ids; the options are those of `lmforge.infer.generate.generate`."""
+        from lmforge.infer.generate import generate
+
+        return generate(self, *args, **kwargs)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 * matmul parameters + attention (PaLM appendix B)."""
+    d, L = config.d_model, config.n_layer
+    kv = config.n_kv_head * config.head_dim
+    ffn = (3 if config.mlp == "swiglu" else 2) * d * config.d_ff
+    matmul_params = L * (d * (d + 2 * kv) + d * d + ffn) + d * config.vocab_size
+    T = seq_len or config.block_size
+    attention = 6 * L * d * T  # 12 * L * d * T / 2: causal attention does half the work
+    return 6 * matmul_params + attention

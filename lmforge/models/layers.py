@@ -1,0 +1,210 @@
+"""The Transformer layers every lmforge model is built from.
+
+In the order data meets them: `RMSNorm` / `nn.LayerNorm`, `RotaryEmbedding`, `Attention` (one
+implementation for every model: grouped-query heads, PyTorch's `scaled_dot_product_attention`, an
+optional `KVCache` for generation), `MLP` (GELU or SwiGLU), `Block`, and `fused_linear_cross_entropy`
+(the output head and the loss in one pass that never holds the full logits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): x / rms(x) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), in the rotate-half layout that Llama checkpoints use."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B or 1, 1, T, head_dim) for integer positions of shape (B or 1, T)."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        angles = positions.float()[..., None] * (1.0 / self.theta**exponents)  # (B, T, hd/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, so generation appends instead of recomputing.
+
+    `pad` holds the number of left-padding tokens per row (batched prompts of different lengths);
+    padded key positions are never attended to.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0  # tokens already stored
+        self.pad = pad  # (B,) long tensor or None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) after the cached ones; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (used when some sequences finish early)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with grouped-query heads and an optional KV cache."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.qkv = nn.Linear(config.d_model, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(q_size, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """GPT-2's GELU MLP or Llama's SwiGLU (gate and up projections in one matmul)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        self.up = nn.Linear(config.d_model, (2 if self.swiglu else 1) * config.d_ff, bias=config.bias)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config, layer_index)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, mask))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of (h @ weight.T) computed chunk by chunk, with gradients made in the forward pass.
+
+    The full (tokens, vocab) logits never exist: each chunk's logits are made, turned into the loss
+    and into d(loss)/d(logits) = softmax - onehot, multiplied back into the gradients of h and weight,
+    and dropped. Same matmul count as the unfused head, a fraction of its memory traffic.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size, ignore_index):
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            h_chunk, t_chunk = h[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (h_chunk @ weight.T).float()  # (chunk, V)
+            valid = t_chunk != ignore_index
+            safe_t = t_chunk.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
+            if need_grad:
+                logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                logits[torch.arange(len(t_chunk), device=h.device), safe_t] -= 1.0
+                logits.mul_((valid.float() / n_valid)[:, None])
+                g = logits.to(h.dtype)
+                grad_h[start:start + chunk_size] = g @ weight
+                grad_w += (g.T @ h_chunk).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_output, grad_w * grad_output, None, None, None
+
+
+def fused_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 512, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ weight.T (h: (N, d), weight: (V, d), targets: (N,))."""
+    return _FusedLinearCrossEntropy.apply(h, weight, targets, chunk_size, ignore_index)
+
+
+def init_weights(module: nn.Module, n_layer: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02), output projections scaled by 1/sqrt(2 * n_layer)."""
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "down.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)

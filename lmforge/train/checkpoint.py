@@ -1,0 +1,140 @@
+"""The checkpoint directory: the one format every lmforge model is saved in and loaded from.
+
+    CHECKPOINT/
+      config.json        the ModelConfig (kind and sizes)
+      model.safetensors  the weights (fp32)
+      tokenizer.json     the tokenizer
+      lmforge.json       versions, data fingerprint, training summary
+      trainer_state.pt   optimizer, step and RNG states (only where a run can be resumed)
+
+A checkpoint is written to a temporary directory beside its destination and renamed into place,
+so a crash never leaves a half-written checkpoint. Loading reads safetensors and JSON, and
+`torch.load(weights_only=True)`: no pickled code is ever run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ModelConfig, from_dict, to_dict
+from lmforge.errors import UserError
+from lmforge.models.decoder import Decoder
+from lmforge.tokenizer import Tokenizer
+
+CONFIG, WEIGHTS, TOKENIZER, INFO, TRAINER_STATE = (
+    "config.json", "model.safetensors", "tokenizer.json", "lmforge.json", "trainer_state.pt"
+)
+
+
+def versions() -> dict[str, str]:
+    from lmforge import __version__
+
+    return {"lmforge": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: Decoder,
+    tokenizer: Tokenizer | None = None,
+    info: dict[str, Any] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `model` (or `state_dict`, e.g. fp32 master weights) and friends to `directory`, atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        weights = state_dict if state_dict is not None else model.state_dict()
+        weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+        save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
+        tokenizer = tokenizer or model.tokenizer
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
+        (tmp / INFO).write_text(json.dumps({"versions": versions(), **(info or {})}, indent=2) + "\n")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is kept until the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory for `path`: itself, or the `checkpoint/` inside a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such checkpoint: {path}")
+    if (path / CONFIG).is_file():
+        return path
+    if (path / "checkpoint" / CONFIG).is_file():
+        return path / "checkpoint"
+    raise UserError(f"{path} is not an lmforge checkpoint (no {CONFIG}; expected a directory written by "
+                    f"lmforge pretrain or lmforge import)")
+
+
+def read_model_config(directory: Path) -> ModelConfig:
+    try:
+        values = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{directory / CONFIG} is not valid JSON: {e}") from None
+    kind = values.get("kind", "decoder")
+    if kind != "decoder":
+        raise UserError(f"{directory / CONFIG}: model kind {kind!r} is not supported; supported: decoder")
+    return from_dict(ModelConfig, values, str(directory / CONFIG)).validate()
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load the model of a checkpoint directory (or run directory), with its tokenizer attached."""
+    directory = resolve_checkpoint(path)
+    config = read_model_config(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise UserError(f"{directory} has no {WEIGHTS}")
+    with torch.device("meta"):
+        model = Decoder(config)
+    state = load_file(directory / WEIGHTS, device=str(device))
+    missing = set(model.state_dict()) - set(state)
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise UserError(f"{directory / WEIGHTS} does not match {CONFIG}: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(state, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    if (directory / TOKENIZER).is_file():
+        model.tokenizer = Tokenizer.load(directory / TOKENIZER)
+        if model.tokenizer.vocab_size > config.vocab_size:
+            raise UserError(f"{directory / TOKENIZER} has {model.tokenizer.vocab_size} tokens but the model "
+                            f"has {config.vocab_size}; the tokenizer does not belong to this model")
+    return model.eval()
+
+
+def read_info(path: str | Path) -> dict[str, Any]:
+    directory = resolve_checkpoint(path)
+    return json.loads((directory / INFO).read_text()) if (directory / INFO).is_file() else {}
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)

@@ -1,0 +1,76 @@
+"""Training objectives and the batches they eat.
+
+An objective is a function `loss_fn(model, batch) -> scalar loss`; the Trainer calls it for every
+micro-batch and knows nothing else about the task. A batch source is a function
+`batches(step, part, rows) -> batch`: the batch for an optimizer step is fixed by the step number
+alone, and split into `parts` (micro-batches x processes) of `rows` rows. This is what makes a
+resumed run continue exactly and a multi-process run see the same data as a single process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy. Native models fuse it with the output head; any model whose
+    output is logits (or has `.logits`, as Hugging Face models do) works too."""
+    ids, targets = batch["ids"], batch["targets"]
+    try:
+        return model(ids, targets=targets)
+    except TypeError:
+        out = model(ids)
+        logits = getattr(out, "logits", out)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+class RandomWindows:
+    """Random windows of `block_size + 1` tokens from a 1-D token array, chosen by (seed, step)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, device="cpu"):
+        if len(tokens) < block_size + 1:
+            raise ValueError(f"{len(tokens)} tokens cannot fill a window of {block_size + 1}")
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.device = seed, torch.device(device)
+
+    def __call__(self, step: int, part: int, rows: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        starts = starts[part * rows:(part + 1) * rows]
+        windows = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        windows = torch.from_numpy(windows).to(self.device)
+        return {"ids": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens: np.ndarray, block_size: int, batch_size: int = 8,
+                    max_windows: int | None = None, device="cpu") -> dict[str, float]:
+    """Mean loss (nats per token) over consecutive windows of `tokens`, and the token count scored.
+
+    Every token after the first is predicted exactly once, from up to `block_size` tokens before it
+    (windows do not overlap, so the first tokens of a window see less context).
+    """
+    n_windows = max(1, (len(tokens) - 1) // block_size)
+    if max_windows is not None and n_windows > max_windows:  # evenly spaced subset
+        picks = np.linspace(0, n_windows - 1, max_windows).round().astype(int)
+    else:
+        picks = np.arange(n_windows)
+    total, count = 0.0, 0
+    for i in range(0, len(picks), batch_size):
+        starts = picks[i:i + batch_size] * block_size
+        length = min(block_size, len(tokens) - 1 - int(starts.max()))
+        windows = np.stack([tokens[s:s + length + 1] for s in starts]).astype(np.int64)
+        windows = torch.from_numpy(windows).to(device)
+        loss = model(windows[:, :-1], targets=windows[:, 1:])
+        total += loss.item() * windows[:, 1:].numel()
+        count += windows[:, 1:].numel()
+    return {"loss": total / count, "tokens": count}
+
+
+def bits_per_byte(loss_nats_per_token: float, tokens: int, utf8_bytes: int) -> float:
+    """Bits per UTF-8 byte: comparable between models with different tokenizers."""
+    return loss_nats_per_token * tokens / (utf8_bytes * math.log(2))

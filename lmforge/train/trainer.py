@@ -1,0 +1,309 @@
+"""The one training loop, for every objective, in one process or many (torchrun).
+
+    trainer = Trainer(model, train_config, out="runs/x", batches=RandomWindows(...),
+                      evaluate=lambda m: {"val_loss": ...}, tokenizer=tok)
+    summary = trainer.fit()            # or fit(resume=True) to continue runs/x after a stop or a kill
+
+What it does each optimizer step: set the learning rate (linear warmup, cosine decay), run
+`grad_accum` micro-batches through `loss_fn`, clip the gradient norm, step AdamW (weight decay on
+matrices only), and every `eval_interval` steps evaluate and write a checkpoint atomically.
+
+Precision: `fp32`; `bf16` keeps the model's weights in bf16 (no casts on every matmul, half the
+memory traffic) while AdamW updates fp32 master copies; `fp16` uses autocast with a gradient scaler.
+
+The run directory holds `run.yaml`, `metrics.jsonl` (one JSON line per log or eval), `loss.png` and
+`checkpoint/` (with `trainer_state.pt`, so `fit(resume=True)` continues exactly: the batches depend
+only on the step number, weights and AdamW moments are restored, and the random state of a
+step is seeded from the step).
+Under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU); each
+process takes its share of the same global batch, so the result matches a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmforge.config import TrainConfig, to_dict
+from lmforge.errors import UserError
+from lmforge.perf import matmul_peak
+from lmforge.train.checkpoint import TRAINER_STATE, load_trainer_state, save_checkpoint
+from lmforge.train.objectives import causal_lm_loss
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - config.min_lr)
+
+
+def param_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (embeddings, linear weights); none on biases and norm gains."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+class Distributed:
+    """Rank and world size from torchrun's environment; a single process when they are absent."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on any (so all processes stop together)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t)
+        return t.item() > 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+class Trainer:
+    """Trains `model` on `batches` with `loss_fn`; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        out: str | Path,
+        batches: Callable[[int, int, int], dict[str, torch.Tensor]],
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = causal_lm_loss,
+        tokenizer: Any = None,
+        info: dict[str, Any] | None = None,
+        tokens_per_row: int | None = None,
+        flops_per_token: float | None = None,
+    ):
+        self.config = config.validate()
+        self.out = Path(out)
+        self.batches, self.evaluate, self.loss_fn = batches, evaluate, loss_fn
+        self.tokenizer, self.info = tokenizer, dict(info or {})
+        self.tokens_per_row, self.flops_per_token = tokens_per_row, flops_per_token
+        self.dist = Distributed()
+        rows_per_step = config.batch_size // (config.grad_accum * self.dist.world)
+        if rows_per_step * config.grad_accum * self.dist.world != config.batch_size or rows_per_step == 0:
+            raise UserError(f"train.batch_size = {config.batch_size} does not split evenly over "
+                            f"{config.grad_accum} accumulation steps x {self.dist.world} processes")
+        self.rows = rows_per_step
+        self.model = model.to(self.dist.device)
+        self.dtype = PRECISIONS[config.precision]
+        if config.precision == "bf16":
+            # fp32 master weights for AdamW; the model itself computes in bf16
+            self.master = [p.detach().float().clone().requires_grad_(p.requires_grad) for p in model.parameters()]
+            self.model.to(torch.bfloat16)
+        else:
+            self.master = None
+        groups = param_groups(self.master or list(model.parameters()), config.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                                           fused=self.dist.device.type in ("cpu", "cuda"))
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.precision == "fp16")
+        self.forward_model: nn.Module = self.model
+        if self.dist.enabled:
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.device] if self.dist.device.type == "cuda" else None)
+        if config.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------
+    # state: checkpoints and resume
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights to save: fp32 master copies in bf16 mode, else the model's own."""
+        if self.master is None:
+            return self.model.state_dict()
+        state = self.model.state_dict()
+        for (name, _), master in zip(self.model.named_parameters(), self.master):
+            state[name] = master.detach()
+        return state
+
+    def save(self, metrics: dict[str, Any]) -> None:
+        trainer_state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "world": self.dist.world,
+        }
+        info = {**self.info, "train": to_dict(self.config), "step": self.step, **metrics}
+        save_checkpoint(self.out / "checkpoint", self.model, self.tokenizer, info, trainer_state, self.weights())
+
+    def load(self) -> None:
+        from safetensors.torch import load_file
+
+        directory = self.out / "checkpoint"
+        if not (directory / TRAINER_STATE).is_file():
+            raise UserError(f"{self.out} has no resumable checkpoint ({directory / TRAINER_STATE} is missing)")
+        state = load_trainer_state(directory)
+        weights = load_file(directory / "model.safetensors")
+        self.model.load_state_dict({k: v.to(self.dtype if self.master is not None else v.dtype)
+                                    for k, v in weights.items()})
+        if self.master is not None:
+            for (name, _), master in zip(self.model.named_parameters(), self.master):
+                master.data.copy_(weights[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        _truncate_metrics(self.out / "metrics.jsonl", self.step)
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to `max_steps` (or `max_minutes`); return the summary of the final evaluation."""
+        config, main = self.config, self.dist.main
+        if resume:
+            self.load()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        peak = matmul_peak(self.dtype if self.dtype != torch.float16 else torch.float32, self.dist.device)
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
+        start_time, last_time, last_step, metrics = time.perf_counter(), time.perf_counter(), self.step, {}
+        stopped_early = False
+        while self.step < config.max_steps:
+            loss = self.train_step()
+            self.step += 1
+            bar.update(1)
+            if self.step % config.log_interval == 0 or self.step == config.max_steps:
+                loss = self.dist.mean(loss)
+                now = time.perf_counter()
+                record = {"step": self.step, "loss": round(loss, 6), "lr": lr_at(self.step - 1, config)}
+                if self.tokens_per_row:
+                    tokens_per_s = (self.step - last_step) * config.batch_size * self.tokens_per_row / (now - last_time)
+                    record["tokens_per_s"] = round(tokens_per_s, 1)
+                    if self.flops_per_token:
+                        record["mfu"] = round(tokens_per_s * self.flops_per_token / (peak * self.dist.world), 4)
+                last_time, last_step = now, self.step
+                bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v)
+                                 for k, v in record.items() if k in ("loss", "tokens_per_s", "mfu")})
+                self._log(record)
+            out_of_time = config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes
+            stopped_early = self.dist.any(out_of_time) and self.step < config.max_steps
+            if self.step % config.eval_interval == 0 or self.step == config.max_steps or stopped_early:
+                metrics = self.eval_and_save()
+            if stopped_early:
+                break
+        bar.close()
+        if stopped_early and main:
+            tqdm.write(f"stopped at step {self.step} of {config.max_steps}: the time budget of "
+                       f"{config.max_minutes} minutes is spent")
+        if not metrics:  # nothing left to train (a finished run resumed)
+            metrics = self.eval_and_save()
+        self.dist.barrier()
+        return {"step": self.step, "train_seconds": round(time.perf_counter() - start_time, 1), **metrics}
+
+    def train_step(self) -> float:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss of this process."""
+        config = self.config
+        lr = lr_at(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        # the random state (dropout) of a step depends only on (seed, step, rank): resumes are exact
+        torch.manual_seed(config.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
+        total = 0.0
+        for micro in range(config.grad_accum):
+            part = micro * self.dist.world + self.dist.rank
+            batch = self.batches(self.step, part, self.rows)
+            sync = micro == config.grad_accum - 1 or not self.dist.enabled
+            with (contextlib.nullcontext() if sync else self.forward_model.no_sync()), self._autocast():
+                loss = self.loss_fn(self.forward_model, batch) / config.grad_accum
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+            if self.master is not None:
+                self._gather_master_grads(first=micro == 0)
+        params = self.master if self.master is not None else [p for p in self.model.parameters()]
+        self.scaler.unscale_(self.optimizer)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            with torch.no_grad():
+                for p, master in zip(self.model.parameters(), self.master):
+                    p.copy_(master)
+        return total
+
+    def _gather_master_grads(self, first: bool) -> None:
+        """Move the bf16 gradients of this micro-batch into the fp32 master gradients."""
+        for p, master in zip(self.model.parameters(), self.master):
+            if p.grad is None:
+                continue
+            if first:
+                master.grad = p.grad.float()
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
+
+    def _autocast(self):
+        if self.config.precision == "fp16":
+            return torch.autocast(self.dist.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def eval_and_save(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if self.dist.main:
+            if self.evaluate is not None:
+                self.model.eval()
+                with torch.no_grad(), self._autocast():
+                    metrics = {k: round(v, 6) for k, v in self.evaluate(self.model).items()}
+                self._log({"step": self.step, **metrics})
+            self.save(metrics)
+        self.dist.barrier()
+        return metrics
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics written after the checkpoint being resumed (they will be made again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
