@@ -1,0 +1,29 @@
+"""Text data: read documents from files or the catalog, and tokenize them into token shards.
+
+Typical use:
+
+    from lmforge.data import read_documents, shakespeare_documents, prepare, TokenShards
+    docs = read_documents("corpus/")          # or shakespeare_documents()
+    prepare(docs, tokenizer, "runs/data")
+    train = TokenShards("runs/data").split("train")
+"""
+
+from lmforge.data.catalog import CATALOG, catalog_documents, fetch_package, shakespeare_documents
+from lmforge.data.readers import SUPPORTED_EXTENSIONS, Document, default_cache_dir, read_documents
+from lmforge.data.shards import SHARDS_FORMAT, TokenShards, prepare, split_documents, token_dtype
+
+__all__ = [
+    "CATALOG",
+    "SHARDS_FORMAT",
+    "SUPPORTED_EXTENSIONS",
+    "Document",
+    "TokenShards",
+    "catalog_documents",
+    "default_cache_dir",
+    "fetch_package",
+    "prepare",
+    "read_documents",
+    "shakespeare_documents",
+    "split_documents",
+    "token_dtype",
+]

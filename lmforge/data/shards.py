@@ -1,0 +1,309 @@
+"""Token shards: documents tokenized once into flat, memory-mapped token files for pretraining.
+
+    meta = prepare("corpus/", tokenizer, "runs/data")   # writes train.bin, val.bin, meta.json, tokenizer.json
+    shards = TokenShards("runs/data")
+    train = shards.split("train")                       # read-only np.memmap of token ids
+
+Each document's tokens are followed by the end-of-text id, so documents never run into each other
+without a separator. Validation holds out whole documents (never half a play in each split), chosen
+by a hash of their names so the choice is stable. The output directory is written atomically: it
+holds either the old data or the complete new data, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lmforge.data.readers import Document, read_documents
+from lmforge.errors import UserError
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+
+SHARDS_FORMAT = "lmforge-shards-v1"
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+_BATCH_CHARS = 1 << 20  # text tokenized per encode_batch call
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of a vocabulary: uint16 up to 65,536 tokens."""
+    if not isinstance(vocab_size, (int, np.integer)) or not 0 < vocab_size <= 2**32:
+        raise UserError(f"vocab_size must be an integer in 1..{2**32}, got {vocab_size!r}")
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def split_documents(docs: Sequence[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """Split documents into (train, val), holding out whole documents for validation.
+
+    Documents are visited in the order of the SHA-1 of their names and go to validation until it
+    holds `val_fraction` of the characters (a document that would overshoot twice that is passed
+    over), so the choice is deterministic and stable when documents are added. There is always at
+    least one validation and one training document; a single document is cut at the line break
+    nearest `1 - val_fraction` of its length into "NAME[train]" and "NAME[val]".
+    """
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}")
+    if not docs:
+        raise UserError("no documents to prepare")
+    if len(docs) == 1:
+        return _split_one(docs[0], val_fraction)
+    total = sum(len(d.text) for d in docs)
+    target = val_fraction * total
+    order = sorted(range(len(docs)), key=lambda i: (hashlib.sha1(docs[i].name.encode("utf-8")).hexdigest(), i))
+    val: set[int] = set()
+    val_chars = 0
+    for i in order:
+        if val_chars >= target or len(val) == len(docs) - 1:
+            break
+        size = len(docs[i].text)
+        if val_chars + size <= 2 * target:
+            val.add(i)
+            val_chars += size
+    if not val:  # every document is far bigger than the target: take the smallest
+        val.add(min(order, key=lambda i: len(docs[i].text)))
+    train_docs = [d for i, d in enumerate(docs) if i not in val]
+    val_docs = [d for i, d in enumerate(docs) if i in val]
+    return train_docs, val_docs
+
+
+def _split_one(doc: Document, val_fraction: float) -> tuple[list[Document], list[Document]]:
+    text = doc.text
+    if len(text) < 2:
+        raise UserError(f"only one document ({doc.name}) and it is too short to split into train and val")
+    target = round(len(text) * (1 - val_fraction))
+    # cut just after a line break, else after a space, else anywhere; both parts non-empty
+    for sep in ("\n", " "):
+        cuts = [text.rfind(sep, 0, target) + 1, text.find(sep, target) + 1]
+        cuts = [c for c in cuts if 0 < c < len(text)]
+        if cuts:
+            cut = min(cuts, key=lambda c: abs(c - target))
+            break
+    else:
+        cut = min(max(target, 1), len(text) - 1)
+    return [Document(f"{doc.name}[train]", text[:cut])], [Document(f"{doc.name}[val]", text[cut:])]
+
+
+def prepare(
+    source: str | Path | list[Document],
+    tokenizer: Tokenizer,
+    out: str | Path,
+    val_fraction: float = 0.1,
+    text_field: str = "text",
+    overwrite: bool = False,
+    show_progress: bool = True,
+    source_name: str | None = None,
+) -> dict:
+    """Tokenize documents into `out/{train,val}.bin` + `meta.json` + `tokenizer.json`; return the meta.
+
+    `source` is anything `read_documents` takes (file, directory, glob) or a list of Documents;
+    `source_name` is recorded in meta.json instead of the path (e.g. a catalog name). An `out` that
+    already holds prepared data is replaced only with `overwrite=True`, and only once the new data
+    is complete.
+    """
+    if not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer must be an lmforge Tokenizer, got {type(tokenizer).__name__}")
+    out = Path(out)
+    _check_out(out, overwrite)
+    if isinstance(source, (str, Path)):
+        docs = read_documents(source, text_field=text_field)
+        source_str = source_name or str(source)
+    else:
+        docs = list(source)
+        source_str = source_name or f"{len(docs)} documents"
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    dtype = token_dtype(tokenizer.vocab_size)
+    tokenizer_json = tokenizer.to_json()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only directory
+        counts = {}
+        with tqdm(total=len(docs), unit="doc", desc="tokenizing", disable=not show_progress) as bar:
+            for split, split_docs in zip(SPLITS, (train_docs, val_docs), strict=True):
+                counts[split] = _write_tokens(tmp / f"{split}.bin", split_docs, tokenizer, dtype, bar)
+        fingerprint = hashlib.sha256()
+        for split, split_docs in zip(SPLITS, (train_docs, val_docs), strict=True):
+            for d in split_docs:
+                name, text = d.name.encode("utf-8"), d.text.encode("utf-8")
+                fingerprint.update(f"{split}\0{len(name)}\0{len(text)}\0".encode())
+                fingerprint.update(name + text)
+        fingerprint.update(tokenizer_json.encode("utf-8"))
+        meta = {
+            "format": SHARDS_FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "train_bytes": sum(len(d.text.encode("utf-8")) for d in train_docs),
+            "val_bytes": sum(len(d.text.encode("utf-8")) for d in val_docs),
+            "train_documents": [d.name for d in train_docs],
+            "val_documents": [d.name for d in val_docs],
+            "val_fraction": val_fraction,
+            "fingerprint": fingerprint.hexdigest(),
+            "tokenizer": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+            "source": source_str,
+        }
+        (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _check_out(out, overwrite)  # the directory may have changed while we tokenized
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write over anything but an empty directory or (with overwrite) prepared data."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose a new --out")
+    if (out / META_FILE).is_file():
+        if not overwrite:
+            raise UserError(f"{out} already holds prepared data; pass --overwrite (or a new --out) to replace it")
+    elif any(out.iterdir()):
+        raise UserError(f"{out} exists, is not empty and holds no prepared data; choose a new --out")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an old `out` is moved aside first and removed after."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_tokens(path: Path, docs: list[Document], tokenizer: Tokenizer, dtype: np.dtype, bar: tqdm) -> int:
+    """Append each document's ids and the end-of-text id to `path`; return the number of tokens."""
+    n = 0
+    with open(path, "wb") as f:
+        for batch in _batches(docs):
+            ids = tokenizer.encode_batch([d.text for d in batch])
+            for doc_ids in ids:
+                doc_ids.append(tokenizer.eos_id)
+                np.asarray(doc_ids, dtype=dtype).tofile(f)
+                n += len(doc_ids)
+            bar.update(len(batch))
+    return n
+
+
+def _batches(docs: list[Document]) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    chars = 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d.text)
+        if chars >= _BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class TokenShards:
+    """Prepared token data in a directory: `meta`, `tokenizer` and the memory-mapped splits."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        meta_path = self.directory / META_FILE
+        if not self.directory.is_dir():
+            raise UserError(f"no such data directory: {self.directory}")
+        if not meta_path.is_file():
+            raise UserError(f"{self.directory} holds no prepared data (no {META_FILE}); run `lmforge prepare` first")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{meta_path} is not UTF-8 text; prepare the data again") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{meta_path} line {e.lineno}: not valid JSON ({e.msg}); prepare the data again") from None
+        if not isinstance(meta, dict) or meta.get("format") != SHARDS_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise UserError(f"{meta_path} is not lmforge token shards (format {found!r}, expected {SHARDS_FORMAT!r})")
+        for key in ("dtype", "vocab_size", "eos_id", "train_tokens", "val_tokens", "tokenizer"):
+            if key not in meta:
+                raise UserError(f"{meta_path} has no field {key!r}; prepare the data again")
+        if meta["dtype"] not in ("uint16", "uint32"):
+            raise UserError(f"{meta_path}: dtype {meta['dtype']!r} is not uint16 or uint32")
+        self.meta: dict = meta
+        self.dtype = np.dtype(meta["dtype"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.meta["eos_id"])
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the shards were made with (checked against meta.json's hash)."""
+        file = self.directory / TOKENIZER_FILE
+        if file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() != self.meta["tokenizer"]:
+            raise UserError(f"{file} is not the tokenizer these shards were made with; prepare the data again")
+        return Tokenizer.load(file if file.is_file() else self.directory)
+
+    def num_tokens(self, split: str) -> int:
+        """Number of tokens in a split, from meta.json."""
+        self._check_split_name(split)
+        return int(self.meta[f"{split}_tokens"])
+
+    def split(self, name: str) -> np.memmap:
+        """The token ids of "train" or "val" as a 1-D read-only memory map."""
+        n = self.num_tokens(name)
+        path = self.directory / f"{name}.bin"
+        if not path.is_file():
+            raise UserError(f"{path} is missing; prepare the data again")
+        size = path.stat().st_size
+        if size != n * self.dtype.itemsize:
+            raise UserError(
+                f"{path} holds {size // self.dtype.itemsize} tokens but {META_FILE} says {n}; prepare the data again"
+            )
+        if n == 0:  # mmap cannot map an empty file; prepare never writes one
+            raise UserError(f"{name} split of {self.directory} is empty; prepare the data again")
+        return np.memmap(path, dtype=self.dtype, mode="r", shape=(n,))
+
+    def check_length(self, split: str, block_size: int) -> None:
+        """Raise UserError unless `split` holds at least block_size + 1 tokens (one training window)."""
+        n = self.num_tokens(split)
+        if n < block_size + 1:
+            raise UserError(
+                f"{split} split of {self.directory} has {n} tokens; need at least {block_size + 1} "
+                f"(block_size + 1; lower --block-size or give more text)"
+            )
+
+    def _check_split_name(self, split: str) -> None:
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenShards({str(self.directory)!r}, train_tokens={self.meta['train_tokens']}, "
+            f"val_tokens={self.meta['val_tokens']}, dtype={self.dtype.name})"
+        )
