@@ -101,7 +101,8 @@ class TrainConfig:
     beta1: float = param(0.9, "AdamW beta1")
     beta2: float = param(0.95, "AdamW beta2")
     grad_clip: float = param(1.0, "clip the global gradient norm to this (0 = off)")
-    precision: str = param("bf16", "fp32, bf16 (bf16 weights with fp32 master copies) or fp16 (autocast)")
+    precision: str = param("auto", "auto (the faster of bf16 and fp32 on this hardware), fp32, bf16 (bf16 weights "
+                                   "with fp32 master copies) or fp16 (autocast with loss scaling)")
     eval_interval: int = param(200, "evaluate (and save) every this many steps")
     eval_batches: int = param(20, "batches per evaluation")
     log_interval: int = param(10, "write metrics every this many steps")
@@ -115,8 +116,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise UserError(f"train.batch_size = {self.batch_size} is not divisible by "
                             f"train.grad_accum = {self.grad_accum}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"train.precision = {self.precision!r}; expected fp32, bf16 or fp16")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"train.precision = {self.precision!r}; expected auto, fp32, bf16 or fp16")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}; expected 0 <= min_lr <= lr, lr > 0")
         if self.warmup_steps < 0:

@@ -61,6 +61,15 @@ def param_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict[s
     ]
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 where its matmuls are faster than fp32 (GPUs, CPUs with AMX), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if matmul_peak(torch.bfloat16, device) > 1.1 * matmul_peak(torch.float32, device) else "fp32"
+
+
 class Distributed:
     """Rank and world size from torchrun's environment; a single process when they are absent."""
 
@@ -129,8 +138,9 @@ class Trainer:
                             f"{config.grad_accum} accumulation steps x {self.dist.world} processes")
         self.rows = rows_per_step
         self.model = model.to(self.dist.device)
-        self.dtype = PRECISIONS[config.precision]
-        if config.precision == "bf16":
+        self.precision = resolve_precision(config.precision, self.dist.device)
+        self.dtype = PRECISIONS[self.precision]
+        if self.precision == "bf16":
             # fp32 master weights for AdamW; the model itself computes in bf16
             self.master = [p.detach().float().clone().requires_grad_(p.requires_grad) for p in model.parameters()]
             self.model.to(torch.bfloat16)
@@ -139,7 +149,7 @@ class Trainer:
         groups = param_groups(self.master or list(model.parameters()), config.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
                                            fused=self.dist.device.type in ("cpu", "cuda"))
-        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.precision == "fp16")
         self.forward_model: nn.Module = self.model
         if self.dist.enabled:
             self.forward_model = nn.parallel.DistributedDataParallel(
@@ -167,7 +177,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "world": self.dist.world,
         }
-        info = {**self.info, "train": to_dict(self.config), "step": self.step, **metrics}
+        info = {**self.info, "train": to_dict(self.config), "precision": self.precision, "step": self.step, **metrics}
         save_checkpoint(self.out / "checkpoint", self.model, self.tokenizer, info, trainer_state, self.weights())
 
     def load(self) -> None:
@@ -279,7 +289,7 @@ class Trainer:
             p.grad = None
 
     def _autocast(self):
-        if self.config.precision == "fp16":
+        if self.precision == "fp16":
             return torch.autocast(self.dist.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
