@@ -1,3 +1,28 @@
-"""lmforge: the whole life of a generative language model, readable and fast."""
+"""lmforge: the whole life of a generative language model, readable and fast.
+
+    import lmforge
+    lmforge.prepare("corpus/", "runs/data")
+    lmforge.pretrain("runs/data", "runs/x", preset="gpt-micro")
+    model = lmforge.load("runs/x")            # model(ids) -> logits; model.tokenizer
+    print(model.generate("Once upon a time", max_new_tokens=50)[0])
+"""
+
+from typing import Any
+
+from lmforge.errors import UserError
 
 __version__ = "0.1.0"
+__all__ = ["UserError", "demo", "generate", "load", "model_table", "prepare", "pretrain", "train_tokenizer"]
+
+
+def __getattr__(name: str) -> Any:
+    # the verbs import torch; load them on first use so `lmforge --help` answers at once
+    if name == "demo":
+        from lmforge.demo import demo
+
+        return demo
+    if name in __all__:
+        import lmforge.api
+
+        return getattr(lmforge.api, name)
+    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

