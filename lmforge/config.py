@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class TrainConfig:
                             f"train.grad_accum = {self.grad_accum}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"train.precision = {self.precision!r}; expected auto, fp32, bf16 or fp16")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        if not 0 < self.lr < math.inf or not 0 <= self.min_lr <= self.lr:
             raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}; expected 0 <= min_lr <= lr, lr > 0")
         if self.warmup_steps < 0:
             raise UserError(f"train.warmup_steps = {self.warmup_steps}; expected >= 0")

@@ -60,7 +60,8 @@ def workspace(tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stderr
     r = lmforge("pretrain", "--data", "data", "--out", "run", "--preset", "tiny", "--model.block_size", "32",
                 "--train.max_steps", "30", "--train.eval_interval", "10", "--train.eval_batches", "2",
-                "--train.warmup_steps", "3", "--train.lr", "3e-3", "--train.precision", "fp32", "--train.log_interval", "1",
+                "--train.warmup_steps", "3", "--train.lr", "3e-3", "--train.precision", "fp32",
+                "--train.log_interval", "1",
                 cwd=root)
     assert r.returncode == 0, r.stderr
     return root

@@ -107,7 +107,8 @@ def generate_ids(
             cache = model.new_cache(B, block_size, shifted if shifted.any() else None)
         logits = model(step_input, cache=cache, last_only=True)[:, -1]  # (B, V)
         if repetition_penalty != 1.0:
-            seen = torch.cat([tokens, new], dim=1)
+            is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]
+            seen = torch.cat([torch.where(is_pad, tokens[:, -1:], tokens), new], dim=1)  # padding is not text
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:

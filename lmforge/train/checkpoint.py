@@ -53,10 +53,14 @@ def save_checkpoint(
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes an owner-only directory
         weights = state_dict if state_dict is not None else model.state_dict()
         weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
         save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS, 0o666 & ~umask)
         (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
         tokenizer = tokenizer or model.tokenizer
         if tokenizer is not None:
@@ -115,11 +119,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     with torch.device("meta"):
         model = Decoder(config)
     state = load_file(directory / WEIGHTS, device=str(device))
-    missing = set(model.state_dict()) - set(state)
-    unexpected = set(state) - set(model.state_dict())
-    if missing or unexpected:
-        raise UserError(f"{directory / WEIGHTS} does not match {CONFIG}: missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or resized:
+        raise UserError(f"{directory / WEIGHTS} does not match {CONFIG}: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}, of other sizes {resized[:3]}")
     model.load_state_dict(state, assign=True)
     if dtype is not None:
         model.to(dtype)

@@ -211,6 +211,7 @@ class Trainer:
         peak = matmul_peak(self.dtype if self.dtype != torch.float16 else torch.float32, self.dist.device)
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         start_time, last_time, last_step, metrics = time.perf_counter(), time.perf_counter(), self.step, {}
+        saved_at = None
         stopped_early = False
         while self.step < config.max_steps:
             loss = self.train_step()
@@ -232,7 +233,7 @@ class Trainer:
             out_of_time = config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes
             stopped_early = self.dist.any(out_of_time) and self.step < config.max_steps
             if self.step % config.eval_interval == 0 or self.step == config.max_steps or stopped_early:
-                metrics = self.eval_and_save()
+                metrics, saved_at = self.eval_and_save(), self.step
                 last_time = time.perf_counter()  # tokens/s counts training time only
             if stopped_early:
                 break
@@ -240,7 +241,7 @@ class Trainer:
         if stopped_early and main:
             tqdm.write(f"stopped at step {self.step} of {config.max_steps}: the time budget of "
                        f"{config.max_minutes} minutes is spent")
-        if not metrics:  # nothing left to train (a finished run resumed)
+        if saved_at != self.step:  # nothing left to train (a finished run resumed)
             metrics = self.eval_and_save()
         self.dist.barrier()
         return {"step": self.step, "train_seconds": round(time.perf_counter() - start_time, 1), **metrics}
@@ -316,5 +317,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics written after the checkpoint being resumed (they will be made again)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by the stop
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
