@@ -9,7 +9,7 @@ Typical use:
 """
 
 from lmforge.data.catalog import CATALOG, catalog_documents, fetch_package, shakespeare_documents
-from lmforge.data.readers import SUPPORTED_EXTENSIONS, Document, default_cache_dir, read_documents
+from lmforge.data.readers import SUPPORTED_EXTENSIONS, Document, default_cache_dir, read_documents, read_jsonl_records
 from lmforge.data.shards import SHARDS_FORMAT, TokenShards, prepare, split_documents, token_dtype
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "fetch_package",
     "prepare",
     "read_documents",
+    "read_jsonl_records",
     "shakespeare_documents",
     "split_documents",
     "token_dtype",

@@ -116,8 +116,8 @@ def _read_utf8(file: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _read_jsonl(file: Path, name: str, text: str, text_field: str) -> list[Document]:
-    docs = []
+def _jsonl_records(file: Path, text: str) -> Iterable[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file's text."""
     # split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON strings
     for n, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -129,12 +129,33 @@ def _read_jsonl(file: Path, name: str, text: str, text_field: str) -> list[Docum
             raise UserError(f"{file} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise UserError(f"{file} line {n}: expected a JSON object, got {type(record).__name__}")
+        yield n, record
+
+
+def _read_jsonl(file: Path, name: str, text: str, text_field: str) -> list[Document]:
+    docs = []
+    for n, record in _jsonl_records(file, text):
         value = record.get(text_field)
         if not isinstance(value, str):
             raise UserError(f"{file} line {n}: no string field {text_field!r} (fields: {_names(record)})")
         if value:
             docs.append(Document(f"{name}:{n}", value))
     return docs
+
+
+def read_jsonl_records(source: str | Path) -> list[tuple[str, dict]]:
+    """("file.jsonl:LINE", object) for every record of the .jsonl files named by `source`."""
+    files, base = _resolve(source)
+    records = []
+    for file in files:
+        if file.suffix.lower() != ".jsonl":
+            raise UserError(f"{file}: expected a .jsonl file of records")
+        text = _read_utf8(file)
+        name = file.relative_to(base).as_posix()
+        records.extend((f"{name}:{n}", record) for n, record in _jsonl_records(file, text))
+        if not records:
+            raise UserError(f"{file} is empty")
+    return records
 
 
 def _read_csv(file: Path, name: str, text: str, text_field: str) -> list[Document]:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.sft import IGNORE, Example, collate
+
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy. Native models fuse it with the output head; any model whose
@@ -74,3 +76,16 @@ def evaluate_tokens(model, tokens: np.ndarray, block_size: int, batch_size: int 
 def bits_per_byte(loss_nats_per_token: float, tokens: int, utf8_bytes: int) -> float:
     """Bits per UTF-8 byte: comparable between models with different tokenizers."""
     return loss_nats_per_token * tokens / (utf8_bytes * math.log(2))
+
+
+@torch.no_grad()
+def evaluate_examples(model, examples: list[Example], batch_size: int, pad_id: int, device="cpu") -> float:
+    """Mean loss per labelled token over fine-tuning `examples`."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id, device)
+        n = int((batch["targets"] != IGNORE).sum())
+        if n:
+            total += causal_lm_loss(model, batch).item() * n
+            count += n
+    return total / max(count, 1)
