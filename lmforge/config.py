@@ -107,6 +107,8 @@ class TrainConfig:
     eval_interval: int = param(200, "evaluate (and save) every this many steps")
     eval_batches: int = param(20, "batches per evaluation")
     log_interval: int = param(10, "write metrics every this many steps")
+    patience: int | None = param(None, "stop when validation loss has not improved for this many evaluations")
+    keep_best: bool = param(False, "also keep the checkpoint of the best validation loss in OUT/best")
     seed: int = param(1337, "seed for initialisation and batch order")
     compile: bool = param(False, "torch.compile the model")
 
@@ -121,6 +123,8 @@ class TrainConfig:
             raise UserError(f"train.precision = {self.precision!r}; expected auto, fp32, bf16 or fp16")
         if not 0 < self.lr < math.inf or not 0 <= self.min_lr <= self.lr:
             raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}; expected 0 <= min_lr <= lr, lr > 0")
+        if self.patience is not None and self.patience < 0:
+            raise UserError(f"train.patience = {self.patience}; expected >= 0")
         if self.warmup_steps < 0:
             raise UserError(f"train.warmup_steps = {self.warmup_steps}; expected >= 0")
         if self.max_minutes is not None and self.max_minutes <= 0:

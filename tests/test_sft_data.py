@@ -65,9 +65,13 @@ def test_plain_text_is_cut_into_windows(chat_tokenizer, tmp_path):
 def test_long_examples_are_cut_with_a_warning(chat_tokenizer, tmp_path, capsys):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"messages": CHAT}) + "\n")
-    [example] = load_examples(path, chat_tokenizer, max_length=10)
-    assert len(example.ids) == 10
-    assert "longer than 10 tokens" in capsys.readouterr().err
+    full = chat_example("c", {"messages": CHAT}, chat_tokenizer)
+    [example] = load_examples(path, chat_tokenizer, max_length=len(full.ids) - 3)
+    assert example.ids == full.ids[:-3] and example.labels == full.labels[:-3]
+    assert f"longer than {len(full.ids) - 3} tokens" in capsys.readouterr().err
+    # cut before the first assistant turn, nothing is left to learn: a clear error
+    with pytest.raises(UserError, match="no example has a token to learn"):
+        load_examples(path, chat_tokenizer, max_length=8)
 
 
 @pytest.mark.parametrize("messages, fragment", [

@@ -70,7 +70,15 @@ def load_examples(source: str | Path, tokenizer, max_length: int, data_format: s
     if too_long:
         print(f"warning: {too_long} of {len(examples)} examples are longer than {max_length} tokens and were cut",
               file=sys.stderr)
-    return [Example(e.name, e.ids[:max_length], e.labels[:max_length]) for e in examples]
+    cut = [Example(e.name, e.ids[:max_length], e.labels[:max_length]) for e in examples]
+    kept = [e for e in cut if any(label != IGNORE for label in e.labels[1:])]
+    if not kept:
+        raise UserError(f"{source}: no example has a token to learn within {max_length} tokens "
+                        f"(the completions or assistant turns all lie beyond the cut)")
+    if len(kept) < len(cut):
+        print(f"warning: {len(cut) - len(kept)} examples have nothing to learn within {max_length} tokens "
+              f"and were left out", file=sys.stderr)
+    return kept
 
 
 def text_examples(source: str | Path, tokenizer, max_length: int, text_field: str = "text") -> list[Example]:
