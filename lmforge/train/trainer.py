@@ -123,14 +123,16 @@ class Trainer:
         loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = causal_lm_loss,
         tokenizer: Any = None,
         info: dict[str, Any] | None = None,
-        tokens_per_row: int | None = None,
+        tokens_per_row: float | None = None,
         flops_per_token: float | None = None,
+        steps_per_epoch: int | None = None,
     ):
         self.config = config.validate()
         self.out = Path(out)
         self.batches, self.evaluate, self.loss_fn = batches, evaluate, loss_fn
         self.tokenizer, self.info = tokenizer, dict(info or {})
         self.tokens_per_row, self.flops_per_token = tokens_per_row, flops_per_token
+        self.steps_per_epoch = steps_per_epoch
         self.dist = Distributed()
         rows_per_step = config.batch_size // (config.grad_accum * self.dist.world)
         if rows_per_step * config.grad_accum * self.dist.world != config.batch_size or rows_per_step == 0:
@@ -140,13 +142,15 @@ class Trainer:
         self.model = model.to(self.dist.device)
         self.precision = resolve_precision(config.precision, self.dist.device)
         self.dtype = PRECISIONS[self.precision]
+        self.trainable_names = [name for name, p in model.named_parameters() if p.requires_grad]
         if self.precision == "bf16":
-            # fp32 master weights for AdamW; the model itself computes in bf16
-            self.master = [p.detach().float().clone().requires_grad_(p.requires_grad) for p in model.parameters()]
+            # fp32 master weights of the trained parameters for AdamW; the model computes in bf16
+            self.master = [p.detach().float().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
             self.model.to(torch.bfloat16)
         else:
             self.master = None
-        groups = param_groups(self.master or list(model.parameters()), config.weight_decay)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = param_groups(self.master or self.trainable, config.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
                                            fused=self.dist.device.type in ("cpu", "cuda"))
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.precision == "fp16")
@@ -157,6 +161,7 @@ class Trainer:
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
+        self.best_val, self.bad_evals = math.inf, 0  # for early stopping and `best/`
 
     # ------------------------------------------------------------------------------------------
     # state: checkpoints and resume
@@ -166,19 +171,25 @@ class Trainer:
         if self.master is None:
             return self.model.state_dict()
         state = self.model.state_dict()
-        for (name, _), master in zip(self.model.named_parameters(), self.master):
+        for name, master in zip(self.trainable_names, self.master):
             state[name] = master.detach()
         return state
 
-    def save(self, metrics: dict[str, Any]) -> None:
+    def save(self, metrics: dict[str, Any], directory: str = "checkpoint", resumable: bool = True) -> None:
         trainer_state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "world": self.dist.world,
+            "best_val": self.best_val,
+            "bad_evals": self.bad_evals,
         }
+        weights = self.weights()
+        if hasattr(self.model, "peft_config"):  # only adapters are saved: their fp32 values travel here too
+            trainer_state["trainable"] = {name: weights[name].float() for name in self.trainable_names}
         info = {**self.info, "train": to_dict(self.config), "precision": self.precision, "step": self.step, **metrics}
-        save_checkpoint(self.out / "checkpoint", self.model, self.tokenizer, info, trainer_state, self.weights())
+        save_checkpoint(self.out / directory, self.model, self.tokenizer, info,
+                        trainer_state if resumable else None, weights)
 
     def load(self) -> None:
         from safetensors.torch import load_file
@@ -187,15 +198,18 @@ class Trainer:
         if not (directory / TRAINER_STATE).is_file():
             raise UserError(f"{self.out} has no resumable checkpoint ({directory / TRAINER_STATE} is missing)")
         state = load_trainer_state(directory)
-        weights = load_file(directory / "model.safetensors")
-        self.model.load_state_dict({k: v.to(self.dtype if self.master is not None else v.dtype)
-                                    for k, v in weights.items()})
-        if self.master is not None:
-            for (name, _), master in zip(self.model.named_parameters(), self.master):
-                master.data.copy_(weights[name])
+        weights = state["trainable"] if "trainable" in state else load_file(directory / "model.safetensors")
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                if name in parameters:
+                    parameters[name].copy_(value)
+            for name, master in zip(self.trainable_names, self.master or []):
+                master.copy_(weights[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        self.best_val, self.bad_evals = state.get("best_val", math.inf), state.get("bad_evals", 0)
         _truncate_metrics(self.out / "metrics.jsonl", self.step)
 
     # ------------------------------------------------------------------------------------------
@@ -211,10 +225,11 @@ class Trainer:
         peak = matmul_peak(self.dtype if self.dtype != torch.float16 else torch.float32, self.dist.device)
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         start_time, last_time, last_step, metrics = time.perf_counter(), time.perf_counter(), self.step, {}
-        saved_at = None
-        stopped_early = False
+        saved_at, stopped_early, patience_out = None, False, False
+        running_loss, running_steps = 0.0, 0  # training loss since the last evaluation
         while self.step < config.max_steps:
             loss = self.train_step()
+            running_loss, running_steps = running_loss + loss, running_steps + 1
             self.step += 1
             bar.update(1)
             if self.step % config.log_interval == 0 or self.step == config.max_steps:
@@ -233,18 +248,25 @@ class Trainer:
             out_of_time = config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes
             stopped_early = self.dist.any(out_of_time) and self.step < config.max_steps
             if self.step % config.eval_interval == 0 or self.step == config.max_steps or stopped_early:
-                metrics, saved_at = self.eval_and_save(), self.step
+                train_loss = self.dist.mean(running_loss / running_steps)
+                metrics, patience_out = self.eval_and_save(train_loss)
+                saved_at, running_loss, running_steps = self.step, 0.0, 0
                 last_time = time.perf_counter()  # tokens/s counts training time only
-            if stopped_early:
+            if stopped_early or (patience_out and self.step < config.max_steps):
                 break
         bar.close()
         if stopped_early and main:
             tqdm.write(f"stopped at step {self.step} of {config.max_steps}: the time budget of "
                        f"{config.max_minutes} minutes is spent")
+        if patience_out and main and self.step < config.max_steps:
+            tqdm.write(f"stopped early at step {self.step}: validation loss has not improved for "
+                       f"{config.patience} evaluations (best {self.best_val:.4f}, kept in {self.out / 'best'})")
         if saved_at != self.step:  # nothing left to train (a finished run resumed)
-            metrics = self.eval_and_save()
-        self.dist.barrier()
-        return {"step": self.step, "train_seconds": round(time.perf_counter() - start_time, 1), **metrics}
+            metrics, _ = self.eval_and_save(None)
+        summary = {"step": self.step, "train_seconds": round(time.perf_counter() - start_time, 1), **metrics}
+        if self.best_val < math.inf:
+            summary["best_val_loss"] = round(self.best_val, 6)
+        return summary
 
     def train_step(self) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss of this process."""
@@ -275,13 +297,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.master is not None:
             with torch.no_grad():
-                for p, master in zip(self.model.parameters(), self.master):
+                for p, master in zip(self.trainable, self.master):
                     p.copy_(master)
         return total
 
     def _gather_master_grads(self, first: bool) -> None:
         """Move the bf16 gradients of this micro-batch into the fp32 master gradients."""
-        for p, master in zip(self.model.parameters(), self.master):
+        for p, master in zip(self.trainable, self.master):
             if p.grad is None:
                 continue
             if first:
@@ -295,22 +317,45 @@ class Trainer:
             return torch.autocast(self.dist.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def eval_and_save(self) -> dict[str, Any]:
-        metrics: dict[str, Any] = {}
+    def eval_and_save(self, train_loss: float | None) -> tuple[dict[str, Any], bool]:
+        """Evaluate, log, write the checkpoint (and `best/` when validation loss improved).
+
+        Returns the metrics and whether early stopping says to stop (the same on every process).
+        """
+        config, metrics, stop = self.config, {}, False
         if self.dist.main:
+            if train_loss is not None:
+                metrics["train_loss"] = round(train_loss, 6)
             if self.evaluate is not None:
                 self.model.eval()
                 with torch.no_grad(), self._autocast():
-                    metrics = {k: round(v, 6) for k, v in self.evaluate(self.model).items()}
-                self._log({"step": self.step, **metrics})
+                    metrics.update({k: round(v, 6) for k, v in self.evaluate(self.model).items()})
+            improved = "val_loss" in metrics and metrics["val_loss"] < self.best_val
+            if "val_loss" in metrics:
+                self.best_val, self.bad_evals = (metrics["val_loss"], 0) if improved else (self.best_val,
+                                                                                           self.bad_evals + 1)
+            record = {"step": self.step, **metrics}
+            if self.steps_per_epoch:
+                record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), **metrics}
+            self._log(record)
+            tqdm.write(describe(record) + (" (best)" if improved and config.keep_best else ""))
+            if improved and config.keep_best:
+                self.save(metrics, "best", resumable=False)
             self.save(metrics)
-        self.dist.barrier()
-        return metrics
+            stop = config.patience is not None and self.bad_evals > config.patience
+        return metrics, self.dist.any(stop)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def describe(record: dict[str, Any]) -> str:
+    """"Epoch 2: train loss 1.2345, val loss 1.3456" (or "step 200: ...") for an evaluation record."""
+    head = f"Epoch {record['epoch']:g}" if "epoch" in record else f"step {record['step']}"
+    parts = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch")]
+    return f"{head}: " + ", ".join(parts)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
