@@ -4,6 +4,7 @@
     lmforge.prepare("corpus/", "runs/data")
     lmforge.pretrain("runs/data", "runs/x", preset="gpt-micro")
     model = lmforge.load("runs/x")            # model(ids) -> logits; model.tokenizer
+    chat = lmforge.load("smollm2-135m-instruct")   # or a Hugging Face directory, a .gguf file
     print(model.generate("Once upon a time", max_new_tokens=50)[0])
 """
 
@@ -12,7 +13,8 @@ from typing import Any
 from lmforge.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "demo", "generate", "load", "model_table", "prepare", "pretrain", "train_tokenizer"]
+__all__ = ["UserError", "demo", "export", "generate", "import_model", "load", "model_table", "prepare", "pretrain",
+           "train_tokenizer"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,8 @@
     lmforge.pretrain("runs/data", "runs/small", preset="gpt-mini", overrides={"train.max_steps": 500})
     model = lmforge.load("runs/small")
     print(model.generate("ROMEO:", max_new_tokens=50)[0])
+    lmforge.import_model("smollm2-135m-instruct", "runs/smollm2")   # or a Hugging Face directory, a .gguf
+    lmforge.export("runs/smollm2", "runs/smollm2-hf")                # a directory transformers loads
 
 A data source is a file, a folder or a glob of txt / jsonl / csv / parquet files, or the name of a
 catalog dataset (`shakespeare`).
@@ -78,11 +80,61 @@ def prepare(
                           source_name=source_name or (str(data) if isinstance(data, (str, Path)) else None))
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """The model of a checkpoint (or run) directory, with `model.tokenizer` attached."""
+def load(
+    src: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    gguf_file: str | None = None,
+):
+    """A model with `model.tokenizer` attached, from any source `lmforge import` takes.
+
+    `src` is a checkpoint or run directory, a Hugging Face model directory (GPT-2, Llama, Qwen2 or
+    Mistral), a .gguf file, a catalog model (`smollm2-135m-instruct`) or a hub id (where the hub can be
+    reached). Sources other than native checkpoints are converted in memory; nothing is written.
+    """
+    from lmforge.models.convert import load_model, resolve_source
     from lmforge.train.checkpoint import load_checkpoint
 
-    return load_checkpoint(path, device=device, dtype=dtype)
+    source = resolve_source(src, gguf_file)
+    if source.kind == "lmforge":
+        return load_checkpoint(source.path, device=device, dtype=dtype)
+    model, _ = load_model(source)
+    return model.to(device=device, dtype=dtype)
+
+
+def import_model(src: str | Path, out: str | Path, gguf_file: str | None = None) -> Path:
+    """Convert a model (any source `load` takes) into a native checkpoint directory `out`; return `out`.
+
+    `out` must not exist (nothing is ever written over); the checkpoint is written atomically and its
+    lmforge.json records where the model came from.
+    """
+    from lmforge.models.convert import load_model, resolve_source
+    from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
+
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose a new OUT directory (nothing was written)")
+    source = resolve_source(src, gguf_file)
+    if source.kind == "lmforge":
+        model = load_checkpoint(source.path)
+        origin = {**source.origin, "info": read_info(source.path)}
+    else:
+        model, origin = load_model(source)
+    save_checkpoint(out, model, info={"source": origin, "parameters": model.num_parameters()})
+    return out
+
+
+def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
+    """Write a model (a checkpoint, or any source `load` takes) in another format; `hf`: a Hugging Face
+    directory (config.json, model.safetensors, tokenizer files) that transformers' Auto classes load."""
+    from lmforge.models.convert import export_hf
+
+    if format != "hf":
+        raise UserError(f"--format {format!r} is not supported; supported: hf")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; choose a new --out (nothing was written)")
+    return export_hf(load(checkpoint), out)
 
 
 def generate(model: Any, prompt: str | Sequence[str] = "", **options: Any) -> list[str]:

@@ -6,6 +6,8 @@
     lmforge pretrain --data runs/data --out runs/x --preset gpt-mini [--config run.yaml] [--train.lr 3e-4] [--resume]
     lmforge generate runs/x --prompt "ROMEO:" --max-new-tokens 100
     lmforge models
+    lmforge import smollm2-135m-instruct runs/smollm2      # or a Hugging Face directory, a .gguf file, a hub id
+    lmforge export runs/smollm2 --format hf --out runs/smollm2-hf
 
 The same flags mean the same everywhere: `--data` (input), `--out` (where results go), `--preset`,
 `--config`; a checkpoint is a positional argument. A user's mistake prints one line on stderr and
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from typing import Any
@@ -120,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     verbs.add_parser("models", help="list the model presets with sizes and memory needs",
                      description="Model presets with parameter counts and the memory to train and to run them.")
+
+    p = verbs.add_parser("import", help="convert a Hugging Face or GGUF model into an lmforge checkpoint",
+                         description="Convert a pretrained model into a native checkpoint directory. Supported: "
+                                     "GPT-2, Llama (SmolLM), Qwen2 and Mistral checkpoints, and GGUF files of them.")
+    p.add_argument("source", help="a Hugging Face model directory (config.json + weights), a .gguf file, a hub id "
+                                  "(owner/name, where the hub can be reached), an lmforge checkpoint, or a catalog "
+                                  "model (smollm2-135m-instruct)")
+    p.add_argument("out", help="the checkpoint directory to create (must not exist)")
+    p.add_argument("--gguf-file", help="which .gguf file of SOURCE (a directory or hub id) to read")
+
+    p = verbs.add_parser("export", help="write a checkpoint in another format (hf: Hugging Face transformers)",
+                         description="Write a model as a Hugging Face checkpoint (config.json, model.safetensors, "
+                                     "tokenizer files) that transformers' AutoModelForCausalLM and AutoTokenizer load.")
+    p.add_argument("checkpoint", help="a checkpoint or run directory (or any source lmforge import takes)")
+    p.add_argument("--format", default="hf", help="output format (default and only one so far: hf)")
+    p.add_argument("--out", required=True, help="directory to create (must not exist, or be empty)")
     return parser
 
 
@@ -148,6 +167,14 @@ def run(args: argparse.Namespace) -> None:
         _generate(args)
     elif args.verb == "models":
         _print_models(api.model_table())
+    elif args.verb == "import":
+        out = api.import_model(args.source, args.out, args.gguf_file)
+        info = json.loads((out / "lmforge.json").read_text())
+        kind = info["source"].get("model_type", "lmforge")
+        print(f"imported {args.source} ({kind}, {info['parameters']:,} parameters) into {out}")
+    elif args.verb == "export":
+        out = api.export(args.checkpoint, args.out, args.format)
+        print(f"exported {args.checkpoint} as a Hugging Face ({args.format}) checkpoint to {out}")
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -4,7 +4,8 @@
       config.json        the ModelConfig (kind and sizes)
       model.safetensors  the weights (fp32)
       tokenizer.json     the tokenizer
-      lmforge.json       versions, data fingerprint, training summary
+      tokenizer_config.json  its eos/bos tokens and chat template (Hugging Face style; only when it has them)
+      lmforge.json       versions, data fingerprint, training summary, or where an imported model came from
       trainer_state.pt   optimizer, step and RNG states (only where a run can be resumed)
 
 A checkpoint is written to a temporary directory beside its destination and renamed into place,
@@ -33,6 +34,7 @@ from lmforge.tokenizer import Tokenizer
 CONFIG, WEIGHTS, TOKENIZER, INFO, TRAINER_STATE = (
     "config.json", "model.safetensors", "tokenizer.json", "lmforge.json", "trainer_state.pt"
 )
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 def versions() -> dict[str, str]:
@@ -59,12 +61,19 @@ def save_checkpoint(
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes an owner-only directory
         weights = state_dict if state_dict is not None else model.state_dict()
         weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
-        save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
-        os.chmod(tmp / WEIGHTS, 0o666 & ~umask)
+        if hasattr(model, "peft_config"):  # LoRA: only the adapters, in peft's own format
+            from peft import get_peft_model_state_dict
+
+            save_file(get_peft_model_state_dict(model, state_dict=weights), tmp / ADAPTER_WEIGHTS)
+            model.peft_config["default"].save_pretrained(tmp)
+        else:
+            save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+        for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~umask)
         (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
         tokenizer = tokenizer or model.tokenizer
         if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER)
+            tokenizer.save(tmp / TOKENIZER)  # and tokenizer_config.json beside it when there is metadata
         (tmp / INFO).write_text(json.dumps({"versions": versions(), **(info or {})}, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
@@ -130,7 +139,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if dtype is not None:
         model.to(dtype)
     if (directory / TOKENIZER).is_file():
-        model.tokenizer = Tokenizer.load(directory / TOKENIZER)
+        model.tokenizer = Tokenizer.load(directory)  # tokenizer.json + tokenizer_config.json
         if model.tokenizer.vocab_size > config.vocab_size:
             raise UserError(f"{directory / TOKENIZER} has {model.tokenizer.vocab_size} tokens but the model "
                             f"has {config.vocab_size}; the tokenizer does not belong to this model")
