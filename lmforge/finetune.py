@@ -1,0 +1,152 @@
+"""`lmforge finetune`: adapt a pretrained model to your data, fully or with LoRA, with the one Trainer.
+
+    lmforge finetune runs/x chats.jsonl --out runs/x-chat --method lora --epochs 3
+    summary = finetune("smollm2-135m-instruct", "chats.jsonl", "runs/smol-lora", method="lora")
+
+The model is anything `lmforge.load` takes (a native checkpoint, a Hugging Face directory or hub id,
+a GGUF file, a catalog name). The data is plain text, prompt/completion JSONL or chat JSONL
+(`lmforge.data.sft`); chat is rendered with the model's chat template and only the assistant turns
+are learned. Validation loss is measured every epoch (or `--train.eval_interval` steps), training
+stops early when it stops improving (`patience`), and the best checkpoint is kept in `OUT/best`.
+LoRA (through `peft`) trains small adapters and saves only them; `lmforge merge` folds them into
+the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.config import TrainConfig, from_dict
+from lmforge.data.sft import ExampleBatches, load_examples
+from lmforge.errors import UserError
+
+LORA_TARGETS = {"decoder": ["qkv", "proj", "up", "down"]}
+
+
+def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A fixed random share of the examples for validation (at least one, when there are two or more)."""
+    if len(examples) < 2:
+        raise UserError(f"only {len(examples)} example(s): need at least 2 to hold one out for validation "
+                        f"(or pass --val-data)")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float,
+               target_modules: Sequence[str] | None = None) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft) on the named linear layers; only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("LoRA needs peft: pip install peft") from None
+    if rank < 1:
+        raise UserError(f"--lora-rank = {rank}; expected a positive integer")
+    if not 0 <= dropout < 1:
+        raise UserError(f"--lora-dropout = {dropout}; expected a value in [0, 1)")
+    kind = getattr(getattr(model, "config", None), "kind", None)
+    targets = list(target_modules or LORA_TARGETS.get(kind) or ["q_proj", "k_proj", "v_proj", "o_proj"])
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                           if isinstance(m, torch.nn.Linear)})
+    unknown = [t for t in targets if t not in linear_names]
+    if unknown:
+        raise UserError(f"LoRA target modules {', '.join(unknown)} do not exist in this model; "
+                        f"its linear layers are: {', '.join(linear_names)}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    return get_peft_model(model, config)
+
+
+def finetune(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    method: str = "full",
+    epochs: float | None = 3,
+    val_data: str | Path | None = None,
+    val_fraction: float = 0.1,
+    data_format: str = "auto",
+    text_field: str = "text",
+    max_length: int | None = None,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    lora_targets: Sequence[str] | None = None,
+    patience: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model` on `data` into `out`; return the summary (best and final validation loss)."""
+    from lmforge.api import load
+    from lmforge.train.objectives import evaluate_examples
+    from lmforge.train.trainer import Trainer
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    if method not in ("full", "lora"):
+        raise UserError(f"--method = {method!r}; expected full or lora")
+    base = load(model)
+    tokenizer = base.tokenizer
+    if tokenizer is None:
+        raise UserError(f"{model} has no tokenizer")
+    context = getattr(getattr(base, "config", None), "block_size", None) or 2048
+    max_length = min(max_length or context, context)
+    examples = load_examples(data, tokenizer, max_length, data_format, text_field)
+    if val_data is not None:
+        train_examples, val_examples = examples, load_examples(val_data, tokenizer, max_length, data_format, text_field)
+    else:
+        train_examples, val_examples = split_examples(examples, val_fraction, seed=0)
+
+    settings = {"lr": 2e-4 if method == "lora" else 5e-5, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 0.0,
+                "batch_size": 8, "eval_batches": 1, "log_interval": 1}
+    settings.update({k.removeprefix("train."): v for k, v in (overrides or {}).items()})
+    settings.setdefault("batch_size", 8)
+    batch_size = settings["batch_size"]
+    steps_per_epoch = max(1, len(train_examples) // batch_size)
+    if epochs is not None and "max_steps" not in settings:
+        settings["max_steps"] = max(1, math.ceil(epochs * steps_per_epoch))
+    settings.setdefault("eval_interval", steps_per_epoch)
+    if patience is not None:
+        settings["patience"] = patience
+    settings["keep_best"] = True
+    train_config = from_dict(TrainConfig, settings, "train").validate()
+
+    trained = apply_lora(base, lora_rank, lora_alpha, lora_dropout, lora_targets) if method == "lora" else base
+    pad_id = tokenizer.eos_id
+    device = next(base.parameters()).device
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return {"val_loss": evaluate_examples(m, val_examples, batch_size, pad_id, device)}
+
+    n_train_tokens = sum(len(e.ids) for e in train_examples)
+    trainer = Trainer(
+        trained, train_config, out,
+        batches=ExampleBatches(train_examples, batch_size, train_config.seed, pad_id, device),
+        evaluate=evaluate, tokenizer=tokenizer,
+        info={"base": str(model), "method": method, "data": str(data),
+              "lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout} if method == "lora" else None},
+        tokens_per_row=n_train_tokens / len(train_examples),
+        steps_per_epoch=steps_per_epoch,
+    )
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trained.parameters())
+    print(f"fine-tuning {model} ({method}: {trainable:,} of {total:,} parameters train) on "
+          f"{len(train_examples)} examples, {len(val_examples)} held out; {steps_per_epoch} steps per epoch",
+          file=sys.stderr)
+    before = evaluate(trainer.model)["val_loss"]
+    print(f"validation loss before: {before:.4f}", file=sys.stderr)
+    summary = trainer.fit()
+    summary = {**summary, "val_loss_before": round(before, 6), "out": str(out)}
+    if trainer.dist.main:
+        from lmforge.eval.plots import plot_metrics
+
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{Path(str(model)).name} {method} fine-tuning")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
