@@ -8,23 +8,34 @@
     print(model.generate("Once upon a time", max_new_tokens=50)[0])
 """
 
+import importlib
 from typing import Any
 
 from lmforge.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "demo", "export", "generate", "import_model", "load", "model_table", "prepare", "pretrain",
-           "train_tokenizer"]
+__all__ = [
+    "UserError",
+    "chat",
+    "demo",
+    "export",
+    "finetune",
+    "generate",
+    "import_model",
+    "load",
+    "merge",
+    "model_table",
+    "prepare",
+    "pretrain",
+    "train_tokenizer",
+]
+
+
+_HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.finetune", "chat": "lmforge.tasks.chat"}
 
 
 def __getattr__(name: str) -> Any:
     # the verbs import torch; load them on first use so `lmforge --help` answers at once
-    if name == "demo":
-        from lmforge.demo import demo
-
-        return demo
     if name in __all__:
-        import lmforge.api
-
-        return getattr(lmforge.api, name)
+        return getattr(importlib.import_module(_HOMES.get(name, "lmforge.api")), name)
     raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

@@ -28,6 +28,7 @@ from lmforge.data import prepare as prepare_shards
 from lmforge.errors import UserError
 from lmforge.tokenizer import DEFAULT_EOS, Tokenizer
 from lmforge.tokenizer import train_tokenizer as train_bpe
+from lmforge.train.checkpoint import ADAPTER_CONFIG
 
 
 def read_source(data: str | Path | Sequence[Document], text_field: str = "text") -> list[Document]:
@@ -93,13 +94,49 @@ def load(
     reached). Sources other than native checkpoints are converted in memory; nothing is written.
     """
     from lmforge.models.convert import load_model, resolve_source
-    from lmforge.train.checkpoint import load_checkpoint
+    from lmforge.train.checkpoint import load_checkpoint, resolve_checkpoint
 
     source = resolve_source(src, gguf_file)
     if source.kind == "lmforge":
-        return load_checkpoint(source.path, device=device, dtype=dtype)
+        directory = resolve_checkpoint(source.path)
+        if (directory / ADAPTER_CONFIG).is_file():
+            return load_adapter(directory).to(device=device, dtype=dtype)
+        return load_checkpoint(directory, device=device, dtype=dtype)
     model, _ = load_model(source)
     return model.to(device=device, dtype=dtype)
+
+
+def load_adapter(directory: Path):
+    """A LoRA checkpoint: its base model (any source `load` takes) with the adapters folded in."""
+    from peft import PeftModel
+
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import read_info
+
+    base_source = read_info(directory).get("base")
+    if not base_source:
+        raise UserError(f"{directory} holds LoRA adapters but its lmforge.json names no base model")
+    base = load(base_source)
+    model = PeftModel.from_pretrained(base, directory).merge_and_unload()
+    model.tokenizer = Tokenizer.load(directory)
+    return model.eval()
+
+
+def merge(checkpoint: str | Path, out: str | Path) -> Path:
+    """Fold a LoRA checkpoint's adapters into its base weights: a plain native checkpoint in `out`."""
+    from lmforge.train.checkpoint import read_info, resolve_checkpoint, save_checkpoint
+
+    directory = resolve_checkpoint(checkpoint)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{directory} holds no LoRA adapters ({ADAPTER_CONFIG} is missing); nothing to merge")
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose a new --out (nothing was written)")
+    model = load_adapter(directory)
+    info = read_info(directory)
+    save_checkpoint(out, model, info={"merged_from": str(directory), "base": info.get("base"),
+                                      "parameters": model.num_parameters()})
+    return out
 
 
 def import_model(src: str | Path, out: str | Path, gguf_file: str | None = None) -> Path:

@@ -28,11 +28,13 @@ from lmforge.errors import UserError
 DATA_HELP = "text: a file, folder or glob of txt/jsonl/csv/parquet files, or a catalog name (shakespeare)"
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = ("model", "train")) -> None:
     """`--model.FIELD VALUE` and `--train.FIELD VALUE` for every config field, with its help text."""
     from lmforge.config import ModelConfig, TrainConfig
 
     for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        if section not in sections:
+            continue
         group = parser.add_argument_group(f"{section} settings (override the preset and --config)")
         for f in dataclasses.fields(cls):
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", metavar="VALUE",
@@ -112,14 +114,47 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Continue a prompt (--prompt, or standard input) and stream the text.")
     p.add_argument("checkpoint", help="a checkpoint or run directory")
     p.add_argument("--prompt", help="text to continue (default: standard input if piped, else unconditional)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default: 1)")
-    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    _add_sampling_flags(p, max_new_tokens=200, temperature=0.8)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+
+    p = verbs.add_parser("finetune", help="fine-tune a pretrained model on your data (full or LoRA)",
+                         description="Fine-tune MODEL (an lmforge checkpoint, a Hugging Face directory, a .gguf file, "
+                                     "smollm2-135m-instruct, or a hub id) on DATA: plain text, prompt/completion "
+                                     "JSONL, or chat JSONL ({\"messages\": [{\"role\", \"content\"}, ...]}; the "
+                                     "loss is on the assistant turns only). Prints train and validation loss every "
+                                     "epoch, keeps the best checkpoint in OUT/best.")
+    p.add_argument("model", help="the pretrained model")
+    p.add_argument("data", help="training data (.txt/.md, .jsonl, .csv, .parquet; a file, folder or glob)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--method", choices=["full", "lora"], default="full", help="train all weights, or LoRA adapters")
+    p.add_argument("--epochs", type=float, default=3, help="passes over the data (default: 3)")
+    p.add_argument("--val-data", help="validation data (default: hold out --val-fraction of DATA)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--format", dest="data_format", default="auto",
+                   choices=["auto", "text", "prompt_completion", "chat"], help="data shape (default: detect)")
+    p.add_argument("--text-field", default="text", help="field / column of plain text (default: text)")
+    p.add_argument("--max-length", type=int, help="cut examples to this many tokens (default: the model's context)")
+    p.add_argument("--patience", type=int, help="stop after this many evaluations without a better val loss")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", nargs="+", help="names of the linear layers to adapt (default: all of "
+                                                     "attention and MLP)")
+    _add_config_flags(p, sections=("train",))
+
+    p = verbs.add_parser("merge", help="fold LoRA adapters into the weights",
+                         description="Fold a LoRA checkpoint's adapters into its base model's weights and save a "
+                                     "plain checkpoint.")
+    p.add_argument("checkpoint", help="a LoRA fine-tuning run or checkpoint directory")
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+
+    p = verbs.add_parser("chat", help="chat with a model in the terminal",
+                         description="Multi-turn chat by the model's chat template, streaming the answers. "
+                                     "Commands: /reset, /system TEXT, /exit. With --message: answer once and exit.")
+    p.add_argument("model", help="a checkpoint, run directory, Hugging Face directory, .gguf file or catalog model")
+    p.add_argument("--message", help="answer this one message and exit")
+    p.add_argument("--system", help="system prompt")
+    _add_sampling_flags(p, max_new_tokens=256, temperature=0.7)
 
     verbs.add_parser("models", help="list the model presets with sizes and memory needs",
                      description="Model presets with parameter counts and the memory to train and to run them.")
@@ -140,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", help="output format (default and only one so far: hf)")
     p.add_argument("--out", required=True, help="directory to create (must not exist, or be empty)")
     return parser
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default: 1)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -175,6 +225,22 @@ def run(args: argparse.Namespace) -> None:
     elif args.verb == "export":
         out = api.export(args.checkpoint, args.out, args.format)
         print(f"exported {args.checkpoint} as a Hugging Face ({args.format}) checkpoint to {out}")
+    elif args.verb == "finetune":
+        from lmforge.finetune import finetune
+
+        summary = finetune(args.model, args.data, args.out, args.method, args.epochs, args.val_data,
+                           args.val_fraction, args.data_format, args.text_field, args.max_length, args.lora_rank,
+                           args.lora_alpha, args.lora_dropout, args.lora_targets, args.patience,
+                           _config_overrides(args))
+        print(f"validation loss {summary['val_loss_before']:.4f} before, {summary['best_val_loss']:.4f} at best; "
+              f"the best checkpoint is in {args.out}/best")
+    elif args.verb == "merge":
+        out = api.merge(args.checkpoint, args.out)
+        print(f"merged the adapters of {args.checkpoint} into {out}")
+    elif args.verb == "chat":
+        from lmforge.tasks.chat import chat
+
+        chat(api.load(args.model), args.system, args.message, **_sampling_options(args))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -184,8 +250,7 @@ def _generate(args: argparse.Namespace) -> None:
     if prompt is None:
         prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     model = api.load(args.checkpoint)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    options = _sampling_options(args)
     if args.num_samples == 1:
         print(prompt, end="", flush=True)
         model.generate(prompt, stream=True, **options)

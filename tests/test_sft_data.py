@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lmforge.data.sft import IGNORE, ExampleBatches, chat_example, collate, load_examples, render_chat
+from lmforge.data.sft import DEFAULT_CHAT_TEMPLATE, IGNORE, ExampleBatches, chat_example, collate, load_examples
 from lmforge.errors import UserError
 from lmforge.tokenizer import train_tokenizer
 
@@ -23,8 +23,10 @@ CHAT = [
 @pytest.fixture(scope="module")
 def chat_tokenizer():
     text = "You are terse. Name a colour. Blue. Another one? Green, and red. " * 20
-    return train_tokenizer([text], vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                           show_progress=False)
+    tokenizer = train_tokenizer([text], vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                show_progress=False)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
 
 
 def labelled_text(example, tokenizer) -> str:
@@ -33,7 +35,7 @@ def labelled_text(example, tokenizer) -> str:
 
 def test_chat_labels_only_the_assistant_turns(chat_tokenizer):
     example = chat_example("x:1", {"messages": CHAT}, chat_tokenizer)
-    assert chat_tokenizer.decode(example.ids) == render_chat(chat_tokenizer, CHAT)
+    assert chat_tokenizer.decode(example.ids) == chat_tokenizer.apply_chat_template(CHAT)
     # token by token: each label is either the token itself or ignored, and the learned tokens
     # spell exactly the assistant replies with their end-of-turn marks
     assert len(example.labels) == len(example.ids)

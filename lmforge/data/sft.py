@@ -61,6 +61,7 @@ def load_examples(source: str | Path, tokenizer, max_length: int, data_format: s
         return text_examples(source, tokenizer, max_length, text_field)
     records = read_jsonl_records(source)
     if data_format == "chat":
+        ensure_chat_template(tokenizer)
         examples = [chat_example(name, record, tokenizer) for name, record in records]
     elif data_format == "prompt_completion":
         examples = [prompt_completion_example(name, record, tokenizer) for name, record in records]
@@ -102,14 +103,14 @@ def prompt_completion_example(name: str, record: dict, tokenizer) -> Example:
 def chat_example(name: str, record: dict, tokenizer) -> Example:
     """Render a conversation with the chat template; label the tokens of the assistant turns only."""
     messages = check_messages(name, record.get("messages"))
-    text = render_chat(tokenizer, messages)
+    text = tokenizer.apply_chat_template(messages)
     # the characters each assistant turn adds: render the conversation up to it (with the
     # generation prompt) and up to its end; what lies between is the assistant's to learn
     spans = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
-            end = len(render_chat(tokenizer, messages[:i + 1]))
+            start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True))
+            end = len(tokenizer.apply_chat_template(messages[:i + 1]))
             spans.append((start, end))
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     labels = [
@@ -139,21 +140,12 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text, by the tokenizer's chat template (ChatML when it has none)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-
-    def raise_exception(message: str):
-        raise UserError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt,
-        bos_token=getattr(tokenizer, "bos_token", "") or "", eos_token=getattr(tokenizer, "eos_token", "") or "",
-    )
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template the ChatML one (saved with the fine-tuned model)."""
+    if tokenizer.chat_template is None:
+        print("note: the tokenizer has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)",
+              file=sys.stderr)
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
 class ExampleBatches:

@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lmforge.data.sft import render_chat
-
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
 
 
@@ -22,7 +20,7 @@ def reply(model: Any, messages: list[dict], stream: Callable[[str], None] | bool
           **options: Any) -> str:
     """The model's answer to the conversation `messages` (rendered with the chat template)."""
     tokenizer = model.tokenizer
-    prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     stops = [s for s in END_OF_TURN if tokenizer.token_to_id(s) is not None or s in prompt]
     return model.generate(prompt, stop=stops + list(options.pop("stop", [])), stream=stream, **options)[0].strip()
 

@@ -8,6 +8,9 @@
       lmforge.json       versions, data fingerprint, training summary, or where an imported model came from
       trainer_state.pt   optimizer, step and RNG states (only where a run can be resumed)
 
+A LoRA fine-tuning checkpoint holds `adapter_model.safetensors` and `adapter_config.json` (peft's
+format) instead of the weights, and names its base model in lmforge.json (`base`).
+
 A checkpoint is written to a temporary directory beside its destination and renamed into place,
 so a crash never leaves a half-written checkpoint. Loading reads safetensors and JSON, and
 `torch.load(weights_only=True)`: no pickled code is ever run.
@@ -96,14 +99,16 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory for `path`: itself, or the `checkpoint/` inside a run directory."""
+    """The checkpoint directory for `path`: itself, or inside a run directory the `best/` checkpoint
+    (kept by fine-tuning) or else the last one, `checkpoint/`."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such checkpoint: {path}")
     if (path / CONFIG).is_file():
         return path
-    if (path / "checkpoint" / CONFIG).is_file():
-        return path / "checkpoint"
+    for inner in ("best", "checkpoint"):
+        if (path / inner / CONFIG).is_file():
+            return path / inner
     raise UserError(f"{path} is not an lmforge checkpoint (no {CONFIG}; expected a directory written by "
                     f"lmforge pretrain or lmforge import)")
 
