@@ -5,7 +5,8 @@
 
 The model is anything `lmforge.load` takes (a native checkpoint, a Hugging Face directory or hub id,
 a GGUF file, a catalog name). The data is plain text, prompt/completion JSONL or chat JSONL
-(`lmforge.data.sft`); chat is rendered with the model's chat template and only the assistant turns
+(`lmforge.data.sft`), or a chat dataset of the catalog (`chatterbot`: its train split, validated on
+its held-out split unless `val_data` is given; see `lmforge.data.catalog.CHAT_CATALOG`); chat is rendered with the model's chat template and only the assistant turns
 are learned. Validation loss is measured every epoch (or `--train.eval_interval` steps), training
 stops early when it stops improving (`patience`), and the best checkpoint is kept in `OUT/best`.
 LoRA (through `peft`) trains small adapters and saves only them; `lmforge merge` folds them into
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from lmforge.config import TrainConfig, from_dict
+from lmforge.data.catalog import CHAT_CATALOG, chat_dataset_file
 from lmforge.data.sft import ExampleBatches, load_examples
 from lmforge.errors import UserError
 
@@ -53,15 +55,39 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float,
     if not 0 <= dropout < 1:
         raise UserError(f"--lora-dropout = {dropout}; expected a value in [0, 1)")
     kind = getattr(getattr(model, "config", None), "kind", None)
-    targets = list(target_modules or LORA_TARGETS.get(kind) or ["q_proj", "k_proj", "v_proj", "o_proj"])
     linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                            if isinstance(m, torch.nn.Linear)})
+    heads = ("lm_head", "embed_out", "head")
+    targets = list(target_modules or LORA_TARGETS.get(kind) or [n for n in linear_names if n not in heads])
     unknown = [t for t in targets if t not in linear_names]
     if unknown:
         raise UserError(f"LoRA target modules {', '.join(unknown)} do not exist in this model; "
                         f"its linear layers are: {', '.join(linear_names)}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return get_peft_model(model, config)
+
+
+def load_trainable(source: str | Path) -> tuple[torch.nn.Module, Any]:
+    """The model to fine-tune and its loss: a native model, or a Hugging Face causal LM that has no
+    native port (trained through transformers by the same Trainer; it is saved in its own format)."""
+    from lmforge.api import load
+    from lmforge.models.convert import config_from_hf, resolve_source
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.objectives import causal_lm_loss, logits_causal_lm_loss
+
+    resolved = resolve_source(source)
+    if resolved.kind == "hf":
+        hf_config = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
+        try:
+            config_from_hf(hf_config)
+        except UserError as why:
+            from transformers import AutoModelForCausalLM
+
+            print(f"note: {why}; fine-tuning it as a transformers model", file=sys.stderr)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32)
+            model.tokenizer = Tokenizer.from_hf(resolved.path)
+            return model, logits_causal_lm_loss
+    return load(source), causal_lm_loss
 
 
 def finetune(
@@ -83,7 +109,6 @@ def finetune(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model` on `data` into `out`; return the summary (best and final validation loss)."""
-    from lmforge.api import load
     from lmforge.train.objectives import evaluate_examples
     from lmforge.train.trainer import Trainer
 
@@ -92,11 +117,12 @@ def finetune(
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     if method not in ("full", "lora"):
         raise UserError(f"--method = {method!r}; expected full or lora")
-    base = load(model)
+    base, loss_fn = load_trainable(model)
     tokenizer = base.tokenizer
     if tokenizer is None:
         raise UserError(f"{model} has no tokenizer")
-    context = getattr(getattr(base, "config", None), "block_size", None) or 2048
+    config = base.config
+    context = getattr(config, "block_size", None) or getattr(config, "max_position_embeddings", None) or 2048
     max_length = min(max_length or context, context)
     examples = load_examples(data, tokenizer, max_length, data_format, text_field)
     if val_data is not None:
@@ -123,13 +149,13 @@ def finetune(
     device = next(base.parameters()).device
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        return {"val_loss": evaluate_examples(m, val_examples, batch_size, pad_id, device)}
+        return {"val_loss": evaluate_examples(m, val_examples, batch_size, pad_id, device, loss_fn)}
 
     n_train_tokens = sum(len(e.ids) for e in train_examples)
     trainer = Trainer(
         trained, train_config, out,
         batches=ExampleBatches(train_examples, batch_size, train_config.seed, pad_id, device),
-        evaluate=evaluate, tokenizer=tokenizer,
+        evaluate=evaluate, loss_fn=loss_fn, tokenizer=tokenizer,
         info={"base": str(Path(model).resolve()) if Path(model).exists() else str(model), "method": method,
               "data": str(data),
               "lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout} if method == "lora" else None},

@@ -133,3 +133,24 @@ def test_finetune_refuses_to_write_over_a_run(base, chats):
     with pytest.raises(UserError, match="already exists"):
         finetune(base / "run", chats, base / "full")
     assert (base / "full" / "best" / "model.safetensors").read_bytes() == before
+
+
+def test_a_transformers_model_without_a_native_port_finetunes_with_the_same_trainer(base, chats):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = lmforge.load(base / "run").tokenizer
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    hf_dir = base / "neox"
+    GPTNeoXForCausalLM(config).save_pretrained(hf_dir)
+    tokenizer.save(hf_dir)
+    summary = finetune(hf_dir, chats, base / "neox-ft", method="lora", epochs=2,
+                       overrides={"train.lr": 1e-2, "train.batch_size": 4, "train.precision": "fp32"})
+    assert summary["best_val_loss"] < summary["val_loss_before"]
+    full = finetune(hf_dir, chats, base / "neox-full", method="full", epochs=2,
+                    overrides={"train.lr": 3e-3, "train.batch_size": 4, "train.precision": "fp32"})
+    assert full["best_val_loss"] < full["val_loss_before"]
+    reloaded = AutoModelForCausalLM.from_pretrained(base / "neox-full" / "best")  # transformers' own format
+    ids = torch.tensor([tokenizer.encode("say king")])
+    assert reloaded(ids).logits.shape == (1, ids.shape[1], tokenizer.vocab_size)

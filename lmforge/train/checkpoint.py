@@ -73,8 +73,11 @@ def save_checkpoint(
             save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         for file in tmp.iterdir():
             os.chmod(file, 0o666 & ~umask)
-        (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
-        tokenizer = tokenizer or model.tokenizer
+        if isinstance(model.config, ModelConfig):
+            (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
+        else:  # a transformers model with no native port: its config.json, so transformers loads the directory
+            (tmp / CONFIG).write_text(model.config.to_json_string())
+        tokenizer = tokenizer or getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)  # and tokenizer_config.json beside it when there is metadata
         (tmp / INFO).write_text(json.dumps({"versions": versions(), **(info or {})}, indent=2) + "\n")

@@ -19,15 +19,15 @@ from lmforge.data.sft import IGNORE, Example, collate
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy. Native models fuse it with the output head; any model whose
-    output is logits (or has `.logits`, as Hugging Face models do) works too."""
-    ids, targets = batch["ids"], batch["targets"]
-    try:
-        return model(ids, targets=targets)
-    except TypeError:
-        out = model(ids)
-        logits = getattr(out, "logits", out)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    """Mean next-token cross-entropy of a native model (fused with its output head)."""
+    return model(batch["ids"], targets=batch["targets"])
+
+
+def logits_causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy of any model whose output is logits, or has `.logits` (Hugging Face)."""
+    out = model(batch["ids"])
+    logits = getattr(out, "logits", out)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
 
 
 class RandomWindows:
@@ -79,13 +79,14 @@ def bits_per_byte(loss_nats_per_token: float, tokens: int, utf8_bytes: int) -> f
 
 
 @torch.no_grad()
-def evaluate_examples(model, examples: list[Example], batch_size: int, pad_id: int, device="cpu") -> float:
+def evaluate_examples(model, examples: list[Example], batch_size: int, pad_id: int, device="cpu",
+                      loss_fn=causal_lm_loss) -> float:
     """Mean loss per labelled token over fine-tuning `examples`."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], pad_id, device)
         n = int((batch["targets"] != IGNORE).sum())
         if n:
-            total += causal_lm_loss(model, batch).item() * n
+            total += loss_fn(model, batch).item() * n
             count += n
     return total / max(count, 1)
