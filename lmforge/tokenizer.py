@@ -40,6 +40,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.errors import UserError
+from lmforge.files import current_umask
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -288,7 +289,7 @@ def _write_atomic(file: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes owner-only files
         os.replace(tmp, file)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -433,11 +434,6 @@ def train_tokenizer(
         raise UserError("no text to train the tokenizer on (the texts are empty)")
     return Tokenizer(backend)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 _PIECE_CHARS = 1 << 13  # small pieces keep every core busy; measured no slower than whole texts

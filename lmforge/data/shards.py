@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lmforge.data.readers import Document, read_documents
 from lmforge.errors import UserError
+from lmforge.files import atomic_directory
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 SHARDS_FORMAT = "lmforge-shards-v1"
@@ -124,10 +121,7 @@ def prepare(
     dtype = token_dtype(tokenizer.vocab_size)
     tokenizer_json = tokenizer.to_json()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only directory
+    with atomic_directory(out) as tmp:
         counts = {}
         with tqdm(total=len(docs), unit="doc", desc="tokenizing", disable=not show_progress) as bar:
             for split, split_docs in zip(SPLITS, (train_docs, val_docs), strict=True):
@@ -158,10 +152,6 @@ def prepare(
         (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _check_out(out, overwrite)  # the directory may have changed while we tokenized
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -176,27 +166,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise UserError(f"{out} already holds prepared data; pass --overwrite (or a new --out) to replace it")
     elif any(out.iterdir()):
         raise UserError(f"{out} exists, is not empty and holds no prepared data; choose a new --out")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an old `out` is moved aside first and removed after."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_tokens(path: Path, docs: list[Document], tokenizer: Tokenizer, dtype: np.dtype, bar: tqdm) -> int:

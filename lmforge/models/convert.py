@@ -26,10 +26,7 @@ package, and dequantized to fp32), a hub id (where the hub can be reached) or a 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +36,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.files import atomic_directory
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -598,12 +596,7 @@ def export_hf(model: Decoder, out: str | Path) -> Path:
     hf_config = to_hf_config(config, tokenizer)  # refuses what transformers cannot represent, before writing
     check_vocab(tokenizer, config, "the model")
     state = state_dict_to_hf(model.state_dict(), config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes an owner-only directory
+    with atomic_directory(out) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config)
         generation = {k: v for k, v in hf_config.items() if k in ("bos_token_id", "eos_token_id") and v is not None}
@@ -615,14 +608,6 @@ def export_hf(model: Decoder, out: str | Path) -> Path:
             _write_json(tmp / "tokenizer_config.json", tokenizer_config)
             specials = {k: tokenizer_config[k] for k in ("bos_token", "eos_token") if tokenizer_config[k]}
             _write_json(tmp / "special_tokens_map.json", specials)
-        for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~umask)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

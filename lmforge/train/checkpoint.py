@@ -19,10 +19,7 @@ so a crash never leaves a half-written checkpoint. Loading reads safetensors and
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig, from_dict, to_dict
 from lmforge.errors import UserError
+from lmforge.files import atomic_directory
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import Tokenizer
 
@@ -56,12 +54,7 @@ def save_checkpoint(
 ) -> Path:
     """Write `model` (or `state_dict`, e.g. fp32 master weights) and friends to `directory`, atomically."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes an owner-only directory
+    with atomic_directory(directory) as tmp:
         weights = state_dict if state_dict is not None else model.state_dict()
         weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
         if hasattr(model, "peft_config"):  # LoRA: only the adapters, in peft's own format
@@ -71,8 +64,6 @@ def save_checkpoint(
             model.peft_config["default"].save_pretrained(tmp)
         else:
             save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
-        for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~umask)
         if isinstance(model.config, ModelConfig):
             (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
         else:  # a transformers model with no native port: its config.json, so transformers loads the directory
@@ -83,22 +74,7 @@ def save_checkpoint(
         (tmp / INFO).write_text(json.dumps({"versions": versions(), **(info or {})}, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing `target` is kept until the new one is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
