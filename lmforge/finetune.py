@@ -6,9 +6,10 @@
 The model is anything `lmforge.load` takes (a native checkpoint, a Hugging Face directory or hub id,
 a GGUF file, a catalog name). The data is plain text, prompt/completion JSONL or chat JSONL
 (`lmforge.data.sft`), or a chat dataset of the catalog (`chatterbot`: its train split, validated on
-its held-out split unless `val_data` is given; see `lmforge.data.catalog.CHAT_CATALOG`); chat is rendered with the model's chat template and only the assistant turns
-are learned. Validation loss is measured every epoch (or `--train.eval_interval` steps), training
-stops early when it stops improving (`patience`), and the best checkpoint is kept in `OUT/best`.
+its held-out split unless `val_data` is given; see `lmforge.data.catalog.CHAT_CATALOG`); chat is
+rendered with the model's chat template and only the assistant turns are learned. Validation loss
+is measured every epoch (or `--train.eval_interval` steps), training stops early when it stops
+improving (`patience`), and the best checkpoint is kept in `OUT/best`.
 LoRA (through `peft`) trains small adapters and saves only them; `lmforge merge` folds them into
 the weights.
 """
@@ -117,6 +118,9 @@ def finetune(
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     if method not in ("full", "lora"):
         raise UserError(f"--method = {method!r}; expected full or lora")
+    if str(data) in CHAT_CATALOG and not Path(data).exists():  # a catalog chat dataset, with its own split
+        val_data = val_data if val_data is not None else chat_dataset_file(str(data), "validation")
+        data = chat_dataset_file(str(data), "train")
     base, loss_fn = load_trainable(model)
     tokenizer = base.tokenizer
     if tokenizer is None:

@@ -4,21 +4,33 @@ Typical use:
 
     from lmforge.data import read_documents, shakespeare_documents, prepare, TokenShards
     docs = read_documents("corpus/")          # or shakespeare_documents()
+    chats = chat_dataset_file("chatterbot")   # chat JSONL for fine-tuning (and "validation", held out)
     prepare(docs, tokenizer, "runs/data")
     train = TokenShards("runs/data").split("train")
 """
 
-from lmforge.data.catalog import CATALOG, catalog_documents, fetch_package, shakespeare_documents
+from lmforge.data.catalog import (
+    CATALOG,
+    CHAT_CATALOG,
+    catalog_documents,
+    chat_dataset_file,
+    chatterbot_conversations,
+    fetch_package,
+    shakespeare_documents,
+)
 from lmforge.data.readers import SUPPORTED_EXTENSIONS, Document, default_cache_dir, read_documents, read_jsonl_records
 from lmforge.data.shards import SHARDS_FORMAT, TokenShards, prepare, split_documents, token_dtype
 
 __all__ = [
     "CATALOG",
+    "CHAT_CATALOG",
     "SHARDS_FORMAT",
     "SUPPORTED_EXTENSIONS",
     "Document",
     "TokenShards",
     "catalog_documents",
+    "chat_dataset_file",
+    "chatterbot_conversations",
     "default_cache_dir",
     "fetch_package",
     "prepare",

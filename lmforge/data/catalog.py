@@ -30,6 +30,7 @@ import yaml
 
 from lmforge.data.readers import Document, default_cache_dir
 from lmforge.errors import UserError
+from lmforge.files import atomic_directory
 
 COMPLETE_MARKER = ".complete"
 
@@ -193,10 +194,11 @@ def chatterbot_conversations(text: str, source: str = "") -> list[list[dict[str,
 def chatterbot_chats(cache_dir: Path | None = None) -> list[tuple[str, list[dict[str, str]]]]:
     """(source, messages) for the English conversations of chatterbot-corpus 1.3.3, in sorted file order.
 
-    The package's 21 English files hold 2,026 conversations (1,946 are one question and one answer);
-    only 899 are distinct (tech_support.yml repeats 10 conversations 1,050 times), and each distinct
-    conversation is kept once, at its first place. The source is "FILE.yml#N": the N-th conversation
-    (from 1) that `chatterbot_conversations` keeps of FILE.
+    The package's 21 English files hold 2,026 conversations (1,946 are one question and one answer;
+    one in trivia.yml is malformed, a single string, and is dropped). Only 898 of them are distinct
+    (tech_support.yml repeats 10 conversations 1,050 times): each is kept once, at its first place,
+    which leaves 1,017 answers to learn; `is_validation` holds out 87 of them, 811 train. The source
+    is "FILE.yml#N": the N-th conversation (from 1) that `chatterbot_conversations` keeps of FILE.
     """
     name, version = CHATTERBOT_PACKAGE
     root = fetch_package(name, version, cache_dir=cache_dir, sdist=False)
@@ -242,29 +244,16 @@ def chat_dataset_file(name: str, split: str = "train", cache_dir: Path | None = 
     if split not in CHAT_SPLITS:
         raise UserError(f"unknown split {split!r}; expected one of: {', '.join(CHAT_SPLITS)}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    datasets = cache_dir / "datasets"
-    dest = datasets / name
+    dest = cache_dir / "datasets" / name
     if not _made_by_current_rules(dest):
         lines: dict[str, list[str]] = {s: [] for s in CHAT_SPLITS}
         for source, messages in CHAT_CATALOG[name](cache_dir=cache_dir):
             record = {"messages": messages, "source": source}
             lines["validation" if is_validation(messages) else "train"].append(json.dumps(record, ensure_ascii=False))
-        datasets.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=datasets))
-        try:
+        with atomic_directory(dest) as tmp:
             for s in CHAT_SPLITS:
                 (tmp / f"{s}.jsonl").write_text("".join(line + "\n" for line in lines[s]), encoding="utf-8")
             (tmp / COMPLETE_MARKER).write_text(CHAT_FORMAT + "\n", encoding="utf-8")
-            if not _made_by_current_rules(dest):  # else another process finished first
-                if dest.exists():  # made by other rules, or torn: replace it
-                    shutil.rmtree(dest)
-                try:
-                    os.replace(tmp, dest)
-                except OSError:
-                    if not _made_by_current_rules(dest):  # lost a race only if the winner finished
-                        raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest / f"{split}.jsonl"
 
 

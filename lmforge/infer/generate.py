@@ -94,32 +94,36 @@ def generate_ids(
     B = len(prompts)
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
-    new = torch.empty(B, 0, dtype=torch.long, device=device)
+    new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # filled column by column
+    n = 0  # columns of `new` filled
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = model.new_cache(B, min(block_size, longest + max_new_tokens), pad if pad.any() else None)
     step_input = tokens
     for _ in range(max_new_tokens):
         if cache.length + step_input.shape[1] > cache.max_len:  # context full: slide the window
             keep = block_size // 2
-            step_input = torch.cat([tokens, new], dim=1)[:, -keep:]
-            cut = tokens.shape[1] + new.shape[1] - keep
+            step_input = torch.cat([tokens, new[:, :n]], dim=1)[:, -keep:]
+            cut = tokens.shape[1] + n - keep
             shifted = (pad - cut).clamp(min=0)
             cache = model.new_cache(B, block_size, shifted if shifted.any() else None)
         logits = model(step_input, cache=cache, last_only=True)[:, -1]  # (B, V)
         if repetition_penalty != 1.0:
             is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]
-            seen = torch.cat([torch.where(is_pad, tokens[:, -1:], tokens), new], dim=1)  # padding is not text
+            seen = torch.cat([torch.where(is_pad, tokens[:, -1:], tokens), new[:, :n]], dim=1)  # padding is not text
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_ids = torch.where(done, eos_id, next_ids)
             done |= next_ids == eos_id
-        new = torch.cat([new, next_ids[:, None]], dim=1)
-        step_input = next_ids[:, None]
-        if (on_tokens is not None and on_tokens(next_ids)) or bool(done.all()):
+        new[:, n] = next_ids
+        n += 1
+        step_input = new[:, n - 1:n]
+        if on_tokens is not None and on_tokens(next_ids):
+            break
+        if eos_id is not None and bool(done.all()):
             break
     out = []
-    for row in new.tolist():
+    for row in new[:, :n].tolist():
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
         out.append(row)

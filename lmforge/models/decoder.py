@@ -94,7 +94,9 @@ class Decoder(nn.Module):
             return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
                                               ignore_index=ignore_index)
         if last_only:
-            h = h[:, -1:]
+            # (W @ h.T).T rather than h @ W.T: for a few rows (generation) CPU BLAS runs the head's
+            # matmul ~1.5x faster in this orientation (measured at 8 rows; the same at 1)
+            return (self.head_weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
         return h @ self.head_weight.T
 
     def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:

@@ -1,0 +1,225 @@
+"""Shared pieces of the benchmarks: the machine state, the GPT-2 weight map, timing rounds, JSON lines.
+
+Not run directly; `bench/train_throughput.py` and `bench/generate.py` import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.models.decoder import Decoder
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def emit(record: dict) -> None:
+    """One JSON line per figure, flushed at once (the parent of a worker reads it line by line)."""
+    print(json.dumps(record), flush=True)
+
+
+def allocator() -> str:
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "jemalloc" in preload:
+        return f"jemalloc ({os.environ.get('MALLOC_CONF', 'default conf')})"
+    if "tcmalloc" in preload:
+        return "tcmalloc"
+    return "glibc malloc"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_state() -> dict:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return {
+        "figure": "machine",
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "amx": "amx_tile" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "python": sys.version.split()[0],
+        "allocator": allocator(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+# ------------------------------------------------------------------------------------------------
+# lmforge GPT-2 style weights -> Hugging Face GPT2LMHeadModel
+
+def gpt2_config(c: ModelConfig):
+    """The transformers GPT2Config of the same shape as a GPT-2 style lmforge ModelConfig."""
+    from transformers import GPT2Config
+
+    if c.norm != "layernorm" or c.mlp != "gelu" or c.position != "learned" or not c.tie_embeddings:
+        raise ValueError("only GPT-2 style decoders map onto GPT2LMHeadModel")
+    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.d_model, n_layer=c.n_layer,
+                      n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new",
+                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                      layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True,
+                      bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, pad_token_id=c.vocab_size - 1)
+    config._attn_implementation = "sdpa"  # PyTorch's scaled_dot_product_attention, as lmforge uses
+    return config
+
+
+def to_gpt2_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """lmforge weights under GPT2LMHeadModel's names. HF's Conv1D stores (in, out): transpose Linear weights."""
+    sd = {k: v.detach().float() for k, v in state.items()}
+    out = {
+        "transformer.wte.weight": sd["tok_emb.weight"],
+        "transformer.wpe.weight": sd["pos_emb.weight"],
+        "transformer.ln_f.weight": sd["norm.weight"],
+        "transformer.ln_f.bias": sd["norm.bias"],
+        "lm_head.weight": sd["tok_emb.weight"],  # tied
+    }
+    for i in range(n_layer):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out[theirs + b + ".weight"] = sd[ours + a + ".weight"]
+            out[theirs + b + ".bias"] = sd[ours + a + ".bias"]
+        # Attention.qkv rows are [q; k; v], as c_attn's columns are
+        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                     ("mlp.down", "mlp.c_proj")):
+            out[theirs + b + ".weight"] = sd[ours + a + ".weight"].t().contiguous()
+            out[theirs + b + ".bias"] = sd[ours + a + ".bias"]
+    return out
+
+
+def hf_gpt2(model: Decoder):
+    """A GPT2LMHeadModel (fp32, SDPA attention) holding the same weights as lmforge decoder `model`."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(gpt2_config(model.config))
+    missing, unexpected = hf.load_state_dict(to_gpt2_state_dict(model.state_dict(), model.config.n_layer), strict=False)
+    missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".attn.masked_bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight map mismatch: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+@torch.no_grad()
+def max_logit_difference(model: Decoder, hf, ids: torch.Tensor) -> float:
+    """Largest |logit difference| between the two models on `ids` (both fp32, eval mode)."""
+    model.eval()
+    hf.eval()
+    return (model(ids) - hf(ids).logits).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+
+def _busy_ticks() -> int | None:
+    """Busy CPU ticks of the whole machine, time stolen by the hypervisor included (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return user + nice + system + irq + softirq + steal
+
+
+def _process_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a measurement ran (0 where /proc is missing).
+
+        with OtherLoad([worker_pid]) as load:
+            measure()
+        if load.cores > 0.2: ...  # disturbed: measure again
+    """
+
+    def __init__(self, pids: list[int]):
+        self.pids = [os.getpid(), *pids]
+        self.cores = 0.0
+
+    def __enter__(self) -> OtherLoad:
+        self.busy, self.ours = _busy_ticks(), sum(_process_ticks(p) for p in self.pids)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = _busy_ticks()
+        if busy is None or self.busy is None:
+            return
+        ours = sum(_process_ticks(p) for p in self.pids)
+        ticks = os.sysconf("SC_CLK_TCK")
+        self.cores = max(0.0, (busy - self.busy) - (ours - self.ours)) / ticks / (time.perf_counter() - self.start)
+
+
+def measure_quietly(measure: Callable[[], float], pids: list[int], retries: int = 3, max_other_cores: float = 0.2,
+                    deadline: float | None = None, best: Callable[..., float] = min) -> tuple[float, bool]:
+    """Run `measure`; repeat it while other processes kept more than `max_other_cores` busy meanwhile,
+    up to `retries` times and not past `deadline` (a time.perf_counter() value). Returns (the value of
+    the first undisturbed run, or the `best` of the disturbed ones; whether it was disturbed)."""
+    values = []
+    for _ in range(retries + 1):
+        with OtherLoad(pids) as load:
+            value = measure()
+        if load.cores <= max_other_cores:
+            return value, False
+        values.append(value)
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    return best(values), True
+
+
+def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each side's measurement once per round, in turn (A B A B ...); noise hits both alike."""
+    results: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, measure in sides.items():
+            results[name].append(measure())
+    return results
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    """Seconds per call of fn, over `repeat` calls."""
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
