@@ -47,10 +47,8 @@ def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list
 def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float,
                target_modules: Sequence[str] | None = None) -> torch.nn.Module:
     """Wrap `model` with LoRA adapters (peft) on the named linear layers; only the adapters train."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UserError("LoRA needs peft: pip install peft") from None
+    from peft import LoraConfig, get_peft_model
+
     if rank < 1:
         raise UserError(f"--lora-rank = {rank}; expected a positive integer")
     if not 0 <= dropout < 1:

@@ -241,11 +241,8 @@ class Tokenizer:
             if vocab.is_file() and merges.is_file() and tokenizer_class.startswith("GPT2"):
                 bpe = cls.from_bpe_files(vocab, merges)
                 return cls(bpe.backend, **{"eos_token": bpe.eos_token, **metadata})
-            try:
-                import transformers
-            except ImportError:
-                raise UserError(f"{directory} has no tokenizer.json; reading its tokenizer needs transformers "
-                                "(pip install 'lmforge[hf]')") from None
+            import transformers
+
             try:
                 source = transformers.AutoTokenizer.from_pretrained(str(directory))
             except Exception as e:  # transformers raises many kinds

@@ -448,12 +448,9 @@ def catalog_model_file(name: str, cache_dir: Path | None = None) -> Path:
 def download_from_hub(repo_id: str, gguf_file: str | None = None) -> Path:
     """A local snapshot of a Hugging Face hub model (config, safetensors weights, tokenizer files)."""
     hint = f"cannot reach the Hugging Face hub to download {repo_id}; pass a local directory or .gguf file"
-    try:
-        import huggingface_hub
-        from huggingface_hub.utils import RepositoryNotFoundError  # also in older versions
-    except ImportError:
-        raise UserError(f"{repo_id} is not a local path, and downloading it from the Hugging Face hub needs "
-                        "huggingface_hub (pip install 'lmforge[hf]'); pass a local directory or .gguf file") from None
+    import huggingface_hub
+    from huggingface_hub.utils import RepositoryNotFoundError  # also in older versions
+
     try:
         if gguf_file:
             return Path(huggingface_hub.hf_hub_download(repo_id, gguf_file)).parent
