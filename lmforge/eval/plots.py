@@ -1,4 +1,4 @@
-"""Pictures of results: the loss curve of a run, drawn from its `metrics.jsonl`."""
+"""Pictures of results: loss curves drawn from a run's `metrics.jsonl`, and confusion matrices."""
 
 from __future__ import annotations
 
@@ -26,6 +26,34 @@ def plot_metrics(metrics_file: str | Path, png: str | Path, title: str = "") -> 
     ax.set_title(title or Path(metrics_file).parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
+def plot_confusion(counts: list[list[int]], labels: list[str], png: str | Path, title: str = "") -> Path:
+    """A confusion matrix as a heat map: rows are the gold labels, columns the predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.45 * len(labels) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
+    image = ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    largest = max(max(row) for row in counts) or 1
+    if len(labels) <= 25:
+        for i, row in enumerate(counts):
+            for j, n in enumerate(row):
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=8,
+                        color="white" if n > largest / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
