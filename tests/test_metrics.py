@@ -57,3 +57,16 @@ def test_perplexity_and_confusion_png(tmp_path):
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
     png = plot_confusion([[5, 1], [2, 7]], ["rotten", "fresh"], tmp_path / "c.png", "test")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_write_report_json_and_table(tmp_path):
+    import json
+
+    from lmforge.eval.report import write_report
+
+    rows = [{"system": "model", "accuracy": 0.8125}, {"system": "baseline", "accuracy": 0.75, "note": "tf-idf"}]
+    paths = write_report(tmp_path, "classify", {"task": "classify", "n": 16}, rows, echo=False)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["n"] == 16 and saved["rows"][1]["note"] == "tf-idf"
+    table = paths["table"].read_text().splitlines()
+    assert table[2] == "| system | accuracy | note |" and table[4] == "| model | 0.8125 |  |"
