@@ -57,6 +57,9 @@ def save_checkpoint(
     with atomic_directory(directory) as tmp:
         weights = state_dict if state_dict is not None else model.state_dict()
         weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+        if hasattr(model, "save_head"):  # a task head on a backbone (a classifier): the head writes its own files
+            weights = model.save_head(tmp, weights)  # and returns the backbone's weights, saved below as usual
+            model = model.backbone
         if hasattr(model, "peft_config"):  # LoRA: only the adapters, in peft's own format
             from peft import get_peft_model_state_dict
 
