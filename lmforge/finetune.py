@@ -90,12 +90,12 @@ def load_trainable(source: str | Path) -> tuple[torch.nn.Module, Any]:
 
 
 def finetune(
-    model: str | Path,
-    data: str | Path,
+    model: str | Path | torch.nn.Module,
+    data: str | Path | Sequence[dict],
     out: str | Path,
     method: str = "full",
     epochs: float | None = 3,
-    val_data: str | Path | None = None,
+    val_data: str | Path | Sequence[dict] | None = None,
     val_fraction: float = 0.1,
     data_format: str = "auto",
     text_field: str = "text",
@@ -106,9 +106,15 @@ def finetune(
     lora_targets: Sequence[str] | None = None,
     patience: int | None = None,
     overrides: dict[str, Any] | None = None,
+    base: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune `model` on `data` into `out`; return the summary (best and final validation loss)."""
-    from lmforge.train.objectives import evaluate_examples
+    """Fine-tune `model` on `data` into `out`; return the summary (best and final validation loss).
+
+    `model` may also be a model already in memory (with its `tokenizer`): one `load_trainable` gave,
+    with `base` naming where it came from (LoRA adapters are loaded onto it), or a fresh Decoder to
+    train from scratch. `data` and `val_data` may be records already in memory (dicts of one shape).
+    """
+    from lmforge.train.objectives import causal_lm_loss, evaluate_examples, logits_causal_lm_loss
     from lmforge.train.trainer import Trainer
 
     out = Path(out)
@@ -116,14 +122,22 @@ def finetune(
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     if method not in ("full", "lora"):
         raise UserError(f"--method = {method!r}; expected full or lora")
-    if str(data) in CHAT_CATALOG and not Path(data).exists():  # a catalog chat dataset, with its own split
+    in_memory = isinstance(model, torch.nn.Module)
+    name = base or (type(model).__name__ if in_memory else str(model))
+    if isinstance(data, (str, Path)) and str(data) in CHAT_CATALOG and not Path(data).exists():
+        # a catalog chat dataset, with its own split
         val_data = val_data if val_data is not None else chat_dataset_file(str(data), "validation")
         data = chat_dataset_file(str(data), "train")
-    base, loss_fn = load_trainable(model)
-    tokenizer = base.tokenizer
+    if in_memory:
+        from lmforge.models.decoder import Decoder
+
+        base_model, loss_fn = model, causal_lm_loss if isinstance(model, Decoder) else logits_causal_lm_loss
+    else:
+        base_model, loss_fn = load_trainable(model)
+    tokenizer = base_model.tokenizer
     if tokenizer is None:
         raise UserError(f"{model} has no tokenizer")
-    config = base.config
+    config = base_model.config
     context = getattr(config, "block_size", None) or getattr(config, "max_position_embeddings", None) or 2048
     max_length = min(max_length or context, context)
     examples = load_examples(data, tokenizer, max_length, data_format, text_field)
@@ -146,9 +160,11 @@ def finetune(
     settings["keep_best"] = True
     train_config = from_dict(TrainConfig, settings, "train").validate()
 
-    trained = apply_lora(base, lora_rank, lora_alpha, lora_dropout, lora_targets) if method == "lora" else base
+    trained = base_model
+    if method == "lora":
+        trained = apply_lora(base_model, lora_rank, lora_alpha, lora_dropout, lora_targets)
     pad_id = tokenizer.eos_id
-    device = next(base.parameters()).device
+    device = next(base_model.parameters()).device
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return {"val_loss": evaluate_examples(m, val_examples, batch_size, pad_id, device, loss_fn)}
@@ -158,15 +174,15 @@ def finetune(
         trained, train_config, out,
         batches=ExampleBatches(train_examples, batch_size, train_config.seed, pad_id, device),
         evaluate=evaluate, loss_fn=loss_fn, tokenizer=tokenizer,
-        info={"base": str(Path(model).resolve()) if Path(model).exists() else str(model), "method": method,
-              "data": str(data),
+        info={"base": str(Path(name).resolve()) if Path(name).exists() else name, "method": method,
+              "data": str(data) if isinstance(data, (str, Path)) else f"{len(data)} records",
               "lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout} if method == "lora" else None},
         tokens_per_row=n_train_tokens / len(train_examples),
         steps_per_epoch=steps_per_epoch,
     )
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trained.parameters())
-    print(f"fine-tuning {model} ({method}: {trainable:,} of {total:,} parameters train) on "
+    print(f"fine-tuning {name} ({method}: {trainable:,} of {total:,} parameters train) on "
           f"{len(train_examples)} examples, {len(val_examples)} held out; {steps_per_epoch} steps per epoch",
           file=sys.stderr)
     before = evaluate(trainer.model)["val_loss"]
@@ -176,6 +192,6 @@ def finetune(
     if trainer.dist.main:
         from lmforge.eval.plots import plot_metrics
 
-        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{Path(str(model)).name} {method} fine-tuning")
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{Path(name).name} {method} fine-tuning")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -45,21 +45,28 @@ def detect_format(source: str | Path) -> str:
     files = [path] if path.is_file() else sorted(path.glob("**/*")) if path.is_dir() else []
     if not any(f.suffix.lower() == ".jsonl" for f in files):
         return "text"
-    _, first = read_jsonl_records(source)[0]
-    if "messages" in first:
+    return detect_record_format(read_jsonl_records(source)[0][1])
+
+
+def detect_record_format(record: dict) -> str:
+    """`chat` for a record with messages, `prompt_completion` for one with both, else `text`."""
+    if "messages" in record:
         return "chat"
-    if "prompt" in first and "completion" in first:
+    if "prompt" in record and "completion" in record:
         return "prompt_completion"
     return "text"
 
 
-def load_examples(source: str | Path, tokenizer, max_length: int, data_format: str = "auto",
+def load_examples(source: str | Path | Sequence[dict], tokenizer, max_length: int, data_format: str = "auto",
                   text_field: str = "text") -> list[Example]:
-    """Examples from `source`, each at most `max_length` tokens (longer ones are cut, with a warning)."""
-    data_format = detect_format(source) if data_format == "auto" else data_format
+    """Examples from `source` (files, or records already in memory), each at most `max_length` tokens
+    (longer ones are cut, with a warning)."""
+    in_memory = not isinstance(source, (str, Path))
+    if data_format == "auto":
+        data_format = detect_format(source) if not in_memory else detect_record_format(source[0] if source else {})
     if data_format == "text":
         return text_examples(source, tokenizer, max_length, text_field)
-    records = read_jsonl_records(source)
+    records = [(f"record {i + 1}", r) for i, r in enumerate(source)] if in_memory else read_jsonl_records(source)
     if data_format == "chat":
         ensure_chat_template(tokenizer)
         examples = [chat_example(name, record, tokenizer) for name, record in records]
@@ -82,13 +89,18 @@ def load_examples(source: str | Path, tokenizer, max_length: int, data_format: s
     return kept
 
 
-def text_examples(source: str | Path, tokenizer, max_length: int, text_field: str = "text") -> list[Example]:
+def text_examples(source: str | Path | Sequence[dict], tokenizer, max_length: int,
+                  text_field: str = "text") -> list[Example]:
     """Plain text as causal LM windows of `max_length` tokens (documents joined by end-of-text)."""
+    if isinstance(source, (str, Path)):
+        name, texts = Path(source).name, [doc.text for doc in read_documents(source, text_field=text_field)]
+    else:
+        name, texts = "records", [str(record.get(text_field, "")) for record in source]
     ids: list[int] = []
-    for doc in read_documents(source, text_field=text_field):
-        ids.extend(tokenizer.encode(doc.text) + [tokenizer.eos_id])
+    for text in texts:
+        ids.extend(tokenizer.encode(text) + [tokenizer.eos_id])
     windows = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
-    return [Example(f"{Path(source).name}[{i}]", w, w) for i, w in enumerate(windows) if len(w) > 1]
+    return [Example(f"{name}[{i}]", w, w) for i, w in enumerate(windows) if len(w) > 1]
 
 
 def prompt_completion_example(name: str, record: dict, tokenizer) -> Example:
