@@ -1,0 +1,111 @@
+"""`lmforge eval MODEL --task NAME`: one command that runs the right metric for a task.
+
+    lmforge eval runs/rt --task classify --data rotten_tomatoes --out runs/rt-eval     # accuracy, F1, confusion
+    lmforge eval runs/sum --task summarize --data xsum --out runs/sum-eval            # ROUGE vs lead-1
+    lmforge eval runs/mt --task translate --data bible_en_ja --out runs/mt-eval       # BLEU, chrF
+    lmforge eval smollm2-135m-instruct --task chat --data chatterbot                  # held-out chat loss
+    lmforge eval runs/demo --task lm --data my.txt                                    # perplexity, bits/byte
+
+    report = evaluate("runs/sum", "summarize", data="xsum", out="runs/sum-eval")
+
+Each task writes `OUT/TASK.json` (the numbers, the data, the model, the time) and `OUT/TASK.md`
+(a table with the model next to its baseline), and returns the same numbers. Without `--data` a task
+uses its catalog dataset (classify: rotten_tomatoes, summarize: xsum, translate: bible_en_ja,
+label: rotten_tomatoes, chat: chatterbot, lm: shakespeare).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import UserError
+
+TASK_NAMES = ("classify", "summarize", "translate", "label", "chat", "lm")
+DEFAULT_DATA = {"classify": "rotten_tomatoes", "chat": "chatterbot", "lm": "shakespeare"}
+
+
+def evaluate(
+    model: str | Path,
+    task: str,
+    data: str | Path | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    direction: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` on `task`; see the module docstring."""
+    from lmforge.tasks import text2text
+
+    if task not in TASK_NAMES:
+        raise UserError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
+    if task in text2text.TASKS:
+        data = data or text2text.TASKS[task].default_data
+        return text2text.evaluate_text_task(task, model, data, split, out, limit, batch_size, direction)
+    data = data or DEFAULT_DATA[task]
+    out = Path(out) if out is not None else None
+    if task == "classify":
+        from lmforge.tasks.classify import evaluate_classifier
+
+        return evaluate_classifier(model, data, out or Path("runs") / "eval", split=split)
+    if task == "chat":
+        return evaluate_chat(model, data, "validation" if split == "test" else split, out, batch_size)
+    return evaluate_lm(model, data, split, out, limit, batch_size)
+
+
+def evaluate_chat(model: str | Path, data: str | Path, split: str = "validation", out: str | Path | None = None,
+                  batch_size: int = 8) -> dict[str, Any]:
+    """Loss (and perplexity) on the assistant turns of held-out conversations."""
+    from lmforge.api import load
+    from lmforge.data.sft import IGNORE, load_examples
+    from lmforge.eval.metrics import perplexity
+    from lmforge.eval.report import write_report
+    from lmforge.tasks.text2text import load_records
+    from lmforge.train.objectives import evaluate_examples
+
+    loaded = load(model)
+    records = load_records(data, split)
+    start = time.perf_counter()
+    examples = load_examples(records, loaded.tokenizer, loaded.config.block_size, "chat")
+    loss = evaluate_examples(loaded, examples, batch_size, loaded.tokenizer.eos_id)
+    tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
+    row = {"system": str(model), "loss": round(loss, 4), "perplexity": round(perplexity(loss), 3),
+           "conversations": len(examples), "assistant_tokens": tokens}
+    report = {"task": "chat", "data": str(data), "split": split, "model": str(model),
+              "seconds": round(time.perf_counter() - start, 1), "scores": row}
+    if out is not None:
+        write_report(out, "chat", report, [row])
+    return {**report, "rows": [row]}
+
+
+def evaluate_lm(model: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
+                limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Perplexity and bits per byte of `model` on the texts of `data` (every token scored once)."""
+    import numpy as np
+
+    from lmforge.api import load
+    from lmforge.eval.metrics import perplexity
+    from lmforge.eval.report import write_report
+    from lmforge.tasks.text2text import load_records
+    from lmforge.train.objectives import bits_per_byte, evaluate_tokens
+
+    loaded = load(model)
+    texts = [str(r.get("text", "")) for r in load_records(data, split)[:limit]]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UserError(f"{data} ({split}) has no text to score (records need a 'text' field)")
+    start = time.perf_counter()
+    eos = loaded.tokenizer.eos_id
+    tokens = np.array([t for text in texts for t in [eos, *loaded.tokenizer.encode(text)]], dtype=np.int64)
+    result = evaluate_tokens(loaded, tokens, loaded.config.block_size, batch_size)
+    utf8_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    row = {"system": str(model), "loss": round(result["loss"], 4), "perplexity": round(perplexity(result["loss"]), 3),
+           "bits_per_byte": round(bits_per_byte(result["loss"], len(tokens) - 1, utf8_bytes), 4),
+           "tokens": result["tokens"]}
+    report = {"task": "lm", "data": str(data), "split": split, "model": str(model), "texts": len(texts),
+              "seconds": round(time.perf_counter() - start, 1), "scores": row}
+    if out is not None:
+        write_report(out, "lm", report, [row])
+    return {**report, "rows": [row]}
