@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
@@ -51,6 +52,30 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if section in hints and name:
             overrides[key] = parse_flag_value(text, hints[section][name], f"--{key}")
     return overrides
+
+
+def _add_clean_flags(parser: argparse.ArgumentParser) -> None:
+    """`--no-clean` and `--clean.FIELD VALUE` for every field of the data-cleaning config."""
+    from lmforge.data.quality import CleanConfig
+
+    group = parser.add_argument_group("cleaning (on by default; report in OUT/quality.json)")
+    group.add_argument("--no-clean", action="store_true", help="no normalisation, filters or de-duplication")
+    for f in dataclasses.fields(CleanConfig):
+        group.add_argument(f"--clean.{f.name}", dest=f"clean.{f.name}", metavar="VALUE",
+                           default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _clean_config(args: argparse.Namespace):
+    """The CleanConfig of the `--clean.*` flags, or False with --no-clean."""
+    from lmforge.config import parse_flag_value
+    from lmforge.data.quality import CleanConfig
+
+    if args.no_clean:
+        return False
+    hints = typing.get_type_hints(CleanConfig)
+    values = {key.partition(".")[2]: parse_flag_value(text, hints[key.partition(".")[2]], f"--{key}")
+              for key, text in vars(args).items() if key.startswith("clean.")}
+    return CleanConfig(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default: 0.1)")
     p.add_argument("--text-field", default="text", help="jsonl field / csv or parquet column (default: text)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    _add_clean_flags(p)
 
     p = verbs.add_parser("pretrain", help="pretrain a decoder on token shards",
                          description="Pretrain a decoder-only LM. Settings merge: --preset, then --config "
@@ -186,7 +212,102 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint or run directory (or any source lmforge import takes)")
     p.add_argument("--format", default="hf", help="output format (default and only one so far: hf)")
     p.add_argument("--out", required=True, help="directory to create (must not exist, or be empty)")
+    _add_classify_verb(verbs)
+    _add_text_task_verbs(verbs)
     return parser
+
+
+def _add_text_task_verbs(verbs: argparse._SubParsersAction) -> None:
+    """`summarize` and `translate` (train / predict / eval), `multitask` and `eval`."""
+    for name, data, metric in (("summarize", "xsum", "ROUGE-1/2/L next to the lead-1 baseline"),
+                               ("translate", "bible_en_ja", "BLEU and chrF")):
+        actions = verbs.add_parser(name, help=f"{name}: train a model, predict, or measure ({metric})",
+                                   description=f"{name.capitalize()} with a decoder (fine-tuned, or trained from "
+                                               f"scratch with --preset) or an encoder-decoder (--model-kind seq2seq)."
+                                   ).add_subparsers(dest="action", metavar="ACTION", required=True)
+        p = actions.add_parser("train", help=f"train a model to {name}")
+        p.add_argument("model", nargs="?", help="pretrained model to fine-tune (omit with --preset)")
+        p.add_argument("data", nargs="?", default=data, help=f"catalog dataset or local folder (default: {data})")
+        p.add_argument("--out", required=True, help="run directory to create")
+        p.add_argument("--preset", help="train this model preset from scratch instead (see lmforge models)")
+        p.add_argument("--model-kind", default="decoder", choices=["decoder", "seq2seq"],
+                       help="decoder-only (default) or encoder-decoder (from scratch, with --preset)")
+        p.add_argument("--method", default="lora", choices=["full", "lora"], help="for a pretrained model")
+        p.add_argument("--epochs", type=float, default=1.0)
+        p.add_argument("--max-length", type=int, default=512, help="tokens per example, source cut to fit")
+        p.add_argument("--limit", type=int, help="use only the first N training pairs")
+        p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when training from scratch")
+        if name == "translate":
+            p.add_argument("--direction", default="en-ja", help="en-ja (default) or ja-en")
+        _add_config_flags(p, ("train",))
+        p = actions.add_parser("predict", help=f"{name} text with a trained model")
+        p.add_argument("model", help="a model trained with `lmforge " + name + " train` (or any model)")
+        p.add_argument("--text", action="append", help="text to " + name + " (repeatable; default: stdin)")
+        p.add_argument("--beam-size", type=int, default=1, help="beam search width (encoder-decoder models)")
+        if name == "translate":
+            p.add_argument("--direction", help="en-ja or ja-en (default: what the model was trained on)")
+        p = actions.add_parser("eval", help=f"measure {metric} on a split")
+        p.add_argument("model")
+        p.add_argument("data", nargs="?", default=data, help=f"catalog dataset or local folder (default: {data})")
+        p.add_argument("--split", default="test")
+        p.add_argument("--out", help="where to write the report (JSON + table)")
+        p.add_argument("--limit", type=int, help="score only the first N examples")
+        p.add_argument("--beam-size", type=int, default=1, help="beam search width (encoder-decoder models)")
+        if name == "translate":
+            p.add_argument("--direction", help="en-ja or ja-en (default: what the model was trained on)")
+
+    p = verbs.add_parser("multitask", help="fine-tune one model on a weighted mixture of tasks",
+                         description="One fine-tuning run on several tasks at once (each example carries its "
+                                     "task's prompt), then a score per task.")
+    p.add_argument("model", help="pretrained model to fine-tune")
+    p.add_argument("--task", action="append", required=True, metavar="TASK:DATA[:WEIGHT]",
+                   help="a task of the mixture, e.g. summarize:xsum:2, label:rotten_tomatoes (repeatable)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--method", default="lora", choices=["full", "lora"])
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--limit", type=int, help="use only the first N training pairs of each task")
+    p.add_argument("--eval-limit", type=int, default=50, help="test examples scored per task (default: 50)")
+    _add_config_flags(p, ("train",))
+
+    from lmforge.tasks.evaluate import TASK_NAMES
+
+    p = verbs.add_parser("eval", help="measure a model on a task: the right metric, a JSON report and a table",
+                         description="classify: accuracy, macro-F1, confusion matrix; summarize: ROUGE; "
+                                     "translate: BLEU, chrF; label: accuracy; chat: held-out loss; "
+                                     "lm: perplexity and bits per byte on any text.")
+    p.add_argument("model")
+    p.add_argument("--task", required=True, help=f"one of: {', '.join(TASK_NAMES)}")
+    p.add_argument("--data", help="catalog dataset or local file/folder (default: the task's catalog dataset)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="where to write the report (JSON + table)")
+    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--direction", help="translation direction (en-ja or ja-en)")
+
+
+def _run_text_task(args: argparse.Namespace) -> None:
+    from lmforge.tasks import text2text
+
+    direction = getattr(args, "direction", None)
+    if args.action == "train":
+        if args.preset and args.model is not None and args.data == text2text.TASKS[args.verb].default_data:
+            args.model, args.data = None, args.model  # `train --preset P DATA`: the one positional is the data
+        summary = text2text.train_text_task(args.verb, args.model, args.data, args.out, args.method, args.epochs,
+                                            args.preset, args.model_kind, direction, args.max_length, args.limit,
+                                            args.vocab_size, _config_overrides(args))
+        print(f"validation loss {summary.get('best_val_loss', float('nan')):.4f} at best; model in {args.out}")
+    elif args.action == "predict":
+        import lmforge.api as api
+
+        texts = args.text or [line for line in sys.stdin.read().splitlines() if line.strip()]
+        task = text2text.task_of(args.model, text2text.get_task(args.verb, direction))
+        if direction:
+            task = text2text.get_task(args.verb, direction)
+        for answer in text2text.predict_text_task(task, api.load(args.model), texts, beam_size=args.beam_size):
+            print(answer)
+    else:
+        text2text.evaluate_text_task(args.verb, args.model, args.data, args.split, args.out, args.limit,
+                                     direction=direction, beam_size=args.beam_size)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
@@ -204,6 +325,103 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
 
 
+def _add_classify_verb(verbs: argparse._SubParsersAction) -> None:
+    """`classify train / predict / eval / zero-shot` (lmforge.tasks.classify)."""
+    labelled = "labelled texts: a catalog dataset (rotten_tomatoes) or a .jsonl/.csv file with text and label columns"
+    actions = verbs.add_parser(
+        "classify", help="text classification: train a head on a decoder, predict, evaluate, or zero-shot",
+        description="A classification head on a decoder's last token, trained full or with LoRA; predictions "
+                    "with probabilities; accuracy, macro-F1 and a confusion matrix next to a TF-IDF + logistic "
+                    "regression baseline; zero-shot classification by scoring label words with a plain LM.",
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = actions.add_parser("train", help="train a classifier", description="Train a classifier on DATA; prints "
+                           "train/val loss and val accuracy every epoch and keeps the best checkpoint in OUT/best.")
+    p.add_argument("model", help="the decoder: a checkpoint, Hugging Face directory, .gguf file or catalog model")
+    p.add_argument("data", help=labelled)
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--method", choices=["full", "lora"], default="lora", help="train all weights, or LoRA adapters "
+                                                                              "(the head always trains; default: lora)")
+    p.add_argument("--epochs", type=float, default=3, help="passes over the data (default: 3)")
+    p.add_argument("--val-data", help="validation data (default: the catalog's validation split, or --val-fraction "
+                                      "of DATA held out)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text, longer ones cut (default: 128)")
+    p.add_argument("--patience", type=int, help="stop after this many evaluations without a better val loss")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", nargs="+", help="linear layers to adapt (default: attention and MLP)")
+    _add_classify_fields(p)
+    _add_config_flags(p, sections=("train",))
+    p = actions.add_parser("predict", help="label texts, with probabilities (JSON lines)")
+    p.add_argument("classifier", help="a classifier run or checkpoint directory")
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--data", help="a .txt (one text a line), .jsonl or .csv file of texts")
+    p.add_argument("--text-field", default="text", help="field / column of the text (default: text)")
+    p = actions.add_parser("eval", help="accuracy, macro-F1, confusion PNG, vs a TF-IDF + LR baseline")
+    p.add_argument("classifier", help="a classifier run or checkpoint directory")
+    p.add_argument("data", help=labelled)
+    p.add_argument("--split", default="test", help="split of a catalog dataset (default: test)")
+    p.add_argument("--out", required=True, help="directory for classify.json, classify.md and the confusion PNGs")
+    p.add_argument("--train-data", help="what the baseline trains on (default: the catalog's train split, or the "
+                                        "classifier's training file)")
+    p.add_argument("--zero-shot", dest="zero_shot_model", metavar="MODEL", help="also score zero-shot label words "
+                                                                                "with this LM (needs --label-words)")
+    p.add_argument("--label-words", help="LABEL=WORD pairs for --zero-shot, e.g. fresh=positive,rotten=negative")
+    _add_classify_fields(p)
+    p = actions.add_parser("zero-shot", help="classify by the LM's likelihood of each label's word",
+                           description="Score each label's word after a prompt with a plain LM; the likeliest wins. "
+                                       "With DATA: a report (and the TF-IDF baseline, for a catalog dataset); "
+                                       "with --text: predictions as JSON lines.")
+    p.add_argument("model", help="a language model (checkpoint, Hugging Face directory, .gguf or catalog model)")
+    p.add_argument("data", nargs="?", help=labelled)
+    p.add_argument("--labels", required=True, help="LABEL=WORD pairs, e.g. fresh=positive,rotten=negative")
+    p.add_argument("--template", help="prompt with {text} and {choices} (default: a question naming the words)")
+    p.add_argument("--text", action="append", help="a text to classify (repeatable), instead of DATA")
+    p.add_argument("--split", default="test", help="split of a catalog dataset (default: test)")
+    p.add_argument("--out", help="directory for the report (needed with DATA)")
+    p.add_argument("--train-data", help="training data for the TF-IDF baseline in the same report")
+    _add_classify_fields(p)
+
+
+def _add_classify_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-field", default="text", help="field / column of the text (default: text)")
+    p.add_argument("--label-field", default="label", help="field / column of the label (default: label)")
+
+
+def _run_classify(args: argparse.Namespace) -> None:
+    from lmforge.tasks import classify
+
+    if args.action == "train":
+        summary = classify.train_classifier(
+            args.model, args.data, args.out, args.method, args.epochs, args.val_data, args.val_fraction,
+            args.text_field, args.label_field, args.max_length, args.lora_rank, args.lora_alpha, args.lora_dropout,
+            args.lora_targets, args.patience, overrides=_config_overrides(args))
+        print(f"validation accuracy {summary['val_accuracy_before']:.4f} before, {summary['val_accuracy']:.4f} "
+              f"after; the best checkpoint is in {args.out}/best")
+    elif args.action == "predict":
+        if bool(args.text) == bool(args.data):
+            raise UserError("give the texts to classify with --text (repeatable) or --data FILE, one of the two")
+        texts = args.text or classify.read_texts(args.data, args.text_field)
+        for text, prediction in zip(texts, classify.predict(args.classifier, texts, progress=bool(args.data))):
+            print(json.dumps({"text": text, **prediction}, ensure_ascii=False))
+    elif args.action == "eval":
+        classify.evaluate_classifier(args.classifier, args.data, args.out, args.split, args.train_data,
+                                     args.text_field, args.label_field, args.zero_shot_model, args.label_words)
+    else:
+        template = args.template or classify.DEFAULT_TEMPLATE
+        if bool(args.text) == bool(args.data):
+            raise UserError("give DATA (labelled texts to score) or --text (texts to classify), one of the two")
+        if args.text:
+            for text, prediction in zip(args.text, classify.zero_shot(args.model, args.text, args.labels, template)):
+                print(json.dumps({"text": text, **prediction}, ensure_ascii=False))
+            return
+        if args.out is None:
+            raise UserError("zero-shot on DATA writes a report: give --out DIR")
+        classify.evaluate_classifier(None, args.data, args.out, args.split, args.train_data, args.text_field,
+                                     args.label_field, args.model, args.labels, template)
+
+
 def run(args: argparse.Namespace) -> None:
     """Call the function behind the parsed verb."""
     import lmforge.api as api
@@ -217,7 +435,11 @@ def run(args: argparse.Namespace) -> None:
         print(f"saved a {tokenizer.vocab_size}-token tokenizer to {args.out}/tokenizer.json")
     elif args.verb == "prepare":
         meta = api.prepare(args.data, args.out, args.tokenizer, args.vocab_size, args.val_fraction,
-                           args.text_field, args.overwrite)
+                           args.text_field, args.overwrite, clean=_clean_config(args))
+        if not args.no_clean:
+            from lmforge.data.quality import summary_line
+
+            print(summary_line(json.loads((Path(args.out) / "quality.json").read_text(encoding="utf-8"))))
         print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
               f"to {args.out}")
     elif args.verb == "pretrain":
@@ -260,6 +482,19 @@ def run(args: argparse.Namespace) -> None:
         from lmforge.tasks.chat import chat
 
         chat(api.load(args.model), args.system, args.message, **_sampling_options(args))
+    elif args.verb == "classify":
+        _run_classify(args)
+    elif args.verb in ("summarize", "translate"):
+        _run_text_task(args)
+    elif args.verb == "multitask":
+        from lmforge.tasks.text2text import train_multitask
+
+        train_multitask(args.model, args.task, args.out, args.method, args.epochs, args.max_length, args.limit,
+                        args.eval_limit, _config_overrides(args))
+    elif args.verb == "eval":
+        from lmforge.tasks.evaluate import evaluate
+
+        evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, direction=args.direction)
 
 
 def _generate(args: argparse.Namespace) -> None:
