@@ -30,11 +30,15 @@ def param(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+MODEL_KINDS = ("decoder", "seq2seq", "vae")
+
+
 @dataclass
 class ModelConfig:
     """The architecture of a model: stored as `config.json` in every checkpoint."""
 
-    kind: str = param("decoder", "model kind: decoder (causal LM)")
+    kind: str = param("decoder", "model kind: decoder (causal LM), seq2seq (encoder-decoder with cross-attention) "
+                                 "or vae (variational autoencoder LM)")
     vocab_size: int = param(8192, "number of token ids (set from the tokenizer when training)")
     block_size: int = param(256, "context length in tokens")
     n_layer: int = param(6, "number of Transformer blocks")
@@ -51,6 +55,9 @@ class ModelConfig:
     tie_embeddings: bool = param(True, "share the token embedding with the output head")
     norm_eps: float = param(1e-5, "epsilon of the normalisation layers")
     dropout: float = param(0.0, "dropout probability in training")
+    n_encoder_layer: int | None = param(None, "seq2seq and vae: blocks of the encoder (default: n_layer)")
+    share_embeddings: bool = param(True, "seq2seq: one token embedding for the encoder and the decoder")
+    latent_dim: int = param(32, "vae: dimensions of the latent variable z")
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -64,7 +71,7 @@ class ModelConfig:
                 self.d_ff = 4 * self.d_model
 
     def validate(self) -> ModelConfig:
-        choices = {"kind": ("decoder",), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+        choices = {"kind": MODEL_KINDS, "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
                    "position": ("learned", "rope")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -80,7 +87,15 @@ class ModelConfig:
             raise UserError("rope needs an even head size (d_model / n_head)")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout = {self.dropout}; expected a value in [0, 1)")
+        for name in ("n_encoder_layer", "latent_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"model.{name} = {getattr(self, name)}; expected a positive integer")
         return self
+
+    @property
+    def encoder_layers(self) -> int:
+        """Blocks of the encoder of a seq2seq or vae model."""
+        return self.n_encoder_layer or self.n_layer
 
     @property
     def head_dim(self) -> int:

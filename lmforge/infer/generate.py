@@ -6,7 +6,9 @@
 Any model with `forward(ids, cache=, last_only=)` and `new_cache(batch, max_len, pad)` works. Prompts
 of different lengths are left-padded; padding is masked out of attention and positions. When a
 sequence reaches the model's context, the cache is rebuilt from the last half of the context and
-generation goes on (a sliding window).
+generation goes on (a sliding window). A conditioned model (seq2seq: the encoder's output; vae: the
+latent z) gets its `condition` through the cache: `generate_ids(model, prompts, condition=...)`.
+Beam search is `lmforge.infer.beam.beam_search_ids`, on the same model interface.
 """
 
 from __future__ import annotations
@@ -75,11 +77,13 @@ def generate_ids(
     eos_id: int | None = None,
     seed: int | None = None,
     on_tokens: Callable[[torch.Tensor], bool] | None = None,
+    condition: dict[str, torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return only the new ids of each.
 
     A row stops at `eos_id` (not included). `on_tokens(new_ids)` is called after every step with the
     tokens just chosen (B,); returning True stops the whole batch (used for stop strings).
+    `condition` (tensors with one row per prompt) is put in the model's cache for it to read.
     """
     _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, 1)
     block_size = model.config.block_size
@@ -98,6 +102,8 @@ def generate_ids(
     n = 0  # columns of `new` filled
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = model.new_cache(B, min(block_size, longest + max_new_tokens), pad if pad.any() else None)
+    if condition:
+        cache.condition = dict(condition)
     step_input = tokens
     for _ in range(max_new_tokens):
         if cache.length + step_input.shape[1] > cache.max_len:  # context full: slide the window
@@ -106,6 +112,8 @@ def generate_ids(
             cut = tokens.shape[1] + n - keep
             shifted = (pad - cut).clamp(min=0)
             cache = model.new_cache(B, block_size, shifted if shifted.any() else None)
+            if condition:
+                cache.condition = dict(condition)
         logits = model(step_input, cache=cache, last_only=True)[:, -1]  # (B, V)
         if repetition_penalty != 1.0:
             is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]

@@ -2,8 +2,15 @@
 
 In the order data meets them: `RMSNorm` / `nn.LayerNorm`, `RotaryEmbedding`, `Attention` (one
 implementation for every model: grouped-query heads, PyTorch's `scaled_dot_product_attention`, an
-optional `KVCache` for generation), `MLP` (GELU or SwiGLU), `Block`, and `fused_linear_cross_entropy`
-(the output head and the loss in one pass that never holds the full logits).
+optional `KVCache` for generation; causal or bidirectional self-attention, or cross-attention to an
+encoder's output), `MLP` (GELU or SwiGLU), `Block`, and `fused_linear_cross_entropy` (the output head
+and the loss in one pass that never holds the full logits).
+
+    block = Block(config, 0)                                   # a decoder block (causal)
+    y = block(x)                                               # x: (B, T, d_model)
+    y = block(x, mask=key_padding_mask(valid), causal=False)   # an encoder block: no padding attended
+    dec = Block(config, 0, cross_attention=True)               # a seq2seq decoder block
+    y = dec(x, memory=encoded, memory_mask=key_padding_mask(source_valid))
 """
 
 from __future__ import annotations
@@ -75,11 +82,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """The attention mask (B, 1, 1, S) that lets every query see only the real keys (`valid` (B, S) True)."""
+    return valid[:, None, None, :]
+
+
+def causal_positions_and_mask(
+    start: int, length: int, pad: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions (1 or B, T) of `length` new tokens after `start` cached ones, and their attention mask.
+
+    The mask is None where SDPA's own causal mask does the job; else (B or 1, 1, T, S) bool: causal from
+    `start`, and never to the `pad` (B,) left-padding tokens of a row (whose positions shift back).
+    """
+    positions = torch.arange(start, start + length, device=device)[None]  # (1, T)
+    if pad is not None:
+        positions = (positions - pad[:, None]).clamp(min=0)  # (B, T): left padding shifts positions
+    if pad is None and not (start > 0 and length > 1):
+        return positions, None
+    keys = torch.arange(start + length, device=device)
+    mask = (keys[None, :] <= torch.arange(start, start + length, device=device)[:, None])[None, None]  # (1,1,T,S)
+    if pad is not None:
+        mask = mask & (keys[None, :] >= pad[:, None])[:, None, None, :]
+    return positions, mask
+
+
 class KVCache:
     """Preallocated keys and values of every layer, so generation appends instead of recomputing.
 
     `pad` holds the number of left-padding tokens per row (batched prompts of different lengths);
-    padded key positions are never attended to.
+    padded key positions are never attended to. `condition` holds what a conditioned model reads at
+    every step, one row per sequence (a seq2seq model's encoder output `memory` and `memory_mask`, a
+    VAE's latent `z`); the keys and values of cross-attention over `memory` are made once per layer
+    and kept in `cross`.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
@@ -89,6 +124,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens already stored
         self.pad = pad  # (B,) long tensor or None
+        self.condition: dict[str, torch.Tensor] = {}  # tensors of shape (B, ...)
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> memory keys, values
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, T, hd) after the cached ones; return all keys and values so far."""
@@ -98,50 +135,86 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (used when some sequences finish early)."""
+        """Keep the given batch rows, in this order (rows may repeat: beam search reorders its beams)."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         if self.pad is not None:
             self.pad = self.pad[rows]
+        self.condition = {name: t[rows] for name, t in self.condition.items()}
+        self.cross = {layer: (k[rows], v[rows]) for layer, (k, v) in self.cross.items()}
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with grouped-query heads and an optional KV cache."""
+    """Multi-head attention with grouped-query heads and an optional KV cache.
 
-    def __init__(self, config: ModelConfig, layer_index: int):
+    Self-attention (`qkv` from x) is causal by default, bidirectional with `causal=False`; `mask`
+    (bool, broadcastable to (B, nh, T, S), True = may attend) adds padding or an explicit pattern.
+    With `cross_attention=True` the queries come from x and the keys and values from `memory` (an
+    encoder's output): `q` and `kv` are then separate projections, and a cache keeps memory's keys and
+    values after the first step.
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int, cross_attention: bool = False):
         super().__init__()
         self.layer_index = layer_index
+        self.cross_attention = cross_attention
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        self.qkv = nn.Linear(config.d_model, q_size + 2 * kv_size, bias=config.qkv_bias)
+        if cross_attention:
+            self.q = nn.Linear(config.d_model, q_size, bias=config.qkv_bias)
+            self.kv = nn.Linear(config.d_model, 2 * kv_size, bias=config.qkv_bias)
+        else:
+            self.qkv = nn.Linear(config.d_model, q_size + 2 * kv_size, bias=config.qkv_bias)
         self.proj = nn.Linear(q_size, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None) -> torch.Tensor:
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, causal: bool = True,
+                memory: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x)
-        dtype = qkv.dtype
-        if cache is None and prefers_fp32(qkv):
-            qkv = qkv.float()  # attention runs ~2x faster in fp32 here; its output goes back to `dtype`
-        q, k, v = qkv.split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
+        if self.cross_attention:
+            q, k, v, dtype = self._cross_qkv(x, memory, cache)
+            causal = False
+        else:
+            qkv = self.qkv(x)
+            dtype = qkv.dtype
+            if cache is None and prefers_fp32(qkv):
+                qkv = qkv.float()  # attention runs ~2x faster in fp32 here; its output goes back to `dtype`
+            q, k, v = qkv.split(
+                [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+            )
+            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+            k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+            v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            if rope is not None:
+                cos, sin = rope
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
+            is_causal=causal and mask is None and T > 1,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim).to(dtype))
+
+    def _cross_qkv(self, x, memory, cache):
+        """Queries from x (B, nh, T, hd); keys and values from memory (B, nkv, S, hd), cached once made."""
+        B, T, _ = x.shape
+        q = self.q(x)
+        dtype = q.dtype
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if cache is not None and self.layer_index in cache.cross:
+            k, v = cache.cross[self.layer_index]
+        else:
+            if memory is None:
+                raise ValueError("cross-attention needs the encoder's output (memory)")
+            S = memory.shape[1]
+            k, v = self.kv(memory).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            if cache is not None:
+                cache.cross[self.layer_index] = (k, v)
+        return q, k, v, dtype
 
 
 class MLP(nn.Module):
@@ -162,18 +235,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), [x + cross_attn(norm(x), memory)], then x + mlp(norm(x)).
 
-    def __init__(self, config: ModelConfig, layer_index: int):
+    The cross-attention sublayer exists only with `cross_attention=True` (a seq2seq decoder block).
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int, cross_attention: bool = False):
         super().__init__()
         self.norm1 = make_norm(config)
         self.attn = Attention(config, layer_index)
+        if cross_attention:
+            self.norm_cross = make_norm(config)
+            self.cross_attn = Attention(config, layer_index, cross_attention=True)
+        else:
+            self.cross_attn = None
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, mask=None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, mask))
+    def forward(self, x, rope=None, cache=None, mask=None, causal: bool = True,
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, mask, causal))
+        if self.cross_attn is not None:
+            x = x + self.dropout(self.cross_attn(self.norm_cross(x), cache=cache, mask=memory_mask, memory=memory))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 

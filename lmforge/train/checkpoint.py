@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import ModelConfig, from_dict, to_dict
+from lmforge.config import MODEL_KINDS, ModelConfig, from_dict, to_dict
 from lmforge.errors import UserError
 from lmforge.files import atomic_directory
-from lmforge.models.decoder import Decoder
+from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER, INFO, TRAINER_STATE = (
@@ -46,7 +46,7 @@ def versions() -> dict[str, str]:
 
 def save_checkpoint(
     directory: str | Path,
-    model: Decoder,
+    model: torch.nn.Module,
     tokenizer: Tokenizer | None = None,
     info: dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
@@ -101,19 +101,23 @@ def read_model_config(directory: Path) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{directory / CONFIG} is not valid JSON: {e}") from None
     kind = values.get("kind", "decoder")
-    if kind != "decoder":
-        raise UserError(f"{directory / CONFIG}: model kind {kind!r} is not supported; supported: decoder")
+    if kind not in MODEL_KINDS:
+        raise UserError(f"{directory / CONFIG}: model kind {kind!r} is not supported; "
+                        f"supported: {', '.join(MODEL_KINDS)}")
     return from_dict(ModelConfig, values, str(directory / CONFIG)).validate()
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load the model of a checkpoint directory (or run directory), with its tokenizer attached."""
+    """Load the model of a checkpoint directory (or run directory), with its tokenizer attached.
+
+    The class follows the config's `kind`: a Decoder, a Seq2Seq or a VAE (`lmforge.models.build_model`).
+    """
     directory = resolve_checkpoint(path)
     config = read_model_config(directory)
     if not (directory / WEIGHTS).is_file():
         raise UserError(f"{directory} has no {WEIGHTS}")
     with torch.device("meta"):
-        model = Decoder(config)
+        model = build_model(config)
     state = load_file(directory / WEIGHTS, device=str(device))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

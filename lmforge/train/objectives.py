@@ -5,17 +5,28 @@ micro-batch and knows nothing else about the task. A batch source is a function
 `batches(step, part, rows) -> batch`: the batch for an optimizer step is fixed by the step number
 alone, and split into `parts` (micro-batches x processes) of `rows` rows. This is what makes a
 resumed run continue exactly and a multi-process run see the same data as a single process.
+
+    trainer = Trainer(model, config, out, batches=RandomWindows(tokens, 256, 8, seed=0))   # causal LM
+    trainer = Trainer(s2s, config, out, batches=PairBatches(pairs, 8, 0, eos), loss_fn=seq2seq_loss)
+    trainer = Trainer(vae, config, out, batches=PairBatches(texts, 8, 0, eos), loss_fn=ElboLoss(elbo_config))
+
+Objectives: `causal_lm_loss` (and `logits_causal_lm_loss` for Hugging Face models), `seq2seq_loss`
+(targets given sources), `ElboLoss` (the VAE's negative ELBO with beta annealing and free bits).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmforge.data.sft import IGNORE, Example, collate
+from lmforge.errors import UserError
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -89,4 +100,69 @@ def evaluate_examples(model, examples: list[Example], batch_size: int, pad_id: i
         if n:
             total += loss_fn(model, batch).item() * n
             count += n
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# seq2seq: (source, target) pairs
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One seq2seq example: source ids and target ids (without the start and end tokens)."""
+
+    source: list[int]
+    target: list[int]
+
+
+def collate_pairs(pairs: Sequence[Pair], eos_id: int, device="cpu") -> dict[str, torch.Tensor]:
+    """`source` (B, S) and `source_mask` (right-padded), decoder input `ids` = eos + target and
+    `targets` = target + eos (B, T), -100 where padded. End-of-text both starts and ends a target."""
+    from lmforge.models.seq2seq import pad_right
+
+    source, source_mask = pad_right([p.source for p in pairs], eos_id, device)
+    length = max(len(p.target) for p in pairs) + 1
+    ids = torch.full((len(pairs), length), eos_id, dtype=torch.long)
+    targets = torch.full((len(pairs), length), IGNORE, dtype=torch.long)
+    for row, p in enumerate(pairs):
+        ids[row, :len(p.target) + 1] = torch.tensor([eos_id] + p.target)
+        targets[row, :len(p.target) + 1] = torch.tensor(p.target + [eos_id])
+    return {"source": source, "source_mask": source_mask, "ids": ids.to(device), "targets": targets.to(device)}
+
+
+class PairBatches:
+    """Shuffled epochs of pairs, like `ExampleBatches`: the batch of a step depends only on (seed, step).
+
+    Each batch also carries its `step` (the VAE objective anneals beta by it).
+    """
+
+    def __init__(self, pairs: Sequence[Pair], batch_size: int, seed: int, eos_id: int, device="cpu"):
+        if not pairs:
+            raise UserError("no training examples")
+        self.pairs, self.batch_size, self.seed, self.eos_id = list(pairs), batch_size, seed, eos_id
+        self.device = torch.device(device)
+        self.steps_per_epoch = max(1, len(self.pairs) // batch_size)
+
+    def __call__(self, step: int, part: int, rows: int) -> dict[str, Any]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+        start = index * self.batch_size + part * rows
+        picks = [order[i % len(order)] for i in range(start, start + rows)]
+        return {**collate_pairs([self.pairs[i] for i in picks], self.eos_id, self.device), "step": step}
+
+
+def seq2seq_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens given the source (teacher forcing)."""
+    return model(batch["ids"], targets=batch["targets"], source=batch["source"], source_mask=batch["source_mask"])
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: Sequence[Pair], batch_size: int, eos_id: int, device="cpu") -> float:
+    """Mean loss per target token (end-of-text included) over `pairs`."""
+    total, count = 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[i:i + batch_size], eos_id, device)
+        n = int((batch["targets"] != IGNORE).sum())
+        total += seq2seq_loss(model, batch).item() * n
+        count += n
     return total / max(count, 1)

@@ -1,0 +1,110 @@
+"""Beam search: the `beam_size` most likely continuations, batched, on the model interface of the generate loop.
+
+    rows = beam_search_ids(model, [[eos]], beam_size=4, max_new_tokens=50, eos_id=eos, condition=cond)
+    texts = seq2seq_model.generate(["source text"], beam_size=4, length_penalty=1.0)   # the usual way in
+
+Every prompt keeps `beam_size` running hypotheses, laid out as rows prompt*beam_size + beam of one
+batch and one KV cache; each step scores all (beam, token) extensions by their summed log-probability,
+keeps the best, and reorders the cache rows to follow them (`KVCache.select`). A hypothesis that emits
+`eos_id` is finished; its score is summed log-probability / length ** `length_penalty` (> 0 favours
+longer outputs, 0 compares raw log-probabilities). A prompt is done when it has `beam_size` finished
+hypotheses (`early_stopping=True`), or, with `early_stopping=False`, once no running beam can still beat
+its worst finished one at the current length (the heuristic of Hugging Face transformers). With
+`beam_size=1` beam search is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lmforge.errors import UserError
+
+
+@torch.inference_mode()
+def beam_search_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    beam_size: int = 4,
+    max_new_tokens: int = 100,
+    length_penalty: float = 1.0,
+    early_stopping: bool = True,
+    eos_id: int | None = None,
+    condition: dict[str, torch.Tensor] | None = None,
+) -> list[list[int]]:
+    """The best continuation of each prompt (new ids only, `eos_id` not included) by beam search.
+
+    New tokens stop at the model's context (no sliding window: the search keeps whole hypotheses).
+    `condition` (tensors with one row per prompt) is repeated for each beam and put in the cache.
+    """
+    if beam_size < 1:
+        raise UserError(f"--beam-size = {beam_size}; expected >= 1")
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens = {max_new_tokens}; expected >= 0")
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("empty prompt: give at least one token of text")
+    block_size = model.config.block_size
+    longest = max(len(p) for p in prompts)
+    if longest >= block_size:
+        raise UserError(f"prompt is {longest} tokens; the model's context is {block_size} tokens")
+    steps = min(max_new_tokens, block_size - longest)
+    device = model.head_weight.device
+    B, K = len(prompts), beam_size
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device).repeat_interleave(K)  # (B*K,)
+    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    cache = model.new_cache(B * K, longest + steps, pad if pad.any() else None)
+    if condition:
+        cache.condition = {name: t.repeat_interleave(K, dim=0) for name, t in condition.items()}
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start equal: expand only the first at the first step
+    generated = torch.zeros(B * K, 0, dtype=torch.long, device=device)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+    step_input = tokens.repeat_interleave(K, dim=0)
+    for step in range(steps):
+        logits = model(step_input, cache=cache, last_only=True)[:, -1].float()  # (B*K, V)
+        V = logits.shape[-1]
+        candidates = (logits.log_softmax(dim=-1) + scores.view(-1, 1)).view(B, K * V)
+        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=-1)  # (B, 2K): enough to refill K beams
+        top_scores, top_beam, top_token = top_scores.tolist(), (top_index // V).tolist(), (top_index % V).tolist()
+        length = step + 1
+        next_scores = torch.full((B, K), float("-inf"), device=device)
+        next_beam = torch.zeros((B, K), dtype=torch.long)
+        next_token = torch.zeros((B, K), dtype=torch.long)
+        for b in range(B):
+            if done[b]:
+                continue
+            n = 0
+            for rank, (score, beam, token) in enumerate(zip(top_scores[b], top_beam[b], top_token[b])):
+                if score == float("-inf"):
+                    break
+                if token == eos_id:
+                    if rank < K:  # an end among the K best extensions finishes a hypothesis
+                        finished[b].append((score / length**length_penalty, generated[b * K + beam].tolist()))
+                    continue
+                next_scores[b, n], next_beam[b, n], next_token[b, n] = score, beam, token
+                n += 1
+                if n == K:
+                    break
+            if len(finished[b]) >= K:
+                finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
+                best_running = next_scores[b, 0].item() / length**length_penalty
+                done[b] = early_stopping or finished[b][-1][0] >= best_running
+        if all(done):
+            break
+        rows = (torch.arange(B)[:, None] * K + next_beam).view(-1).to(device)
+        cache.select(rows)
+        generated = torch.cat([generated[rows], next_token.view(-1, 1).to(device)], dim=1)
+        scores = next_scores
+        step_input = next_token.view(-1, 1).to(device)
+    best = []
+    for b in range(B):
+        hypotheses = list(finished[b])
+        if not done[b]:  # out of steps: running beams compete with the finished ones
+            for k in range(K):
+                if scores[b, k] > float("-inf"):
+                    hypotheses.append((scores[b, k].item() / max(generated.shape[1], 1)**length_penalty,
+                                       generated[b * K + k].tolist()))
+        best.append(max(hypotheses, key=lambda h: h[0])[1] if hypotheses else [])
+    return best

@@ -1,0 +1,233 @@
+"""The encoder-decoder model (`kind: seq2seq`): a bidirectional encoder, a causal decoder with cross-attention.
+
+    model = Seq2Seq(ModelConfig(kind="seq2seq", vocab_size=384, block_size=64, n_layer=2, n_head=2, d_model=64))
+    loss = model(ids, targets, source=source, source_mask=source_mask)   # mean cross-entropy of the targets
+    logits = model(ids, source=source, source_mask=source_mask)          # (B, T, vocab)
+    texts = model.generate(["a source text"], beam_size=4)               # tokenizer attached by lmforge.load
+
+Both halves are built of the same `Block` as the decoder-only model: the encoder's blocks attend both
+ways and never to padding (`key_padding_mask`); the decoder's blocks are causal and add a
+cross-attention sublayer over the encoder's output (`memory`). The decoder starts from the
+end-of-text token and learns to end its output with it, so one token id does both jobs.
+`share_embeddings` (default) lets the encoder and decoder use one token embedding (one tokenizer for
+both sides); otherwise the encoder has its own (`src_emb`). The output head is tied to the decoder's
+embedding when `tie_embeddings`.
+
+Generation goes through the one generate loop (`lmforge.infer.generate.generate_ids`) or beam search
+(`lmforge.infer.beam.beam_search_ids`): the encoder runs once, its output rides in the KV cache
+(`cache.condition`), and each decoder layer makes the cross-attention keys and values once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.models.layers import (
+    Block,
+    KVCache,
+    RotaryEmbedding,
+    causal_positions_and_mask,
+    fused_linear_cross_entropy,
+    init_weights,
+    key_padding_mask,
+    make_norm,
+)
+
+TOO_LONG = ("truncate", "error")
+
+
+class Seq2Seq(nn.Module):
+    """Source ids and target ids in, next-target-token logits out; `tokenizer` is attached by `lmforge.load`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        d, learned = config.d_model, config.position == "learned"
+        self.tok_emb = nn.Embedding(config.vocab_size, d)
+        self.src_emb = None if config.share_embeddings else nn.Embedding(config.vocab_size, d)
+        self.enc_pos_emb = nn.Embedding(config.block_size, d) if learned else None
+        self.pos_emb = nn.Embedding(config.block_size, d) if learned else None
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta) if config.position == "rope" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList(Block(config, i) for i in range(config.encoder_layers))
+        self.enc_norm = make_norm(config)
+        self.blocks = nn.ModuleList(Block(config, i, cross_attention=True) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        self.tokenizer: Any = None
+        init_weights(self, config.n_layer)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.head is None else self.head.weight
+
+    def encode(self, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's output (B, S, d_model) for source ids (B, S); `source_mask` (B, S) is True at real tokens."""
+        B, S = source.shape
+        if S > self.config.block_size:
+            raise ValueError(f"source of {S} tokens exceeds the context of {self.config.block_size}")
+        positions = torch.arange(S, device=source.device)[None]
+        x = (self.src_emb or self.tok_emb)(source)
+        if self.enc_pos_emb is not None:
+            x = x + self.enc_pos_emb(positions)
+        x = self.dropout(x)
+        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
+        mask = key_padding_mask(source_mask) if source_mask is not None else None
+        for block in self.encoder:
+            x = block(x, rope, mask=mask, causal=False)
+        return self.enc_norm(x)
+
+    def condition(self, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What generation carries in the cache: the encoder's output and which of its positions are real."""
+        if source_mask is None:
+            source_mask = torch.ones(source.shape, dtype=torch.bool, device=source.device)
+        return {"memory": self.encode(source, source_mask), "memory_mask": source_mask}
+
+    def hidden_states(self, ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """The decoder's final normalised hidden states (B, T, d_model) for target-side ids (B, T)."""
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
+        positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
+        x = self.tok_emb(ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.dropout(x)
+        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
+        cross_mask = key_padding_mask(memory_mask) if memory_mask is not None else None
+        for block in self.blocks:
+            x = block(x, rope, cache, mask, memory=memory, memory_mask=cross_mask)
+        if cache is not None:
+            cache.length = start + T
+        return self.norm(x)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        ignore_index: int = -100,
+        source: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) of the decoder over `ids`, given `source` (or the encoder output in `cache`).
+
+        With `targets` (B, T): the mean cross-entropy (targets equal to `ignore_index` do not count).
+        """
+        if source is not None:
+            memory, memory_mask = self.encode(source, source_mask), source_mask
+        elif cache is not None and "memory" in cache.condition:
+            memory, memory_mask = cache.condition["memory"], cache.condition["memory_mask"]
+        else:
+            raise ValueError("Seq2Seq needs a source: pass source= (or a cache holding the encoder's output)")
+        h = self.hidden_states(ids, memory, memory_mask, cache)
+        if targets is not None:
+            return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
+                                              ignore_index=ignore_index)
+        if last_only:
+            return (self.head_weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
+        return h @ self.head_weight.T
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype, pad)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            for emb in (self.tok_emb, self.src_emb, self.enc_pos_emb, self.pos_emb):
+                n -= emb.weight.numel() if emb is not None else 0
+        return n
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        sources: str | Sequence[str],
+        max_new_tokens: int = 100,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        beam_size: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool = True,
+        seed: int | None = None,
+        too_long: str = "truncate",
+        batch_size: int = 32,
+    ) -> list[str]:
+        """The output text for each source text: greedy (temperature 0, the default), sampled, or beam search.
+
+        `beam_size` > 1 searches (temperature, top_k and top_p then do not apply). Sources longer than
+        the context are cut with a warning (`too_long="truncate"`) or rejected (`"error"`).
+        """
+        from lmforge.infer.beam import beam_search_ids
+        from lmforge.infer.generate import generate_ids
+
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise UserError("this model has no tokenizer; load it with lmforge.load(CHECKPOINT)")
+        texts = [sources] if isinstance(sources, str) else list(sources)
+        if beam_size < 1:
+            raise UserError(f"--beam-size = {beam_size}; expected >= 1")
+        encoded = encode_texts(texts, tokenizer, self.config.block_size, too_long, "source")
+        device = self.head_weight.device
+        out: list[str] = []
+        for i in range(0, len(encoded), batch_size):
+            source, source_mask = pad_right(encoded[i:i + batch_size], tokenizer.eos_id, device)
+            condition = self.condition(source, source_mask)
+            prompts = [[tokenizer.eos_id]] * len(source)
+            if beam_size > 1:
+                rows = beam_search_ids(self, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,
+                                       tokenizer.eos_id, condition)
+            else:
+                rows = generate_ids(self, prompts, max_new_tokens, temperature, top_k, top_p,
+                                    eos_id=tokenizer.eos_id, seed=seed, condition=condition)
+            out.extend(tokenizer.decode(r) for r in rows)
+        return out
+
+
+def encode_texts(texts: Sequence[str], tokenizer, max_tokens: int, too_long: str = "truncate",
+                 what: str = "source") -> list[list[int]]:
+    """Token ids of each text, at most `max_tokens`: longer ones are cut with a warning, or rejected.
+
+    Empty texts are a UserError naming the item (`what` says which side: source, target, text).
+    """
+    if too_long not in TOO_LONG:
+        raise UserError(f"too_long = {too_long!r}; expected one of {', '.join(TOO_LONG)}")
+    encoded, cut = [], 0
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{what} {i + 1} is {'empty' if isinstance(text, str) else type(text).__name__}; "
+                            f"expected non-empty text")
+        ids = tokenizer.encode(text)
+        if len(ids) > max_tokens:
+            if too_long == "error":
+                raise UserError(f"{what} {i + 1} is {len(ids)} tokens; the model's limit here is {max_tokens} "
+                                f"(use too_long='truncate' to cut it)")
+            ids, cut = ids[:max_tokens], cut + 1
+        encoded.append(ids)
+    if cut:
+        print(f"warning: {cut} of {len(texts)} {what} texts are longer than {max_tokens} tokens and were cut",
+              file=sys.stderr)
+    return encoded
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (B, S) right-padded with `pad_id`, and the mask (B, S) that is True at real tokens."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids.to(device), mask.to(device)

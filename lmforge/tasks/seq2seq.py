@@ -1,0 +1,124 @@
+"""Train an encoder-decoder (`kind: seq2seq`) on (source, target) pairs, and predict targets for sources.
+
+    pairs = [{"source": "the article ...", "target": "its summary"}, ...]
+    summary = train_seq2seq(pairs, val_pairs, tokenizer, preset("tiny"), TrainConfig(max_steps=500), "runs/s2s")
+    model = lmforge.load("runs/s2s")
+    outputs = predict(model, ["another article ..."], beam_size=4, max_new_tokens=64)
+
+The task verbs (`lmforge translate / summarize --model-kind seq2seq`) turn their datasets into pairs
+and call these. Training goes through the one Trainer with `seq2seq_loss`; the run directory holds
+`run.yaml`, `metrics.jsonl`, `loss.png`, `summary.json` and the checkpoint directory `checkpoint/`
+(and `best/` with `train.keep_best`). Sources longer than the context and targets longer than the
+context less one (the start token) are cut with a warning (`too_long="truncate"`) or rejected
+(`"error"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import ModelConfig, TrainConfig, save_yaml
+from lmforge.errors import UserError
+from lmforge.models.seq2seq import Seq2Seq, encode_texts
+from lmforge.train.objectives import Pair
+
+
+def check_pairs(pairs: Sequence[dict[str, Any]], where: str) -> None:
+    """Each item must be a mapping with string `source` and `target`."""
+    if not pairs:
+        raise UserError(f"{where}: no pairs; expected a list of {{'source': str, 'target': str}}")
+    for i, pair in enumerate(pairs, start=1):
+        if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) for k in ("source", "target")):
+            raise UserError(f"{where}: item {i} is not a {{'source': str, 'target': str}} mapping")
+
+
+def encode_pairs(pairs: Sequence[dict[str, Any]], tokenizer, block_size: int, too_long: str = "truncate",
+                 where: str = "pairs") -> list[Pair]:
+    """Token ids of each pair: sources at most `block_size`, targets at most `block_size - 1` tokens."""
+    check_pairs(pairs, where)
+    sources = encode_texts([p["source"] for p in pairs], tokenizer, block_size, too_long, f"{where}: source")
+    targets = encode_texts([p["target"] for p in pairs], tokenizer, block_size - 1, too_long, f"{where}: target")
+    return [Pair(s, t) for s, t in zip(sources, targets)]
+
+
+def train_seq2seq(
+    train_pairs: Sequence[dict[str, Any]],
+    val_pairs: Sequence[dict[str, Any]],
+    tokenizer,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    out: str | Path,
+    too_long: str = "truncate",
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a Seq2Seq model from scratch on `train_pairs` into the run directory `out`; return the summary.
+
+    `model_config` gives the sizes (its kind is set to seq2seq, its vocabulary to the tokenizer's).
+    The summary holds the final `val_loss` (nats per target token), `best_val_loss`, `step`,
+    `train_seconds`, and the paths `out`, `checkpoint`, `loss_png`.
+    """
+    from lmforge.eval.plots import plot_metrics
+    from lmforge.train.objectives import PairBatches, evaluate_pairs, seq2seq_loss
+    from lmforge.train.trainer import Trainer
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    model_config = dataclasses.replace(model_config, kind="seq2seq", vocab_size=tokenizer.vocab_size).validate()
+    train_config = train_config.validate()
+    block = model_config.block_size
+    train = encode_pairs(train_pairs, tokenizer, block, too_long, "train pairs")
+    val = encode_pairs(val_pairs, tokenizer, block, too_long, "validation pairs")
+    torch.manual_seed(train_config.seed)
+    model = Seq2Seq(model_config)
+    eos = tokenizer.eos_id
+    batch_size = train_config.batch_size
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return {"val_loss": evaluate_pairs(m, val, batch_size, eos, next(m.parameters()).device)}
+
+    batches = PairBatches(train, batch_size, train_config.seed, eos)
+    tokens_per_row = sum(len(p.source) + len(p.target) + 1 for p in train) / len(train)
+    trainer = Trainer(
+        model, train_config, out, batches=batches, evaluate=evaluate, loss_fn=seq2seq_loss, tokenizer=tokenizer,
+        info={"task": "seq2seq", "train_pairs": len(train), "val_pairs": len(val),
+              "parameters": model.num_parameters(), **(info or {})},
+        tokens_per_row=tokens_per_row, steps_per_epoch=batches.steps_per_epoch,
+    )
+    print(f"training a seq2seq model ({model.num_parameters():,} parameters) on {len(train)} pairs, "
+          f"{len(val)} held out", file=sys.stderr)
+    if trainer.dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(out / "run.yaml", model_config, train_config)
+    summary = trainer.fit()
+    summary = {**summary, "out": str(out), "checkpoint": str(out / "checkpoint"), "loss_png": str(out / "loss.png")}
+    if trainer.dist.main:
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{out.name}: seq2seq, "
+                                                                   f"{model.num_parameters():,} params")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def predict(
+    model: Seq2Seq,
+    sources: Sequence[str],
+    beam_size: int = 1,
+    max_new_tokens: int = 64,
+    length_penalty: float = 1.0,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    too_long: str = "truncate",
+) -> list[str]:
+    """The model's output text for each source: greedy (default), sampled (temperature > 0) or beam search."""
+    if not isinstance(model, Seq2Seq):
+        raise UserError(f"predict needs a seq2seq model; this one is a {type(model).__name__} "
+                        f"(kind {getattr(model.config, 'kind', '?')})")
+    return model.generate(list(sources), max_new_tokens=max_new_tokens, temperature=temperature,
+                          beam_size=beam_size, length_penalty=length_penalty, seed=seed, too_long=too_long)
