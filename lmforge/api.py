@@ -25,6 +25,8 @@ import torch
 from lmforge.config import PRESET_NOTES, PRESETS, ModelConfig, load_run_config, save_yaml
 from lmforge.data import CATALOG, Document, TokenShards, catalog_documents, read_documents
 from lmforge.data import prepare as prepare_shards
+from lmforge.data.quality import CleanConfig, summary_line
+from lmforge.data.quality import clean as clean_records
 from lmforge.errors import UserError
 from lmforge.tokenizer import DEFAULT_EOS, Tokenizer
 from lmforge.tokenizer import train_tokenizer as train_bpe
@@ -64,21 +66,36 @@ def prepare(
     text_field: str = "text",
     overwrite: bool = False,
     source_name: str | None = None,
+    clean: CleanConfig | bool = True,
 ) -> dict[str, Any]:
     """Tokenize `data` into train/val token shards in `out`; return `meta.json`'s contents.
 
-    Without `tokenizer`, a byte-level BPE tokenizer of `vocab_size` is trained on the data first.
+    The documents are cleaned first (`clean=True`: the default `CleanConfig`; a `CleanConfig`; or
+    False for none): normalised, filtered and de-duplicated, with a report in `out/quality.json`
+    that also counts validation documents leaked from training (see `lmforge.data.quality`).
+    Without `tokenizer`, a byte-level BPE tokenizer of `vocab_size` is trained on the (cleaned) data.
     `source_name` is recorded in meta.json as where the data came from (default: `data` itself).
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction = {val_fraction}; expected a value between 0 and 1")
+    if clean is True:
+        clean = CleanConfig()
+    if clean:
+        clean.validate()  # before reading: a bad threshold should not cost a read of the data
     docs = read_source(data, text_field)
+    report = None
+    if clean:
+        docs, report = clean_records(docs, clean)
+        if not docs:
+            raise UserError(f"cleaning removed every document of {data} ({summary_line(report)}); "
+                            "loosen the --clean.* settings or pass --no-clean")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = Tokenizer.load(tokenizer)
     elif tokenizer is None:
         tokenizer = train_bpe((d.text for d in docs), vocab_size=vocab_size)
     return prepare_shards(docs, tokenizer, out, val_fraction=val_fraction, overwrite=overwrite,
-                          source_name=source_name or (str(data) if isinstance(data, (str, Path)) else None))
+                          source_name=source_name or (str(data) if isinstance(data, (str, Path)) else None),
+                          quality=report)
 
 
 def load(

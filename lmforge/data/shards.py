@@ -7,7 +7,9 @@
 Each document's tokens are followed by the end-of-text id, so documents never run into each other
 without a separator. Validation holds out whole documents (never half a play in each split), chosen
 by a hash of their names so the choice is stable. The output directory is written atomically: it
-holds either the old data or the complete new data, never a mix.
+holds either the old data or the complete new data, never a mix. Given the report of
+`lmforge.data.quality.clean` on the documents, `prepare` adds the train/validation leakage check of
+its split to it and writes it as `quality.json` beside `meta.json`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmforge.data.quality import CleanConfig, leakage
 from lmforge.data.readers import Document, read_documents
 from lmforge.errors import UserError
 from lmforge.files import atomic_directory
@@ -29,6 +32,7 @@ from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 SHARDS_FORMAT = "lmforge-shards-v1"
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
+QUALITY_FILE = "quality.json"
 _BATCH_CHARS = 1 << 20  # text tokenized per encode_batch call
 
 
@@ -99,13 +103,15 @@ def prepare(
     overwrite: bool = False,
     show_progress: bool = True,
     source_name: str | None = None,
+    quality: dict | None = None,
 ) -> dict:
     """Tokenize documents into `out/{train,val}.bin` + `meta.json` + `tokenizer.json`; return the meta.
 
     `source` is anything `read_documents` takes (file, directory, glob) or a list of Documents;
-    `source_name` is recorded in meta.json instead of the path (e.g. a catalog name). An `out` that
-    already holds prepared data is replaced only with `overwrite=True`, and only once the new data
-    is complete.
+    `source_name` is recorded in meta.json instead of the path (e.g. a catalog name). `quality` is
+    the report of `quality.clean` on these documents: the leakage check of the split is added to it
+    (`quality["leakage"]`) and it is written as `quality.json`. An `out` that already holds prepared
+    data is replaced only with `overwrite=True`, and only once the new data is complete.
     """
     if not isinstance(tokenizer, Tokenizer):
         raise TypeError(f"tokenizer must be an lmforge Tokenizer, got {type(tokenizer).__name__}")
@@ -118,6 +124,9 @@ def prepare(
         docs = list(source)
         source_str = source_name or f"{len(docs)} documents"
     train_docs, val_docs = split_documents(docs, val_fraction)
+    if quality is not None:
+        config = CleanConfig(**quality["config"])
+        quality["leakage"] = leakage([d.text for d in train_docs], [d.text for d in val_docs], config)
     dtype = token_dtype(tokenizer.vocab_size)
     tokenizer_json = tokenizer.to_json()
 
@@ -151,6 +160,8 @@ def prepare(
         }
         (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if quality is not None:
+            (tmp / QUALITY_FILE).write_text(json.dumps(quality, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _check_out(out, overwrite)  # the directory may have changed while we tokenized
     return meta
 
