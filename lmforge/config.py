@@ -147,6 +147,53 @@ class TrainConfig:
         return self
 
 
+BETA_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+@dataclass
+class ElboConfig:
+    """The VAE objective: reconstruction cross-entropy + beta * KL, with beta annealing and free bits."""
+
+    beta: float = param(1.0, "weight of the KL term once annealed (1 = the true ELBO)")
+    beta_schedule: str = param("linear", "constant; linear (0 -> beta over beta_warmup_steps); or cyclical "
+                                         "(Fu et al. 2019: beta_cycles cycles over the run, each rising 0 -> beta "
+                                         "over its first beta_cycle_ratio, then held)")
+    beta_warmup_steps: int | None = param(None, "linear: steps to reach beta (default: half of train.max_steps)")
+    beta_cycles: int = param(4, "cyclical: number of cycles over train.max_steps")
+    beta_cycle_ratio: float = param(0.5, "cyclical: share of each cycle spent rising, in (0, 1]")
+    free_bits: float = param(0.0, "KL floor per latent dimension in nats (batch mean; 0 = off): dimensions "
+                                  "under it get no push towards the prior")
+    iw_samples: int = param(16, "importance samples per text for the perplexity upper bound at evaluation")
+
+    def validate(self) -> ElboConfig:
+        if not 0 <= self.beta < math.inf:
+            raise UserError(f"beta = {self.beta}; expected a finite number >= 0")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise UserError(f"beta_schedule = {self.beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+        if self.beta_warmup_steps is not None and self.beta_warmup_steps < 0:
+            raise UserError(f"beta_warmup_steps = {self.beta_warmup_steps}; expected >= 0")
+        if self.beta_cycles < 1:
+            raise UserError(f"beta_cycles = {self.beta_cycles}; expected a positive integer")
+        if not 0 < self.beta_cycle_ratio <= 1:
+            raise UserError(f"beta_cycle_ratio = {self.beta_cycle_ratio}; expected a value in (0, 1]")
+        if not 0 <= self.free_bits < math.inf:
+            raise UserError(f"free_bits = {self.free_bits}; expected a finite number >= 0 (nats per dimension)")
+        if self.iw_samples < 1:
+            raise UserError(f"iw_samples = {self.iw_samples}; expected a positive integer")
+        return self
+
+    def beta_at(self, step: int, max_steps: int) -> float:
+        """The KL weight at optimizer step `step` of a run of `max_steps`."""
+        if self.beta_schedule == "constant":
+            return self.beta
+        if self.beta_schedule == "linear":
+            warmup = self.beta_warmup_steps if self.beta_warmup_steps is not None else max_steps // 2
+            return self.beta if warmup == 0 else self.beta * min(1.0, step / warmup)
+        period = max(1.0, max_steps / self.beta_cycles)
+        phase = (step % period) / period  # position within the cycle, in [0, 1)
+        return self.beta * min(1.0, phase / self.beta_cycle_ratio)
+
+
 # ----------------------------------------------------------------------------------------------
 # presets: named model shapes, from a toy that trains in seconds to a ~1B Llama shape
 

@@ -215,7 +215,7 @@ def trained(tmp_path_factory, tokenizer):
     config = seq2seq_config(block_size=32, d_model=48, n_head=2)
     train_config = TrainConfig(batch_size=16, max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5,
                                eval_interval=30, log_interval=10, precision="fp32", keep_best=True)
-    summary = train_seq2seq(reverse_pairs(200, 0), reverse_pairs(24, 1), tokenizer, config, train_config, out)
+    summary = train_seq2seq(reverse_pairs(200, 0), reverse_pairs(24, 1), tokenizer, config, out, train_config)
     return out, summary
 
 
@@ -267,10 +267,26 @@ def test_bad_input(trained, tokenizer, tmp_path, capsys) -> None:
     train_config = TrainConfig(max_steps=1)
     with pytest.raises(UserError, match="target 2 is empty"):
         train_seq2seq([{"source": "a", "target": "b"}, {"source": "c", "target": ""}], reverse_pairs(2, 0),
-                      tokenizer, config, train_config, tmp_path / "x")
+                      tokenizer, config, tmp_path / "x", train_config)
     with pytest.raises(UserError, match="item 1 is not a"):
-        train_seq2seq([{"src": "a"}], reverse_pairs(2, 0), tokenizer, config, train_config, tmp_path / "y")
+        train_seq2seq([{"src": "a"}], reverse_pairs(2, 0), tokenizer, config, tmp_path / "y", train_config)
     with pytest.raises(UserError, match="already exists"):
-        train_seq2seq(reverse_pairs(2, 0), reverse_pairs(2, 0), tokenizer, config, train_config, out)
+        train_seq2seq(reverse_pairs(2, 0), reverse_pairs(2, 0), tokenizer, config, out, train_config)
     with pytest.raises(UserError, match="expected one of decoder, seq2seq, vae"):
         ModelConfig(kind="gan").validate()
+
+
+def test_preset_name_epochs_and_overrides(tokenizer, tmp_path) -> None:
+    """The way the task verbs call it: a preset name, epochs, a context length and --model/--train flags."""
+    out = tmp_path / "run"
+    summary = train_seq2seq(reverse_pairs(40, 2), reverse_pairs(4, 3), tokenizer, "tiny", out, epochs=2,
+                            max_length=20, overrides={"model.n_layer": 1, "model.d_model": 32, "train.batch_size": 8})
+    assert summary["step"] == 2 * (40 // 8)
+    config = json.loads((out / "checkpoint/config.json").read_text())
+    assert config["kind"] == "seq2seq" and config["block_size"] == 20 and config["n_layer"] == 1
+    assert config["vocab_size"] == tokenizer.vocab_size
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "val_loss" in line]
+    assert epochs == [1.0, 2.0]
+    with pytest.raises(UserError, match="unknown setting 'lr'"):
+        train_seq2seq(reverse_pairs(4, 2), reverse_pairs(2, 3), tokenizer, "tiny", tmp_path / "z", overrides={"lr": 1})

@@ -590,6 +590,8 @@ def export_hf(model: Decoder, out: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose a new --out (nothing was written)")
     config, tokenizer = model.config, model.tokenizer
+    if getattr(config, "kind", "decoder") != "decoder":
+        raise UserError(f"export to hf takes decoder models; this one is a {config.kind} model (nothing was written)")
     hf_config = to_hf_config(config, tokenizer)  # refuses what transformers cannot represent, before writing
     check_vocab(tokenizer, config, "the model")
     state = state_dict_to_hf(model.state_dict(), config)

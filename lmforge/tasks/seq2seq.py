@@ -1,7 +1,7 @@
 """Train an encoder-decoder (`kind: seq2seq`) on (source, target) pairs, and predict targets for sources.
 
     pairs = [{"source": "the article ...", "target": "its summary"}, ...]
-    summary = train_seq2seq(pairs, val_pairs, tokenizer, preset("tiny"), TrainConfig(max_steps=500), "runs/s2s")
+    summary = train_seq2seq(pairs, val_pairs, tokenizer, "tiny", "runs/s2s", epochs=5)   # or a ModelConfig
     model = lmforge.load("runs/s2s")
     outputs = predict(model, ["another article ..."], beam_size=4, max_new_tokens=64)
 
@@ -15,8 +15,8 @@ context less one (the start token) are cut with a warning (`too_long="truncate"`
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ModelConfig, TrainConfig, save_yaml
+from lmforge.config import ModelConfig, TrainConfig, from_dict, preset, save_yaml, to_dict
 from lmforge.errors import UserError
 from lmforge.models.seq2seq import Seq2Seq, encode_texts
 from lmforge.train.objectives import Pair
@@ -52,17 +52,23 @@ def train_seq2seq(
     train_pairs: Sequence[dict[str, Any]],
     val_pairs: Sequence[dict[str, Any]],
     tokenizer,
-    model_config: ModelConfig,
-    train_config: TrainConfig,
+    model_config: ModelConfig | str,
     out: str | Path,
+    train_config: TrainConfig | None = None,
+    epochs: float | None = None,
+    max_length: int | None = None,
+    overrides: dict[str, Any] | None = None,
     too_long: str = "truncate",
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a Seq2Seq model from scratch on `train_pairs` into the run directory `out`; return the summary.
 
-    `model_config` gives the sizes (its kind is set to seq2seq, its vocabulary to the tokenizer's).
-    The summary holds the final `val_loss` (nats per target token), `best_val_loss`, `step`,
-    `train_seconds`, and the paths `out`, `checkpoint`, `loss_png`.
+    `model_config` is a ModelConfig or a preset name (its kind becomes seq2seq, its vocabulary the
+    tokenizer's); `max_length` sets its context (block_size). Training settings: `train_config` (default:
+    lr 1e-3, batch 16, warmup 10% of the steps, best checkpoint kept), then `overrides`
+    (`{"train.lr": 3e-4, "model.n_layer": 4}`); `epochs` sets max_steps (and one evaluation per epoch)
+    unless an override gives them. The summary holds the final `val_loss` (nats per target token),
+    `best_val_loss`, `step`, `train_seconds`, and the paths `out`, `checkpoint`, `loss_png`.
     """
     from lmforge.eval.plots import plot_metrics
     from lmforge.train.objectives import PairBatches, evaluate_pairs, seq2seq_loss
@@ -71,11 +77,17 @@ def train_seq2seq(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
-    model_config = dataclasses.replace(model_config, kind="seq2seq", vocab_size=tokenizer.vocab_size).validate()
-    train_config = train_config.validate()
+    overrides = dict(overrides or {})
+    model_values = to_dict(preset(model_config) if isinstance(model_config, str) else model_config)
+    model_values.update(kind="seq2seq", vocab_size=tokenizer.vocab_size)
+    if max_length is not None:
+        model_values["block_size"] = max_length
+    model_values.update({k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")})
+    model_config = from_dict(ModelConfig, model_values, "model").validate()
     block = model_config.block_size
     train = encode_pairs(train_pairs, tokenizer, block, too_long, "train pairs")
     val = encode_pairs(val_pairs, tokenizer, block, too_long, "validation pairs")
+    train_config = _train_settings(train_config, overrides, epochs, len(train))
     torch.manual_seed(train_config.seed)
     model = Seq2Seq(model_config)
     eos = tokenizer.eos_id
@@ -106,6 +118,29 @@ def train_seq2seq(
     return summary
 
 
+def _train_settings(train_config: TrainConfig | None, overrides: dict[str, Any], epochs: float | None,
+                    n_train: int) -> TrainConfig:
+    given = {k.removeprefix("train."): v for k, v in overrides.items() if k.startswith("train.")}
+    unknown = [k for k in overrides if not k.startswith(("train.", "model."))]
+    if unknown:
+        raise UserError(f"unknown setting {unknown[0]!r}; expected model.FIELD or train.FIELD")
+    if train_config is not None:
+        values = {**to_dict(train_config), **given}
+    else:
+        values = {"lr": 1e-3, "min_lr": 1e-4, "batch_size": 16, "log_interval": 10, "keep_best": True, **given}
+    if epochs is not None:
+        if epochs <= 0:
+            raise UserError(f"--epochs = {epochs}; expected a positive number")
+        steps_per_epoch = max(1, n_train // values.get("batch_size", TrainConfig.batch_size))
+        if "max_steps" not in given:
+            values["max_steps"] = max(1, math.ceil(epochs * steps_per_epoch))
+        if "eval_interval" not in given:
+            values["eval_interval"] = steps_per_epoch
+    if train_config is None and "warmup_steps" not in given:
+        values["warmup_steps"] = max(1, values.get("max_steps", TrainConfig.max_steps) // 10)
+    return from_dict(TrainConfig, values, "train").validate()
+
+
 def predict(
     model: Seq2Seq,
     sources: Sequence[str],
@@ -115,10 +150,12 @@ def predict(
     temperature: float = 0.0,
     seed: int | None = None,
     too_long: str = "truncate",
+    batch_size: int = 32,
 ) -> list[str]:
     """The model's output text for each source: greedy (default), sampled (temperature > 0) or beam search."""
     if not isinstance(model, Seq2Seq):
         raise UserError(f"predict needs a seq2seq model; this one is a {type(model).__name__} "
                         f"(kind {getattr(model.config, 'kind', '?')})")
     return model.generate(list(sources), max_new_tokens=max_new_tokens, temperature=temperature,
-                          beam_size=beam_size, length_penalty=length_penalty, seed=seed, too_long=too_long)
+                          beam_size=beam_size, length_penalty=length_penalty, seed=seed, too_long=too_long,
+                          batch_size=batch_size)

@@ -166,3 +166,44 @@ def evaluate_pairs(model, pairs: Sequence[Pair], batch_size: int, eos_id: int, d
         total += seq2seq_loss(model, batch).item() * n
         count += n
     return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# vae: the evidence lower bound
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, in nats: same shape as mu."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def free_bits_kl(kl: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """The KL term per sequence with a floor per dimension: sum_d max(free_bits, mean over the batch of kl[:, d]).
+
+    A dimension whose KL is under the floor costs the floor and gets no gradient towards the prior,
+    so the encoder may put information into it for free (Kingma et al. 2016).
+    """
+    return kl.mean(dim=0).clamp(min=free_bits).sum()
+
+
+class ElboLoss:
+    """The VAE objective per target token: (reconstruction cross-entropy + beta(step) * KL term) / tokens.
+
+    `batch` is a pairs batch whose source and target are the same text, with its `step` (for beta).
+    The last values are kept in `last` (recon per token, kl per sequence, beta) for logging.
+    """
+
+    def __init__(self, config, max_steps: int):
+        self.config, self.max_steps = config.validate(), max_steps
+        self.last: dict[str, float] = {}
+
+    def __call__(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        mu, logvar = model.encode(batch["source"], batch["source_mask"])
+        z = model.reparameterize(mu, logvar)
+        targets = batch["targets"]
+        recon = model(batch["ids"], targets=targets, z=z)  # mean per token
+        kl = gaussian_kl(mu, logvar)  # (B, D)
+        beta = self.config.beta_at(int(batch["step"]), self.max_steps)
+        tokens = (targets != IGNORE).sum().clamp(min=1)
+        self.last = {"recon": recon.item(), "kl": kl.sum(-1).mean().item(), "beta": beta}
+        return recon + beta * free_bits_kl(kl, self.config.free_bits) * len(mu) / tokens
