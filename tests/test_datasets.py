@@ -409,6 +409,11 @@ def test_data_list_and_show_on_the_command_line(cache, capsys):
     assert next(line for line in table.splitlines() if line.startswith("chitchat ")).split()[2:7] == \
         ["0", "/", "0", "/", "1"]
 
+    mine = write(cache / "mine.jsonl", jsonl([{"text": "a" * 500, "label": "x"}, {"text": "b", "label": "y"}]))
+    assert main(["data", "show", str(mine), "--n", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "records:     2 (train)" in shown and f"text: {'a' * 159}…\nlabel: x" in shown and "label: y" not in shown
+
     assert main(["data", "show", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nor a catalog name (shakespeare, kjv, rotten_tomatoes" in err
