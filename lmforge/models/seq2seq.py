@@ -216,7 +216,7 @@ def encode_texts(texts: Sequence[str], tokenizer, max_tokens: int, too_long: str
             ids, cut = ids[:max_tokens], cut + 1
         encoded.append(ids)
     if cut:
-        print(f"warning: {cut} of {len(texts)} {what} texts are longer than {max_tokens} tokens and were cut",
+        print(f"warning: {cut} of {len(texts)} texts ({what}) are longer than {max_tokens} tokens and were cut",
               file=sys.stderr)
     return encoded
 
