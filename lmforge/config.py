@@ -163,6 +163,8 @@ class ElboConfig:
     beta_cycle_ratio: float = param(0.5, "cyclical: share of each cycle spent rising, in (0, 1]")
     free_bits: float = param(0.0, "KL floor per latent dimension in nats (batch mean; 0 = off): dimensions "
                                   "under it get no push towards the prior")
+    word_dropout: float = param(0.0, "share of the decoder's input tokens replaced by the start token in "
+                                     "training (Bowman et al. 2016): the decoder must lean on z")
     iw_samples: int = param(16, "importance samples per text for the perplexity upper bound at evaluation")
 
     def validate(self) -> ElboConfig:
@@ -178,6 +180,8 @@ class ElboConfig:
             raise UserError(f"beta_cycle_ratio = {self.beta_cycle_ratio}; expected a value in (0, 1]")
         if not 0 <= self.free_bits < math.inf:
             raise UserError(f"free_bits = {self.free_bits}; expected a finite number >= 0 (nats per dimension)")
+        if not 0 <= self.word_dropout < 1:
+            raise UserError(f"word_dropout = {self.word_dropout}; expected a value in [0, 1)")
         if self.iw_samples < 1:
             raise UserError(f"iw_samples = {self.iw_samples}; expected a positive integer")
         return self

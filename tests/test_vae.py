@@ -97,6 +97,25 @@ def test_elbo_loss_is_reconstruction_plus_beta_kl_per_token() -> None:
     assert model.to_latent.weight.grad.abs().sum() > 0 and model.from_latent.weight.grad.abs().sum() > 0
 
 
+def test_word_dropout_hides_decoder_inputs_but_not_the_start() -> None:
+    model = make_vae().train()
+    pairs = [Pair(ids, ids) for ids in ([5, 6, 7, 8, 9, 10], [11, 12, 13, 14])]
+    batch = PairBatches(pairs, 2, seed=0, eos_id=0)(step=0, part=0, rows=2)
+    config = ElboConfig(beta_schedule="constant", beta=0.0, word_dropout=0.5)
+    torch.manual_seed(3)
+    loss = ElboLoss(config, max_steps=10)(model, batch)
+    torch.manual_seed(3)  # the same z and the same dropped words
+    mu, logvar = model.encode(batch["source"], batch["source_mask"])
+    z = model.reparameterize(mu, logvar)
+    drop = torch.rand(batch["ids"].shape) < 0.5
+    assert drop[:, 1:].any() and not drop[:, 1:].all()
+    ids = batch["ids"].clone()
+    ids[:, 1:][drop[:, 1:]] = 0  # the start token (end-of-text, id 0 here) in place of the dropped words
+    assert ids[:, 0].tolist() == [0, 0]
+    torch.testing.assert_close(loss, model(ids, targets=batch["targets"], z=z))
+    assert (loss - model(batch["ids"], targets=batch["targets"], z=z)).abs() > 1e-4
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"beta": -0.1}, "beta = -0.1; expected a finite number >= 0"),
     ({"beta": math.inf}, "beta = inf"),
@@ -108,6 +127,7 @@ def test_elbo_loss_is_reconstruction_plus_beta_kl_per_token() -> None:
     ({"beta_cycle_ratio": 1.5}, "beta_cycle_ratio = 1.5"),
     ({"free_bits": -1.0}, "free_bits = -1.0"),
     ({"iw_samples": 0}, "iw_samples = 0"),
+    ({"word_dropout": 1.0}, "word_dropout = 1.0; expected a value in \\[0, 1\\)"),
 ])
 def test_bad_beta_settings_are_rejected(settings, message) -> None:
     with pytest.raises(UserError, match=message):

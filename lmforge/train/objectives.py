@@ -190,20 +190,23 @@ class ElboLoss:
     """The VAE objective per target token: (reconstruction cross-entropy + beta(step) * KL term) / tokens.
 
     `batch` is a pairs batch whose source and target are the same text, with its `step` (for beta).
-    The last values are kept in `last` (recon per token, kl per sequence, beta) for logging.
+    With `word_dropout` > 0 that share of the decoder's inputs after the first (the start token) is
+    replaced by the start token, so the decoder cannot read the text it rebuilds and must use z.
     """
 
     def __init__(self, config, max_steps: int):
         self.config, self.max_steps = config.validate(), max_steps
-        self.last: dict[str, float] = {}
 
     def __call__(self, model, batch: dict[str, Any]) -> torch.Tensor:
         mu, logvar = model.encode(batch["source"], batch["source_mask"])
         z = model.reparameterize(mu, logvar)
-        targets = batch["targets"]
-        recon = model(batch["ids"], targets=targets, z=z)  # mean per token
+        ids, targets = batch["ids"], batch["targets"]
+        if self.config.word_dropout > 0:
+            drop = torch.rand(ids.shape, device=ids.device) < self.config.word_dropout
+            drop[:, 0] = False
+            ids = torch.where(drop, ids[:, :1], ids)  # the start token stands for a missing word
+        recon = model(ids, targets=targets, z=z)  # mean per token
         kl = gaussian_kl(mu, logvar)  # (B, D)
         beta = self.config.beta_at(int(batch["step"]), self.max_steps)
         tokens = (targets != IGNORE).sum().clamp(min=1)
-        self.last = {"recon": recon.item(), "kl": kl.sum(-1).mean().item(), "beta": beta}
         return recon + beta * free_bits_kl(kl, self.config.free_bits) * len(mu) / tokens
