@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -98,6 +99,27 @@ def read_labelled(source: str | Path | Records, split: str = "train", text_field
             raise UserError(f"{name}: label {label!r} in field {label_field!r}; expected a non-empty string or integer")
         examples.append(LabelledText(name, text, str(label).strip()))
     return examples
+
+
+def read_texts(source: str | Path, text_field: str = "text") -> list[str]:
+    """Texts to classify: one per line of a .txt file, or the `text_field` of each .jsonl/.csv record."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"no such file: {path} (expected a .txt, .jsonl or .csv file of texts)")
+    if path.suffix.lower() == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        records = [(f"{path.name}:{n}", {text_field: line}) for n, line in enumerate(lines, start=1) if line.strip()]
+    else:
+        records = _read_file_records(path)
+    texts = []
+    for name, record in records:
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{name}: no text in field {text_field!r}; pass --text-field")
+        texts.append(text)
+    if not texts:
+        raise UserError(f"{path} holds no texts")
+    return texts
 
 
 def _read_file_records(path: Path) -> list[tuple[str, dict]]:
@@ -282,6 +304,17 @@ class LabelledBatches:
         return {"ids": ids, "lengths": lengths, "labels": labels}
 
 
+def freeze_lower_adapters(model: nn.Module, trained_layers: int) -> None:
+    """Keep only the LoRA adapters of the last `trained_layers` blocks trainable (the others stay a no-op)."""
+    n_layer = model.config.n_layer
+    if not 1 <= trained_layers <= n_layer:
+        raise UserError(f"--lora-layers = {trained_layers}; expected 1 to {n_layer} (the model's blocks)")
+    for name, p in model.named_parameters():
+        block = re.search(r"\.blocks\.(\d+)\.", name)
+        if "lora_" in name and block and int(block.group(1)) < n_layer - trained_layers:
+            p.requires_grad_(False)
+
+
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the label logits (the objective the Trainer runs for classifiers)."""
     return F.cross_entropy(model(batch["ids"], batch["lengths"]).float(), batch["labels"])
@@ -313,6 +346,7 @@ def train_classifier(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     lora_targets: Sequence[str] | None = None,
+    lora_layers: int | None = None,
     patience: int | None = None,
     augment: Augment | None = None,
     overrides: dict[str, Any] | None = None,
@@ -320,7 +354,9 @@ def train_classifier(
     """Train a classification head on `model` (all weights, or LoRA adapters + head) into `out`.
 
     Validation: `val_data`; else a catalog dataset's `validation` split; else `val_fraction` of `data`
-    held out. Returns the Trainer's summary plus the validation accuracy before training.
+    held out. `lora_layers=N` trains the adapters of the last N blocks only: the gradient then stops
+    there, so a step costs about a forward pass plus N blocks of backward pass.
+    Returns the Trainer's summary plus the validation accuracy before training.
     """
     import lmforge.api
     from lmforge.config import TrainConfig, from_dict
@@ -369,6 +405,8 @@ def train_classifier(
     torch.manual_seed(train_config.seed)
     if method == "lora":
         backbone = apply_lora(backbone, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        if lora_layers is not None:
+            freeze_lower_adapters(backbone, lora_layers)
     classifier = Classifier(backbone, labels, max_length)
     val_texts, val_targets = [e.text for e in val_examples], [index[e.label] for e in val_examples]
 
@@ -377,12 +415,16 @@ def train_classifier(
 
     batches = LabelledBatches([e.text for e in train_examples], [index[e.label] for e in train_examples], tokenizer,
                               batch_size, train_config.seed, max_length, augment, next(classifier.parameters()).device)
-    data_name = str(data) if isinstance(data, (str, Path)) else f"{len(train_examples)} records"
+    if isinstance(data, (str, Path)):
+        data_name = str(Path(data).resolve()) if Path(data).exists() else str(data)
+    else:
+        data_name = f"{len(train_examples)} records"
     trainer = Trainer(
         classifier, train_config, out, batches=batches, evaluate=evaluate, loss_fn=classification_loss,
         tokenizer=tokenizer,
         info={"task": "classify", "base": str(Path(model).resolve()) if Path(model).exists() else str(model),
-              "method": method, "labels": labels, "data": data_name, "augment": augment is not None,
+              "method": method, "labels": labels, "data": data_name, "text_field": text_field,
+              "label_field": label_field, "augment": augment is not None,
               "lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout} if method == "lora" else None},
         tokens_per_row=sum(len(r) for r in encode_texts(tokenizer, batches.texts[:256], max_length))
         / min(256, len(batches.texts)),
@@ -535,16 +577,22 @@ def evaluate_classifier(
     from lmforge.train.checkpoint import read_info
 
     out = Path(out)
+    if (out / f"{name}.json").exists():
+        raise UserError(f"{out / name}.json already exists; choose another --out (nothing was written)")
     examples = read_labelled(data, split, text_field, label_field)
     texts, gold = [e.text for e in examples], [e.label for e in examples]
     systems: dict[str, tuple[list[dict[str, Any]], float]] = {}
+    train_fields = (text_field, label_field)
     labels: list[str] | None = None
     where = str(classifier) if isinstance(classifier, (str, Path)) else None
     if classifier is not None:
         if isinstance(classifier, (str, Path)):
+            info = read_info(classifier)
             if train_data is None and isinstance(data, (str, Path)) and Path(data).exists():
-                recorded = read_info(classifier).get("data")
-                train_data = recorded if recorded and Path(recorded).exists() else None
+                recorded = info.get("data")
+                if recorded and Path(recorded).exists():  # the file the classifier was trained on, with its fields
+                    train_data = recorded
+                    train_fields = (info.get("text_field", "text"), info.get("label_field", "label"))
             classifier = load_classifier(classifier)
         labels = classifier.labels
         check_known_labels(examples, labels)
@@ -554,7 +602,7 @@ def evaluate_classifier(
     if train_data is None and isinstance(data, (str, Path)) and not Path(data).exists():
         train_data = data  # a catalog dataset: the baseline trains on its train split
     if train_data is not None:
-        train = read_labelled(train_data, "train", text_field, label_field)
+        train = read_labelled(train_data, "train", *train_fields)
         labels = labels or label_names(train, str(train_data))
         start = time.perf_counter()
         systems["TF-IDF + logistic regression"] = (tfidf_baseline([e.text for e in train], [e.label for e in train],
