@@ -146,7 +146,7 @@ def test_augment_records_keeps_labels(thesaurus) -> None:
     assert [r["label"] for r in out] == ["fresh"] * 3 + ["rotten"] * 3
     assert [r["id"] for r in out] == [1, 1, 1, 2, 2, 2]
     assert all(r["text"] != "good film" for r in out[1:3])
-    with pytest.raises(UserError, match=r"record 2: no string field 'text' \(fields: body\)"):
+    with pytest.raises(UserError, match=r"record 1: no string field 'text' \(fields: body\)"):
         augment_records([{"text": "a"}, {"body": "b"}], "text", 1, Augmenter(thesaurus=thesaurus))
 
 

@@ -272,13 +272,14 @@ def augment_records(
 ) -> list[dict[str, Any]]:
     """Each record (if `keep_originals`) followed by `n` copies whose `field` is an augmented variant.
 
-    Other fields (a label, an id) are copied as they are.
+    Other fields (a label, an id) are copied as they are. Errors name a record by its index
+    ("record 0" is the first), as `quality.clean` does.
     """
     out = []
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             fields = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-            raise UserError(f"record {i + 1}: no string field {field!r} (fields: {fields or 'none'})")
+            raise UserError(f"record {i}: no string field {field!r} (fields: {fields or 'none'})")
         if keep_originals:
             out.append(record)
         out.extend({**record, field: variant} for variant in augmenter.augment(record[field], n))

@@ -66,7 +66,7 @@ class CleanConfig:
     normalize: str | None = param("NFC", "Unicode normal form: NFC, NFKC (also folds ligatures, full-width "
                                          "letters), or None to leave text as it is")
     remove_control: bool = param(True, "remove control characters except newline and tab (CRLF becomes LF)")
-    min_chars: int = param(1, "drop records with fewer characters (after normalisation)")
+    min_chars: int = param(1, "drop records with fewer characters (blank records always go)")
     max_chars: int | None = param(None, "drop records with more characters (None: no limit)")
     min_words: int = param(0, "drop records with fewer whitespace-separated words")
     max_words: int | None = param(None, "drop records with more words (None: no limit)")
@@ -74,7 +74,8 @@ class CleanConfig:
                                                         "more than this share of the characters (None: off)")
     max_top_bigram_share: float | None = param(0.2, "drop texts whose most frequent word bigram covers more than "
                                                     "this share of the word characters (None: off)")
-    repetition_min_words: int = param(50, "apply the two repetition filters only to texts of this many words")
+    repetition_min_words: int = param(50, "apply the two repetition filters only to texts of at least this many "
+                                          "words (50: Gopher's shortest document)")
     exact_dedup: bool = param(True, "remove exact duplicates (same text after normalisation and whitespace)")
     near_dedup: bool = param(True, "remove near duplicates (MinHash + LSH, then exact Jaccard)")
     near_threshold: float = param(0.8, "Jaccard similarity of shingle sets at or above which a text is a "
