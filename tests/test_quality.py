@@ -99,6 +99,21 @@ def test_near_duplicates_among_thousands_are_all_found_without_false_positives()
     assert kept == originals
 
 
+def test_minhash_of_sets_bigger_than_a_block() -> None:
+    """MinHash(A u B) = min(MinHash(A), MinHash(B)), also for a set hashed in pieces, alone or among others."""
+    import numpy as np
+
+    from lmforge.data.quality import minhash_signatures
+
+    rng = np.random.default_rng(0)
+    big = np.unique(rng.integers(0, 2**32, size=400_000, dtype=np.uint64))
+    small = np.array([1, 2, 3], dtype=np.uint64)
+    halves = minhash_signatures([big[: len(big) // 2], big[len(big) // 2 :]])
+    together = minhash_signatures([small, big, small])
+    assert (together[1] == np.minimum(halves[0], halves[1])).all()
+    assert (together[0] == together[2]).all() and (together[0] == minhash_signatures([small])[0]).all()
+
+
 def test_length_and_repetition_filters() -> None:
     rng = random.Random(2)
     good = sentence(rng, 60)

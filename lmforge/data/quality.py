@@ -57,6 +57,7 @@ _EXAMPLE_CHARS = 120
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Cc except \t (0x09) and \n (0x0a)
 _PRIME = np.uint64(4294967311)  # the smallest prime above 2**32: MinHash permutations are (a*x + b) mod it
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_BLOCK = 1 << 18  # MinHash values hashed per block
 
 
 @dataclass
@@ -224,30 +225,37 @@ def shingle_sets(texts: Sequence[str], kind: str = "word", size: int = 5) -> lis
 
 
 def minhash_signatures(sets: Sequence[np.ndarray], num_perm: int = 128, seed: int = 0) -> np.ndarray:
-    """(len(sets), num_perm) MinHash signatures: per hash function, the minimum over each set.
+    """(len(sets), num_perm) MinHash signatures: per hash function, the minimum over each (non-empty) set.
 
     The hash functions are multiply-shift ones, ((a * x + b) mod 2**64) >> 32 with odd 64-bit `a`,
-    drawn from `seed`. Sets are processed in blocks of about 2**18 values so memory stays small.
+    drawn from `seed`. Values go through in blocks of about 2**18 (a bigger set in pieces, whose
+    minima are combined), 32 hash functions at a time, so memory stays under ~70 MB.
     """
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 2**63, size=(num_perm, 1), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     b = rng.integers(0, 2**63, size=(num_perm, 1), dtype=np.uint64)
-    signatures = np.empty((len(sets), num_perm), dtype=np.uint64)
+    pieces, first_piece = [], []
+    for values in sets:
+        first_piece.append(len(pieces))
+        pieces.extend(values[lo : lo + _BLOCK] for lo in range(0, len(values), _BLOCK))
+    signatures = np.empty((len(pieces), num_perm), dtype=np.uint64)
     start = 0
-    while start < len(sets):
+    while start < len(pieces):
         stop, total = start, 0
-        while stop < len(sets) and (stop == start or total + len(sets[stop]) <= 1 << 18):
-            total += len(sets[stop])
+        while stop < len(pieces) and (stop == start or total + len(pieces[stop]) <= _BLOCK):
+            total += len(pieces[stop])
             stop += 1
-        block = np.concatenate(sets[start:stop])
-        offsets = np.cumsum([0] + [len(s) for s in sets[start : stop - 1]])
-        for p in range(0, num_perm, 32):  # 32 hash functions at a time: (32, block) values, in place
+        block = np.concatenate(pieces[start:stop])
+        offsets = np.cumsum([0] + [len(piece) for piece in pieces[start : stop - 1]])
+        for p in range(0, num_perm, 32):  # (32, block) hash values, computed in place
             values = np.multiply(a[p : p + 32], block[None, :])
             values += b[p : p + 32]
             values >>= np.uint64(32)
             signatures[start:stop, p : p + 32] = np.minimum.reduceat(values, offsets, axis=1).T
         start = stop
-    return signatures
+    if len(pieces) == len(sets):
+        return signatures
+    return np.minimum.reduceat(signatures, np.array(first_piece), axis=0)
 
 
 def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
@@ -302,8 +310,20 @@ class NearDuplicateIndex:
 
 
 def _shingles_and_keys(texts: Sequence[str], config: CleanConfig) -> tuple[list[np.ndarray], np.ndarray]:
-    sets = shingle_sets(texts, config.shingle, config.shingle_size)
-    return sets, band_keys(minhash_signatures(sets, config.num_perm, config.seed), config.bands)
+    """Shingle sets and LSH band keys of texts, in batches of about 2**23 characters (bounded memory)."""
+    sets: list[np.ndarray] = []
+    keys = []
+    start = 0
+    while start < len(texts):
+        stop, chars = start, 0
+        while stop < len(texts) and (stop == start or chars + len(texts[stop]) <= 1 << 23):
+            chars += len(texts[stop])
+            stop += 1
+        batch = shingle_sets(texts[start:stop], config.shingle, config.shingle_size)
+        sets += batch
+        keys.append(band_keys(minhash_signatures(batch, config.num_perm, config.seed), config.bands))
+        start = stop
+    return sets, np.concatenate(keys) if keys else np.zeros((0, config.bands), dtype=np.uint64)
 
 
 # ----------------------------------------------------------------------------------------------
