@@ -151,8 +151,8 @@ def test_bad_settings_are_user_errors() -> None:
         clean(["x"], CleanConfig(normalize="NFD"))
     with pytest.raises(UserError, match="clean.near_threshold"):
         clean(["x"], CleanConfig(near_threshold=0))
-    with pytest.raises(UserError, match="clean.num_perm = 100; expected a multiple of bands"):
-        clean(["x"], CleanConfig(num_perm=100))
+    with pytest.raises(UserError, match="clean.num_perm = 110; expected a multiple of bands"):
+        clean(["x"], CleanConfig(num_perm=110))
 
 
 def test_report_table_and_summary_line() -> None:
