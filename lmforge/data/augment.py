@@ -106,7 +106,7 @@ def wordnet_thesaurus(cache_dir: Path | None = None) -> dict[str, list[str]]:
             data = json.loads(cached.read_text(encoding="utf-8"))
             if data.get("format") == THESAURUS_FORMAT:
                 return data["synonyms"]
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError):
             pass  # a damaged cache is made again
     from lmforge.data.catalog import fetch_package
 
