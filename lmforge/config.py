@@ -30,15 +30,15 @@ def param(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-MODEL_KINDS = ("decoder", "seq2seq", "vae")
+MODEL_KINDS = ("decoder", "seq2seq", "vae", "cvae")
 
 
 @dataclass
 class ModelConfig:
     """The architecture of a model: stored as `config.json` in every checkpoint."""
 
-    kind: str = param("decoder", "model kind: decoder (causal LM), seq2seq (encoder-decoder with cross-attention) "
-                                 "or vae (variational autoencoder LM)")
+    kind: str = param("decoder", "model kind: decoder (causal LM), seq2seq (encoder-decoder with cross-attention), "
+                                 "vae (variational autoencoder LM) or cvae (conditional VAE: seq2seq with a latent)")
     vocab_size: int = param(8192, "number of token ids (set from the tokenizer when training)")
     block_size: int = param(256, "context length in tokens")
     n_layer: int = param(6, "number of Transformer blocks")
@@ -55,9 +55,9 @@ class ModelConfig:
     tie_embeddings: bool = param(True, "share the token embedding with the output head")
     norm_eps: float = param(1e-5, "epsilon of the normalisation layers")
     dropout: float = param(0.0, "dropout probability in training")
-    n_encoder_layer: int | None = param(None, "seq2seq and vae: blocks of the encoder (default: n_layer)")
-    share_embeddings: bool = param(True, "seq2seq: one token embedding for the encoder and the decoder")
-    latent_dim: int = param(32, "vae: dimensions of the latent variable z")
+    n_encoder_layer: int | None = param(None, "seq2seq, vae, cvae: blocks of the encoder (default: n_layer)")
+    share_embeddings: bool = param(True, "seq2seq, cvae: one token embedding for the encoder and the decoder")
+    latent_dim: int = param(32, "vae, cvae: dimensions of the latent variable z")
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:

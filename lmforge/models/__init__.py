@@ -1,6 +1,6 @@
 """The model kinds, all built of the Transformer layers of `layers.py`, and the one factory that builds them.
 
-    model = build_model(ModelConfig(kind="seq2seq"))    # Decoder, Seq2Seq or VAE, by `config.kind`
+    model = build_model(ModelConfig(kind="seq2seq"))    # Decoder, Seq2Seq, VAE or ConditionalVAE, by `config.kind`
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from lmforge.config import ModelConfig
 
 
 def model_class(kind: str) -> type[nn.Module]:
-    """The class of a model kind: decoder -> Decoder, seq2seq -> Seq2Seq, vae -> VAE."""
+    """The class of a model kind: decoder -> Decoder, seq2seq -> Seq2Seq, vae -> VAE, cvae -> ConditionalVAE."""
     from lmforge.models.decoder import Decoder
     from lmforge.models.seq2seq import Seq2Seq
-    from lmforge.models.vae import VAE
+    from lmforge.models.vae import VAE, ConditionalVAE
 
-    classes = {"decoder": Decoder, "seq2seq": Seq2Seq, "vae": VAE}
+    classes = {"decoder": Decoder, "seq2seq": Seq2Seq, "vae": VAE, "cvae": ConditionalVAE}
     if kind not in classes:
         from lmforge.errors import UserError
 

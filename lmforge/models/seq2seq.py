@@ -91,14 +91,19 @@ class Seq2Seq(nn.Module):
         return {"memory": self.encode(source, source_mask), "memory_mask": source_mask}
 
     def hidden_states(self, ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """The decoder's final normalised hidden states (B, T, d_model) for target-side ids (B, T)."""
+                      cache: KVCache | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's final normalised hidden states (B, T, d_model) for target-side ids (B, T).
+
+        `offset` (B, d_model) is added to every input embedding (how a conditional VAE's z comes in).
+        """
         B, T = ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
         positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
         x = self.tok_emb(ids)
+        if offset is not None:
+            x = x + offset[:, None]
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.dropout(x)
@@ -130,7 +135,11 @@ class Seq2Seq(nn.Module):
             memory, memory_mask = cache.condition["memory"], cache.condition["memory_mask"]
         else:
             raise ValueError("Seq2Seq needs a source: pass source= (or a cache holding the encoder's output)")
-        h = self.hidden_states(ids, memory, memory_mask, cache)
+        return self.output(self.hidden_states(ids, memory, memory_mask, cache), targets, last_only, ignore_index)
+
+    def output(self, h: torch.Tensor, targets: torch.Tensor | None, last_only: bool, ignore_index: int
+               ) -> torch.Tensor:
+        """The head over hidden states h (B, T, d): logits, last-position logits, or the fused mean loss."""
         if targets is not None:
             return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
                                               ignore_index=ignore_index)
@@ -163,11 +172,13 @@ class Seq2Seq(nn.Module):
         seed: int | None = None,
         too_long: str = "truncate",
         batch_size: int = 32,
+        condition_options: dict[str, Any] | None = None,
     ) -> list[str]:
         """The output text for each source text: greedy (temperature 0, the default), sampled, or beam search.
 
         `beam_size` > 1 searches (temperature, top_k and top_p then do not apply). Sources longer than
         the context are cut with a warning (`too_long="truncate"`) or rejected (`"error"`).
+        `condition_options` go to `self.condition` (a conditional VAE: `{"z_seed": 3}` samples z).
         """
         from lmforge.infer.beam import beam_search_ids
         from lmforge.infer.generate import generate_ids
@@ -183,7 +194,7 @@ class Seq2Seq(nn.Module):
         out: list[str] = []
         for i in range(0, len(encoded), batch_size):
             source, source_mask = pad_right(encoded[i:i + batch_size], tokenizer.eos_id, device)
-            condition = self.condition(source, source_mask)
+            condition = self.condition(source, source_mask, **(condition_options or {}))
             prompts = [[tokenizer.eos_id]] * len(source)
             if beam_size > 1:
                 rows = beam_search_ids(self, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,

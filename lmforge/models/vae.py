@@ -37,6 +37,7 @@ from lmforge.models.layers import (
     key_padding_mask,
     make_norm,
 )
+from lmforge.models.seq2seq import Seq2Seq
 
 
 class VAE(nn.Module):
@@ -143,3 +144,87 @@ class VAE(nn.Module):
             for emb in (self.tok_emb, self.enc_pos_emb, self.pos_emb):
                 n -= emb.weight.numel() if emb is not None else 0
         return n
+
+
+class ConditionalVAE(Seq2Seq):
+    """The conditional VAE of the article's summarization case (`kind: cvae`): a Seq2Seq with a latent z.
+
+        mu_p, logvar_p = model.prior(memory, source_mask)                 # p(z | article)
+        mu_q, logvar_q = model.posterior(memory, source_mask, summary, summary_mask)  # q(z | article, summary)
+        loss = model(ids, targets, source=article, source_mask=mask, z=z) # -log p(summary | article, z) per token
+        texts = model.generate(articles, condition_options={"z_seed": 1})  # one z drawn from the prior
+
+    The article is encoded once (the Seq2Seq encoder); the summary goes through the same encoder. The prior
+    reads the article's mean-pooled encoding, the posterior the article's and the summary's side by side.
+    The decoder is the Seq2Seq decoder (cross-attention to the article) with z added to every input
+    embedding, as in `VAE`. Trained on the ELBO with KL(q || p) (`ConditionalElboLoss`). Generation uses
+    the prior's mean unless `z_seed` asks for a draw; different draws give different summaries.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        d, D = config.d_model, config.latent_dim
+        self.to_prior = nn.Linear(d, 2 * D)
+        self.to_posterior = nn.Linear(2 * d, 2 * D)
+        self.from_latent = nn.Linear(D, d)
+        init_weights(self, config.n_layer)
+
+    @staticmethod
+    def pool(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean over the real positions of x (B, S, d)."""
+        if mask is None:
+            return x.mean(dim=1)
+        weights = mask[..., None].to(x.dtype)
+        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+    def prior(self, memory: torch.Tensor, source_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu, logvar (B, latent_dim) of p(z | article), from the article's encoding."""
+        mu, logvar = self.to_prior(self.pool(memory, source_mask)).float().chunk(2, dim=-1)
+        return mu, logvar
+
+    def posterior(self, memory: torch.Tensor, source_mask: torch.Tensor | None, target: torch.Tensor,
+                  target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu, logvar of q(z | article, summary): the pooled article and the pooled encoded summary."""
+        summary = self.pool(self.encode(target, target_mask), target_mask)
+        pooled = torch.cat([self.pool(memory, source_mask), summary], dim=-1)
+        mu, logvar = self.to_posterior(pooled).float().chunk(2, dim=-1)
+        return mu, logvar
+
+    def condition(self, source: torch.Tensor, source_mask: torch.Tensor | None = None,
+                  z_seed: int | None = None) -> dict[str, torch.Tensor]:
+        """The encoder's output, its mask, and z: the prior's mean, or a draw from the prior with `z_seed`."""
+        condition = super().condition(source, source_mask)
+        mu, logvar = self.prior(condition["memory"], condition["memory_mask"])
+        if z_seed is None:
+            condition["z"] = mu
+        else:
+            generator = torch.Generator(device=mu.device).manual_seed(z_seed)
+            condition["z"] = self.reparameterize(mu, logvar, generator)
+        return condition
+
+    reparameterize = staticmethod(VAE.reparameterize)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        ignore_index: int = -100,
+        source: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As `Seq2Seq.forward`, given z (B, latent_dim) or with z in the cache (then the prior's if absent)."""
+        if source is not None:
+            memory, memory_mask = self.encode(source, source_mask), source_mask
+        elif cache is not None and "memory" in cache.condition:
+            memory, memory_mask = cache.condition["memory"], cache.condition["memory_mask"]
+        else:
+            raise ValueError("ConditionalVAE needs a source: pass source= (or a cache holding the encoder's output)")
+        if z is None:
+            z = cache.condition["z"] if cache is not None and "z" in cache.condition else \
+                self.prior(memory, memory_mask)[0]
+        offset = self.from_latent(z.to(self.from_latent.weight.dtype))
+        return self.output(self.hidden_states(ids, memory, memory_mask, cache, offset), targets, last_only,
+                           ignore_index)

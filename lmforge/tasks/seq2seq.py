@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ModelConfig, TrainConfig, from_dict, preset, save_yaml, to_dict
+from lmforge.config import ElboConfig, ModelConfig, TrainConfig, from_dict, preset, save_yaml, to_dict
 from lmforge.errors import UserError
 from lmforge.models.seq2seq import Seq2Seq, encode_texts
 from lmforge.train.objectives import Pair
@@ -60,8 +60,12 @@ def train_seq2seq(
     overrides: dict[str, Any] | None = None,
     too_long: str = "truncate",
     info: dict[str, Any] | None = None,
+    elbo: ElboConfig | None = None,
 ) -> dict[str, Any]:
     """Train a Seq2Seq model from scratch on `train_pairs` into the run directory `out`; return the summary.
+
+    With `elbo`, the model is the conditional VAE (`kind: cvae`, `lmforge.models.vae.ConditionalVAE`)
+    trained on the same pairs with `ConditionalElboLoss`; its evaluations add `val_recon` and `val_kl`.
 
     `model_config` is a ModelConfig or a preset name (its kind becomes seq2seq, its vocabulary the
     tokenizer's); `max_length` sets its context (block_size). Training settings: `train_config` (default:
@@ -71,7 +75,8 @@ def train_seq2seq(
     `best_val_loss`, `step`, `train_seconds`, and the paths `out`, `checkpoint`, `loss_png`.
     """
     from lmforge.eval.plots import plot_metrics
-    from lmforge.train.objectives import PairBatches, evaluate_pairs, seq2seq_loss
+    from lmforge.models import build_model
+    from lmforge.train.objectives import ConditionalElboLoss, PairBatches, evaluate_pairs, seq2seq_loss
     from lmforge.train.trainer import Trainer
 
     out = Path(out)
@@ -79,7 +84,8 @@ def train_seq2seq(
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     overrides = dict(overrides or {})
     model_values = to_dict(preset(model_config) if isinstance(model_config, str) else model_config)
-    model_values.update(kind="seq2seq", vocab_size=tokenizer.vocab_size)
+    kind = "seq2seq" if elbo is None else "cvae"
+    model_values.update(kind=kind, vocab_size=tokenizer.vocab_size)
     if max_length is not None:
         model_values["block_size"] = max_length
     model_values.update({k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")})
@@ -89,22 +95,27 @@ def train_seq2seq(
     val = encode_pairs(val_pairs, tokenizer, block, too_long, "validation pairs")
     train_config = _train_settings(train_config, overrides, epochs, len(train))
     torch.manual_seed(train_config.seed)
-    model = Seq2Seq(model_config)
+    model = build_model(model_config)
     eos = tokenizer.eos_id
     batch_size = train_config.batch_size
+    loss_fn = seq2seq_loss if elbo is None else ConditionalElboLoss(elbo, train_config.max_steps)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        if elbo is not None:
+            from lmforge.tasks.vae import evaluate_conditional_elbo
+
+            return evaluate_conditional_elbo(m, val, batch_size, eos, seed=train_config.seed)
         return {"val_loss": evaluate_pairs(m, val, batch_size, eos, next(m.parameters()).device)}
 
     batches = PairBatches(train, batch_size, train_config.seed, eos)
     tokens_per_row = sum(len(p.source) + len(p.target) + 1 for p in train) / len(train)
     trainer = Trainer(
-        model, train_config, out, batches=batches, evaluate=evaluate, loss_fn=seq2seq_loss, tokenizer=tokenizer,
-        info={"task": "seq2seq", "train_pairs": len(train), "val_pairs": len(val),
-              "parameters": model.num_parameters(), **(info or {})},
+        model, train_config, out, batches=batches, evaluate=evaluate, loss_fn=loss_fn, tokenizer=tokenizer,
+        info={"task": kind, "train_pairs": len(train), "val_pairs": len(val), "parameters": model.num_parameters(),
+              **({"elbo": to_dict(elbo.validate())} if elbo is not None else {}), **(info or {})},
         tokens_per_row=tokens_per_row, steps_per_epoch=batches.steps_per_epoch,
     )
-    print(f"training a seq2seq model ({model.num_parameters():,} parameters) on {len(train)} pairs, "
+    print(f"training a {kind} model ({model.num_parameters():,} parameters) on {len(train)} pairs, "
           f"{len(val)} held out", file=sys.stderr)
     if trainer.dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +123,7 @@ def train_seq2seq(
     summary = trainer.fit()
     summary = {**summary, "out": str(out), "checkpoint": str(out / "checkpoint"), "loss_png": str(out / "loss.png")}
     if trainer.dist.main:
-        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{out.name}: seq2seq, "
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{out.name}: {kind}, "
                                                                    f"{model.num_parameters():,} params")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -151,11 +162,16 @@ def predict(
     seed: int | None = None,
     too_long: str = "truncate",
     batch_size: int = 32,
+    z_seed: int | None = None,
 ) -> list[str]:
-    """The model's output text for each source: greedy (default), sampled (temperature > 0) or beam search."""
+    """The model's output text for each source: greedy (default), sampled (temperature > 0) or beam search.
+
+    A conditional VAE decodes from its prior's mean, or from a draw of z with `z_seed` (other seeds,
+    other summaries).
+    """
     if not isinstance(model, Seq2Seq):
         raise UserError(f"predict needs a seq2seq model; this one is a {type(model).__name__} "
                         f"(kind {getattr(model.config, 'kind', '?')})")
     return model.generate(list(sources), max_new_tokens=max_new_tokens, temperature=temperature,
                           beam_size=beam_size, length_penalty=length_penalty, seed=seed, too_long=too_long,
-                          batch_size=batch_size)
+                          batch_size=batch_size, condition_options={"z_seed": z_seed} if z_seed is not None else None)

@@ -164,6 +164,31 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.
 
 
 @torch.no_grad()
+def evaluate_conditional_elbo(model, pairs: Sequence[Pair], batch_size: int, eos_id: int, seed: int = 0
+                              ) -> dict[str, float]:
+    """A conditional VAE's `val_loss` (negative ELBO per summary token, beta = 1), `val_recon` (per token,
+    z from the posterior) and `val_kl` (KL(q(z | article, summary) || p(z | article)) per pair, nats)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    recon_total = kl_total = 0.0
+    tokens = 0
+    for i in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[i:i + batch_size], eos_id, device)
+        memory = model.encode(batch["source"], batch["source_mask"])
+        summary_mask = batch["targets"] != IGNORE
+        prior = model.prior(memory, batch["source_mask"])
+        mu, logvar = model.posterior(memory, batch["source_mask"], batch["targets"].clamp(min=0), summary_mask)
+        z = model.reparameterize(mu, logvar, generator)
+        n = int(summary_mask.sum())
+        recon_total += model(batch["ids"], targets=batch["targets"], source=batch["source"],
+                             source_mask=batch["source_mask"], z=z).item() * n
+        kl_total += gaussian_kl(mu, logvar, *prior).sum().item()
+        tokens += n
+    return {"val_loss": (recon_total + kl_total) / tokens, "val_recon": recon_total / tokens,
+            "val_kl": kl_total / len(pairs)}
+
+
+@torch.no_grad()
 def kl_per_dimension(model: VAE, pairs: Sequence[Pair], batch_size: int, eos_id: int) -> list[float]:
     """Mean KL(q(z_d | x) || N(0, 1)) of each latent dimension over `pairs`, in nats."""
     device = next(model.parameters()).device

@@ -11,7 +11,8 @@ resumed run continue exactly and a multi-process run see the same data as a sing
     trainer = Trainer(vae, config, out, batches=PairBatches(texts, 8, 0, eos), loss_fn=ElboLoss(elbo_config))
 
 Objectives: `causal_lm_loss` (and `logits_causal_lm_loss` for Hugging Face models), `seq2seq_loss`
-(targets given sources), `ElboLoss` (the VAE's negative ELBO with beta annealing and free bits).
+(targets given sources), `ElboLoss` (the VAE's negative ELBO with beta annealing and free bits) and
+`ConditionalElboLoss` (the conditional VAE's, with a learned prior).
 """
 
 from __future__ import annotations
@@ -172,9 +173,15 @@ def evaluate_pairs(model, pairs: Sequence[Pair], batch_size: int, eos_id: int, d
 # vae: the evidence lower bound
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, in nats: same shape as mu."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None = None,
+                prior_logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) per dimension, in nats: same shape as mu.
+
+    The prior is N(0, 1) unless given (a conditional VAE's learned prior p(z | article)).
+    """
+    if prior_mu is None:
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1.0)
 
 
 def free_bits_kl(kl: torch.Tensor, free_bits: float) -> torch.Tensor:
@@ -209,4 +216,30 @@ class ElboLoss:
         kl = gaussian_kl(mu, logvar)  # (B, D)
         beta = self.config.beta_at(int(batch["step"]), self.max_steps)
         tokens = (targets != IGNORE).sum().clamp(min=1)
+        return recon + beta * free_bits_kl(kl, self.config.free_bits) * len(mu) / tokens
+
+
+class ConditionalElboLoss(ElboLoss):
+    """The conditional VAE's objective per target token: -log p(summary | article, z) + beta * KL(q || p) / tokens.
+
+    `batch` is a pairs batch (source = article, target = summary) with its `step`; z is drawn from the
+    posterior q(z | article, summary), and the KL is to the learned prior p(z | article).
+    """
+
+    def __call__(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        source, source_mask, ids, targets = batch["source"], batch["source_mask"], batch["ids"], batch["targets"]
+        memory = model.encode(source, source_mask)
+        summary_mask = targets != IGNORE  # the summary and its end token
+        prior_mu, prior_logvar = model.prior(memory, source_mask)
+        mu, logvar = model.posterior(memory, source_mask, targets.clamp(min=0), summary_mask)
+        z = model.reparameterize(mu, logvar)
+        if self.config.word_dropout > 0:
+            drop = torch.rand(ids.shape, device=ids.device) < self.config.word_dropout
+            drop[:, 0] = False
+            ids = torch.where(drop, ids[:, :1], ids)
+        offset = model.from_latent(z.to(model.from_latent.weight.dtype))
+        recon = model.output(model.hidden_states(ids, memory, source_mask, None, offset), targets, False, IGNORE)
+        kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar)
+        beta = self.config.beta_at(int(batch["step"]), self.max_steps)
+        tokens = summary_mask.sum().clamp(min=1)
         return recon + beta * free_bits_kl(kl, self.config.free_bits) * len(mu) / tokens
