@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import math
+import random
 import re
 import sys
 import time
@@ -50,7 +51,7 @@ DEFAULT_MAX_LENGTH = 128
 DEFAULT_TEMPLATE = "Text: {text}\nQuestion: which word describes this text: {choices}?\nAnswer:"
 
 Records = Sequence[dict[str, Any]]
-Augment = Callable[[str, np.random.Generator], str]  # (text, rng) -> a changed text
+Augment = Callable[[str, random.Random], str]  # (text, rng) -> a changed text, e.g. lmforge.data.augment.Augmenter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +297,7 @@ class LabelledBatches:
         if self.augment is None:
             token_rows = [self.ids[i] for i in picks]
         else:
-            rng = np.random.default_rng([self.seed, step, part])
+            rng = random.Random(f"{self.seed}-{step}-{part}")
             token_rows = encode_texts(self.tokenizer, [self.augment(self.texts[i], rng) for i in picks],
                                       self.max_length)
         ids, lengths = pad_right(token_rows, self.tokenizer.eos_id, self.device)
