@@ -290,3 +290,16 @@ def test_preset_name_epochs_and_overrides(tokenizer, tmp_path) -> None:
     assert epochs == [1.0, 2.0]
     with pytest.raises(UserError, match="unknown setting 'lr'"):
         train_seq2seq(reverse_pairs(4, 2), reverse_pairs(2, 3), tokenizer, "tiny", tmp_path / "z", overrides={"lr": 1})
+
+
+def test_generate_verb_runs_a_seq2seq_checkpoint(trained, capsys) -> None:
+    from lmforge.cli import main
+
+    out, _ = trained
+    expected = predict(lmforge.load(out / "checkpoint"), ["red blue"], max_new_tokens=8)[0]
+    assert main(["generate", str(out / "checkpoint"), "--prompt", "red blue", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == f"red blue{expected}\n"
+    model = lmforge.load(out / "checkpoint")
+    two = model.generate("red blue", max_new_tokens=8, temperature=1.0, num_samples=2, seed=3, stop=["gold"])
+    assert len(two) == 2 and not any("gold" in t for t in two)

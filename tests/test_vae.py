@@ -266,6 +266,11 @@ def test_vae_verbs(trained, tmp_path, capsys, monkeypatch) -> None:
     assert code == 0 and len(text.splitlines()) == 1
     code, text, _ = run_cli(capsys, "vae", "interpolate", str(out), LINES[0], LINES[1], "--steps", "3")
     assert code == 0 and [line.split()[0] for line in text.splitlines()] == ["0.00", "0.50", "1.00"]
+    code, text, err = run_cli(capsys, "generate", str(out), "--prompt", "", "--num-samples", "2",
+                              "--max-new-tokens", "8", "--seed", "1")  # the generic verb: z from the prior
+    assert code == 0, err
+    samples = lmforge.load(out).generate(num_samples=2, max_new_tokens=8, seed=1, temperature=0.8)
+    assert text == "".join(f"--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples))
 
 
 def test_vae_train_verb_and_sample(tmp_path, capsys, monkeypatch) -> None:

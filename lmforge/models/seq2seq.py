@@ -21,7 +21,7 @@ Generation goes through the one generate loop (`lmforge.infer.generate.generate_
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -173,15 +173,21 @@ class Seq2Seq(nn.Module):
         too_long: str = "truncate",
         batch_size: int = 32,
         condition_options: dict[str, Any] | None = None,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        num_samples: int = 1,
+        stream: Callable[[str], None] | bool | None = None,
     ) -> list[str]:
         """The output text for each source text: greedy (temperature 0, the default), sampled, or beam search.
 
-        `beam_size` > 1 searches (temperature, top_k and top_p then do not apply). Sources longer than
-        the context are cut with a warning (`too_long="truncate"`) or rejected (`"error"`).
-        `condition_options` go to `self.condition` (a conditional VAE: `{"z_seed": 3}` samples z).
+        `beam_size` > 1 searches (temperature, top_k, top_p and repetition_penalty then do not apply).
+        Sources longer than the context are cut with a warning (`too_long="truncate"`) or rejected
+        (`"error"`). `condition_options` go to `self.condition` (a conditional VAE: `{"z_seed": 3}` samples
+        z). As with the decoder's `generate` (so `lmforge generate` works): `stop` strings cut the outputs,
+        `num_samples` outputs per source, `stream` receives the (single) output once it is complete.
         """
         from lmforge.infer.beam import beam_search_ids
-        from lmforge.infer.generate import generate_ids
+        from lmforge.infer.generate import _cut_at_stop, generate_ids
 
         tokenizer = self.tokenizer
         if tokenizer is None:
@@ -189,6 +195,9 @@ class Seq2Seq(nn.Module):
         texts = [sources] if isinstance(sources, str) else list(sources)
         if beam_size < 1:
             raise UserError(f"--beam-size = {beam_size}; expected >= 1")
+        if num_samples < 1:
+            raise UserError(f"--num-samples = {num_samples}; expected >= 1")
+        texts = [t for t in texts for _ in range(num_samples)]
         encoded = encode_texts(texts, tokenizer, self.config.block_size, too_long, "source")
         device = self.head_weight.device
         out: list[str] = []
@@ -200,9 +209,12 @@ class Seq2Seq(nn.Module):
                 rows = beam_search_ids(self, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,
                                        tokenizer.eos_id, condition)
             else:
-                rows = generate_ids(self, prompts, max_new_tokens, temperature, top_k, top_p,
+                rows = generate_ids(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                     eos_id=tokenizer.eos_id, seed=seed, condition=condition)
             out.extend(tokenizer.decode(r) for r in rows)
+        out = [_cut_at_stop(text, stop) for text in out]
+        if stream:
+            (stream if callable(stream) else lambda piece: print(piece, end="", flush=True))(out[0])
         return out
 
 

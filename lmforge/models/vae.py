@@ -5,6 +5,7 @@
     z = model.reparameterize(mu, logvar)                 # z = mu + sigma * eps, differentiable
     loss = model(ids, targets, z=z)                      # reconstruction cross-entropy of p(x | z)
     logits = model(ids, z=z)                             # (B, T, vocab)
+    texts = model.generate(num_samples=3, seed=0)        # decoded from z ~ N(0, I) (lmforge.tasks.vae: more)
 
 The encoder is a stack of bidirectional `Block`s (the same layers as the decoder, `causal=False`, padding
 masked out), mean-pooled over the real tokens and projected to (mu, log sigma^2) of `latent_dim`
@@ -17,16 +18,21 @@ one attention slot that a strong autoregressive decoder learns to ignore (the ro
 collapse); it costs no context position, and cached generation needs nothing but z in the cache
 (`cache.condition["z"]`), so sampling goes through the one generate loop unchanged.
 The objective (ELBO with beta annealing and free bits) is `lmforge.train.objectives.ElboLoss`.
+
+`ConditionalVAE` (`kind: cvae`) is the article's summarization case: a Seq2Seq whose decoder also
+reads a latent z, with a learned prior p(z | article) and a posterior q(z | article, summary).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.errors import UserError
 from lmforge.models.layers import (
     Block,
     KVCache,
@@ -144,6 +150,45 @@ class VAE(nn.Module):
             for emb in (self.tok_emb, self.enc_pos_emb, self.pos_emb):
                 n -= emb.weight.numel() if emb is not None else 0
         return n
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | Sequence[str] = "",
+        max_new_tokens: int = 100,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        num_samples: int = 1,
+        seed: int | None = None,
+        stream: Callable[[str], None] | bool | None = None,
+    ) -> list[str]:
+        """Texts decoded from z drawn from the prior N(0, I), one z per sample, continuing each `prompt`.
+
+        The options are those of the decoder's `generate` (so `lmforge generate` works); `seed` fixes the
+        draws of z (and of the tokens when sampling); `stream` receives the single output once complete.
+        """
+        from lmforge.infer.generate import _cut_at_stop, generate_ids
+
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise UserError("this model has no tokenizer; load it with lmforge.load(CHECKPOINT)")
+        if num_samples < 1:
+            raise UserError(f"--num-samples = {num_samples}; expected >= 1")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        eos = tokenizer.eos_id
+        encoded = [[eos] + (tokenizer.encode(p) if p else []) for p in prompts for _ in range(num_samples)]
+        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        z = torch.randn(len(encoded), self.config.latent_dim, generator=generator).to(self.head_weight.device)
+        rows = generate_ids(self, encoded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id=eos,
+                            seed=seed, condition={"z": z})
+        texts = [tokenizer.decode(r) for r in rows]
+        texts = [_cut_at_stop(text, stop) for text in texts]
+        if stream:
+            (stream if callable(stream) else lambda piece: print(piece, end="", flush=True))(texts[0])
+        return texts
 
 
 class ConditionalVAE(Seq2Seq):
