@@ -9,6 +9,8 @@
     lmforge models
     lmforge import smollm2-135m-instruct runs/smollm2      # or a Hugging Face directory, a .gguf file, a hub id
     lmforge export runs/smollm2 --format hf --out runs/smollm2-hf
+    lmforge vae train --data shakespeare --out runs/vae [--beta-schedule cyclical] [--free-bits 0.1]
+    lmforge vae sample|reconstruct|interpolate|encode runs/vae ...
 
 The same flags mean the same everywhere: `--data` (input), `--out` (where results go), `--preset`,
 `--config`; a checkpoint is a positional argument. A user's mistake prints one line on stderr and
