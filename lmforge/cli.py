@@ -368,6 +368,9 @@ def _add_classify_verb(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", nargs="+", help="linear layers to adapt (default: attention and MLP)")
+    p.add_argument("--lora-layers", type=int, help="adapt only the last N blocks (faster steps; default: all)")
+    p.add_argument("--augment", type=float, metavar="RATE", help="EDA on the fly: every text drawn for training "
+                   "gets one EDA operation (synonyms, insertion, swap, deletion) at this rate, e.g. 0.1")
     _add_classify_fields(p)
     _add_config_flags(p, sections=("train",))
     p = actions.add_parser("predict", help="label texts, with probabilities (JSON lines)")
@@ -410,10 +413,14 @@ def _run_classify(args: argparse.Namespace) -> None:
     from lmforge.tasks import classify
 
     if args.action == "train":
+        from lmforge.data.augment import Augmenter
+
         summary = classify.train_classifier(
             args.model, args.data, args.out, args.method, args.epochs, args.val_data, args.val_fraction,
             args.text_field, args.label_field, args.max_length, args.lora_rank, args.lora_alpha, args.lora_dropout,
-            args.lora_targets, args.patience, overrides=_config_overrides(args))
+            args.lora_targets, args.lora_layers, args.patience, overrides=_config_overrides(args),
+            augment=None if args.augment is None else Augmenter(synonym_rate=args.augment, insert_rate=args.augment,
+                                                                swap_rate=args.augment, delete_rate=args.augment))
         print(f"validation accuracy {summary['val_accuracy_before']:.4f} before, {summary['val_accuracy']:.4f} "
               f"after; the best checkpoint is in {args.out}/best")
     elif args.action == "predict":

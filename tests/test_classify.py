@@ -286,3 +286,20 @@ def test_bad_input_is_one_line_and_exit_code_2(base, tmp_path, capsys):
         predict(out, ["fine", " "])
     with pytest.raises(UserError, match="no field 'label'"):
         read_labelled([{"text": "a", "sentiment": "good"}])
+
+
+def test_on_the_fly_augmentation_is_fixed_by_the_step_and_changes_between_epochs(base, tokenizer):
+    from lmforge.data.augment import Augmenter
+    from lmforge.tasks.classify import LabelledBatches
+
+    records = reviews(8)
+    swap = Augmenter(synonym_rate=0, insert_rate=0, swap_rate=0.5, delete_rate=0, seed=0)  # no thesaurus needed
+    batches = LabelledBatches([r["text"] for r in records], [i % 2 for i in range(8)], tokenizer, batch_size=8,
+                              seed=0, max_length=32, augment=swap)
+    plain = LabelledBatches([r["text"] for r in records], [i % 2 for i in range(8)], tokenizer, batch_size=8,
+                            seed=0, max_length=32)
+    first, again, next_epoch, unaugmented = batches(0, 0, 8), batches(0, 0, 8), batches(1, 0, 8), plain(0, 0, 8)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # a resumed run sees the same batch
+    assert not torch.equal(first["ids"], unaugmented["ids"])  # the words were swapped
+    assert sorted(first["labels"].tolist()) == sorted(next_epoch["labels"].tolist())
+    assert not torch.equal(first["ids"], next_epoch["ids"])
