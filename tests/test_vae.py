@@ -21,7 +21,7 @@ from lmforge.models.vae import VAE, ConditionalVAE
 from lmforge.tasks import vae as vae_task
 from lmforge.tasks.seq2seq import predict, train_seq2seq
 from lmforge.train.checkpoint import save_checkpoint
-from lmforge.train.objectives import ElboLoss, Pair, PairBatches, free_bits_kl, gaussian_kl
+from lmforge.train.objectives import ConditionalElboLoss, ElboLoss, Pair, PairBatches, free_bits_kl, gaussian_kl
 
 
 def vae_config(**overrides) -> ModelConfig:
@@ -105,10 +105,10 @@ def test_word_dropout_hides_decoder_inputs_but_not_the_start() -> None:
     config = ElboConfig(beta_schedule="constant", beta=0.0, word_dropout=0.5)
     torch.manual_seed(3)
     loss = ElboLoss(config, max_steps=10)(model, batch)
-    torch.manual_seed(3)  # the same z and the same dropped words
+    torch.manual_seed(3)  # the same dropped words and the same z
+    drop = torch.rand(batch["ids"].shape) < 0.5
     mu, logvar = model.encode(batch["source"], batch["source_mask"])
     z = model.reparameterize(mu, logvar)
-    drop = torch.rand(batch["ids"].shape) < 0.5
     assert drop[:, 1:].any() and not drop[:, 1:].all()
     ids = batch["ids"].clone()
     ids[:, 1:][drop[:, 1:]] = 0  # the start token (end-of-text, id 0 here) in place of the dropped words
@@ -376,3 +376,21 @@ def test_cvae_trains_saves_loads_and_gives_diverse_outputs(tmp_path, tokenizer) 
     draws = [predict(model, sources, max_new_tokens=10, z_seed=s) for s in range(4)]
     assert draws[0] == predict(model, sources, max_new_tokens=10, z_seed=0)
     assert all(len(d) == 2 for d in draws)
+
+
+def test_elbo_losses_run_through_distributed_data_parallel(tmp_path) -> None:
+    """Under torchrun the Trainer hands the objective a DDP wrapper: the whole ELBO pass must be its forward."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        pairs = [Pair(ids, ids) for ids in ([5, 6, 7, 8], [9, 10], [11, 12, 13])]
+        batch = PairBatches(pairs, 3, seed=0, eos_id=0)(step=5, part=0, rows=3)
+        for model, loss_fn in ((make_vae().train(), ElboLoss(ElboConfig(word_dropout=0.2), 10)),
+                               (make_cvae().train(), ConditionalElboLoss(ElboConfig(free_bits=0.1), 10))):
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            loss = loss_fn(wrapped, batch)
+            loss.backward()
+            assert torch.isfinite(loss) and model.from_latent.weight.grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()

@@ -126,19 +126,31 @@ class VAE(nn.Module):
         last_only: bool = False,
         ignore_index: int = -100,
         z: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab) of p(x | z), z given or read from `cache`; with `targets`, the mean cross-entropy."""
+        source: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab) of p(x | z), z given or read from `cache`; with `targets`, the mean cross-entropy.
+
+        With `source` (the text to encode, and its mask), z is drawn from q(z | source) and the result is
+        (logits or loss, mu, logvar): the whole ELBO pass in one call, as DistributedDataParallel needs.
+        """
+        mu = logvar = None
+        if source is not None:
+            mu, logvar = self.encode(source, source_mask)
+            z = self.reparameterize(mu, logvar) if z is None else z
         if z is None:
             if cache is None or "z" not in cache.condition:
                 raise ValueError("the VAE decoder needs a latent: pass z= (or a cache holding it)")
             z = cache.condition["z"]
         h = self.hidden_states(ids, z, cache)
         if targets is not None:
-            return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
-                                              ignore_index=ignore_index)
-        if last_only:
-            return (self.head_weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
-        return h @ self.head_weight.T
+            out = fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
+                                             ignore_index=ignore_index)
+        elif last_only:
+            out = (self.head_weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
+        else:
+            out = h @ self.head_weight.T
+        return out if mu is None else (out, mu, logvar)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         p = self.tok_emb.weight
@@ -259,17 +271,31 @@ class ConditionalVAE(Seq2Seq):
         source: torch.Tensor | None = None,
         source_mask: torch.Tensor | None = None,
         z: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """As `Seq2Seq.forward`, given z (B, latent_dim) or with z in the cache (then the prior's if absent)."""
+        posterior_target: torch.Tensor | None = None,
+        posterior_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """As `Seq2Seq.forward`, given z (B, latent_dim) or with z in the cache (then the prior's if absent).
+
+        With `posterior_target` (the summary ids, and its mask; training), z is drawn from q(z | article,
+        summary) and the result is (logits or loss, mu, logvar, prior_mu, prior_logvar): the whole ELBO
+        pass in one call, as DistributedDataParallel needs.
+        """
         if source is not None:
             memory, memory_mask = self.encode(source, source_mask), source_mask
         elif cache is not None and "memory" in cache.condition:
             memory, memory_mask = cache.condition["memory"], cache.condition["memory_mask"]
         else:
             raise ValueError("ConditionalVAE needs a source: pass source= (or a cache holding the encoder's output)")
+        stats: tuple[torch.Tensor, ...] = ()
+        if posterior_target is not None:
+            prior_mu, prior_logvar = self.prior(memory, memory_mask)
+            mu, logvar = self.posterior(memory, memory_mask, posterior_target, posterior_mask)
+            z = self.reparameterize(mu, logvar) if z is None else z
+            stats = (mu, logvar, prior_mu, prior_logvar)
         if z is None:
             z = cache.condition["z"] if cache is not None and "z" in cache.condition else \
                 self.prior(memory, memory_mask)[0]
         offset = self.from_latent(z.to(self.from_latent.weight.dtype))
-        return self.output(self.hidden_states(ids, memory, memory_mask, cache, offset), targets, last_only,
-                           ignore_index)
+        out = self.output(self.hidden_states(ids, memory, memory_mask, cache, offset), targets, last_only,
+                          ignore_index)
+        return (out, *stats) if stats else out

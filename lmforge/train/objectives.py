@@ -205,18 +205,23 @@ class ElboLoss:
         self.config, self.max_steps = config.validate(), max_steps
 
     def __call__(self, model, batch: dict[str, Any]) -> torch.Tensor:
-        mu, logvar = model.encode(batch["source"], batch["source_mask"])
-        z = model.reparameterize(mu, logvar)
-        ids, targets = batch["ids"], batch["targets"]
-        if self.config.word_dropout > 0:
-            drop = torch.rand(ids.shape, device=ids.device) < self.config.word_dropout
-            drop[:, 0] = False
-            ids = torch.where(drop, ids[:, :1], ids)  # the start token stands for a missing word
-        recon = model(ids, targets=targets, z=z)  # mean per token
-        kl = gaussian_kl(mu, logvar)  # (B, D)
+        ids, targets = self.drop_words(batch["ids"]), batch["targets"]
+        recon, mu, logvar = model(ids, targets=targets, source=batch["source"], source_mask=batch["source_mask"])
+        return self.total(recon, gaussian_kl(mu, logvar), batch)
+
+    def drop_words(self, ids: torch.Tensor) -> torch.Tensor:
+        """Word dropout of the decoder's inputs (the first, the start token, always stays)."""
+        if self.config.word_dropout == 0:
+            return ids
+        drop = torch.rand(ids.shape, device=ids.device) < self.config.word_dropout
+        drop[:, 0] = False
+        return torch.where(drop, ids[:, :1], ids)  # the start token stands for a missing word
+
+    def total(self, recon: torch.Tensor, kl: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """recon (mean per token) + beta(step) * the free-bits KL term (kl: (B, D)) per token."""
         beta = self.config.beta_at(int(batch["step"]), self.max_steps)
-        tokens = (targets != IGNORE).sum().clamp(min=1)
-        return recon + beta * free_bits_kl(kl, self.config.free_bits) * len(mu) / tokens
+        tokens = (batch["targets"] != IGNORE).sum().clamp(min=1)
+        return recon + beta * free_bits_kl(kl, self.config.free_bits) * len(kl) / tokens
 
 
 class ConditionalElboLoss(ElboLoss):
@@ -227,19 +232,8 @@ class ConditionalElboLoss(ElboLoss):
     """
 
     def __call__(self, model, batch: dict[str, Any]) -> torch.Tensor:
-        source, source_mask, ids, targets = batch["source"], batch["source_mask"], batch["ids"], batch["targets"]
-        memory = model.encode(source, source_mask)
-        summary_mask = targets != IGNORE  # the summary and its end token
-        prior_mu, prior_logvar = model.prior(memory, source_mask)
-        mu, logvar = model.posterior(memory, source_mask, targets.clamp(min=0), summary_mask)
-        z = model.reparameterize(mu, logvar)
-        if self.config.word_dropout > 0:
-            drop = torch.rand(ids.shape, device=ids.device) < self.config.word_dropout
-            drop[:, 0] = False
-            ids = torch.where(drop, ids[:, :1], ids)
-        offset = model.from_latent(z.to(model.from_latent.weight.dtype))
-        recon = model.output(model.hidden_states(ids, memory, source_mask, None, offset), targets, False, IGNORE)
-        kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar)
-        beta = self.config.beta_at(int(batch["step"]), self.max_steps)
-        tokens = summary_mask.sum().clamp(min=1)
-        return recon + beta * free_bits_kl(kl, self.config.free_bits) * len(mu) / tokens
+        targets = batch["targets"]
+        recon, mu, logvar, prior_mu, prior_logvar = model(
+            self.drop_words(batch["ids"]), targets=targets, source=batch["source"], source_mask=batch["source_mask"],
+            posterior_target=targets.clamp(min=0), posterior_mask=targets != IGNORE)  # the summary and its end
+        return self.total(recon, gaussian_kl(mu, logvar, prior_mu, prior_logvar), batch)
