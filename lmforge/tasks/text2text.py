@@ -33,6 +33,8 @@ from typing import Any
 from lmforge.errors import UserError
 
 LANGUAGES = {"en": "English", "ja": "Japanese"}
+MAX_VAL_PAIRS = 400  # validation loss on the first 400 pairs of the split: every epoch, so keep it quick
+FROM_SCRATCH = {"train.lr": 1e-3, "train.min_lr": 1e-4, "train.batch_size": 16}  # fine-tuning's lr is far lower
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def train_text_task(
     if model_kind not in ("decoder", "seq2seq"):
         raise UserError(f"--model-kind {model_kind!r}; expected decoder or seq2seq")
     train_pairs = task_pairs(task, data, "train", limit)
-    val_pairs = task_pairs(task, data, "validation", limit and max(1, limit // 8))
+    val_pairs = task_pairs(task, data, "validation", min(limit and max(1, limit // 8) or MAX_VAL_PAIRS, MAX_VAL_PAIRS))
     if model_kind == "seq2seq":
         if preset is None:
             raise UserError("--model-kind seq2seq trains from scratch: give --preset, not a pretrained MODEL")
@@ -164,7 +166,9 @@ def train_text_task(
                              overrides=overrides, info={"task": task.name, "data": str(data)})
     if preset is not None:
         base, method = None, "full"
-        module = from_scratch(preset, task_tokenizer(train_pairs, vocab_size), max_length)
+        model_overrides = {k: v for k, v in (overrides or {}).items() if k.startswith("model.")}
+        module = from_scratch(preset, task_tokenizer(train_pairs, vocab_size), max_length, model_overrides)
+        overrides = {**FROM_SCRATCH, **{k: v for k, v in (overrides or {}).items() if k not in model_overrides}}
     else:
         base, (module, _) = str(model), load_trainable(model)
     tokenizer, config = module.tokenizer, module.config
@@ -184,16 +188,17 @@ def task_tokenizer(pairs: list[dict[str, str]], vocab_size: int):
     return train_tokenizer(texts, vocab_size=vocab_size, show_progress=False)
 
 
-def from_scratch(preset_name: str, tokenizer, max_length: int):
-    """A freshly initialised Decoder of `preset_name`, sized to the tokenizer, with it attached."""
+def from_scratch(preset_name: str, tokenizer, max_length: int, overrides: dict[str, Any] | None = None):
+    """A freshly initialised Decoder of `preset_name` (with `model.*` overrides), sized to the
+    tokenizer and to `max_length`, with the tokenizer attached."""
     import torch
 
-    from lmforge.config import preset
+    from lmforge.config import ModelConfig, from_dict, preset, to_dict
     from lmforge.models.decoder import Decoder
 
-    config = preset(preset_name)
-    config.vocab_size = tokenizer.vocab_size
-    config.block_size = max(config.block_size, max_length)
+    values = {**to_dict(preset(preset_name)), **{k.removeprefix("model."): v for k, v in (overrides or {}).items()}}
+    values.update(vocab_size=tokenizer.vocab_size, block_size=max(values["block_size"], max_length))
+    config = from_dict(ModelConfig, values, "model")
     torch.manual_seed(0)
     model = Decoder(config)
     model.tokenizer = tokenizer
@@ -364,7 +369,7 @@ def train_multitask(
     per_task = []
     for task, data, weight in mixture:
         train = prompt_records(task, task_pairs(task, data, "train", limit), module.tokenizer, context)
-        val = prompt_records(task, task_pairs(task, data, "validation", limit and max(1, limit // 8)),
+        val = prompt_records(task, task_pairs(task, data, "validation", MAX_VAL_PAIRS // len(mixture)),
                              module.tokenizer, context)
         per_task.append((task, data, weight, train, val))
     total = sum(len(train) for *_, train, _ in per_task)

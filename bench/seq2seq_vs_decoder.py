@@ -1,0 +1,92 @@
+"""An encoder-decoder against a decoder-only model of about the same size, trained from scratch on the
+same pairs for the same number of steps, in one report (BLEU/chrF for translation, ROUGE for summaries).
+
+    python bench/seq2seq_vs_decoder.py --task translate --data bible_en_ja --steps 1500 --out runs/cmp-translate
+    python bench/seq2seq_vs_decoder.py --task summarize --data xsum --steps 400 --out runs/cmp-summarize
+    python bench/seq2seq_vs_decoder.py --quick --out /tmp/cmp           # a few steps, to check the plumbing
+
+Both models are `gpt-micro` sized (d_model 256, 4 heads, context 256 by default): the decoder has 4
+blocks, the encoder-decoder 2 encoder + 2 decoder blocks (its decoder blocks also have cross-attention,
+so it has a few % more parameters; both counts are reported). Both use one tokenizer trained on the
+training pairs, the same batch size, learning rate and schedule, and the same number of optimizer steps;
+both see the same pairs (the decoder as "prompt + target" with the loss on the target only, the
+encoder-decoder as source -> target). Training time is reported for each (the machine's other load
+is in the report too: compare the times only on a quiet machine). Prediction is greedy for both
+(and beam search for the encoder-decoder with `--beam-size`). Writes OUT/report.json and OUT/report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, machine_state  # noqa: E402
+
+from lmforge.api import load  # noqa: E402
+from lmforge.eval.report import write_report  # noqa: E402
+from lmforge.tasks import text2text  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="translate", choices=["translate", "summarize"])
+    parser.add_argument("--data", help="catalog dataset (default: the task's)")
+    parser.add_argument("--direction", default="en-ja")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--eval-limit", type=int, default=300, help="test pairs scored (default: 300)")
+    parser.add_argument("--beam-size", type=int, default=4, help="beam width for the encoder-decoder's second row")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="20 steps and 20 test pairs: a plumbing check")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.eval_limit = 20, 20
+    out = Path(args.out)
+    task = text2text.get_task(args.task, args.direction if args.task == "translate" else None)
+    data = args.data or task.default_data
+    train = {"train.max_steps": args.steps, "train.batch_size": args.batch_size, "train.lr": args.lr,
+             "train.min_lr": args.lr / 10, "train.warmup_steps": max(1, args.steps // 20),
+             "train.eval_interval": max(1, args.steps // 5), "train.eval_batches": 4}
+    shapes = {"decoder": {"model.n_layer": 4},
+              "seq2seq": {"model.n_layer": 2, "model.n_encoder_layer": 2}}
+    rows, runs = [], {}
+    state = machine_state()
+    for kind, shape in shapes.items():
+        run = out / kind
+        start = time.perf_counter()
+        summary = text2text.train_text_task(task, None, data, run, preset="gpt-micro", model_kind=kind,
+                                            epochs=None, max_length=args.max_length, vocab_size=args.vocab_size,
+                                            overrides={**train, **shape})
+        seconds = time.perf_counter() - start
+        model = load(run)
+        parameters = sum(p.numel() for p in model.parameters())
+        beams = [1, args.beam_size] if kind == "seq2seq" and args.beam_size > 1 else [1]
+        for beam in beams:
+            report = text2text.evaluate_text_task(task, model, data, "test", limit=args.eval_limit, beam_size=beam)
+            row = {"system": f"{kind}" + (f", beam {beam}" if beam > 1 else ", greedy"), "parameters": parameters,
+                   "train_seconds": round(seconds), "best_val_loss": summary.get("best_val_loss"),
+                   **{k: v for k, v in report["rows"][0].items() if k != "system"},
+                   "predict_seconds": report["predict_seconds"]}
+            rows.append(row)
+            emit({"figure": f"{args.task}_{kind}_beam{beam}", **row})
+        runs[kind] = {"summary": summary, "examples": report["examples"][:3]}
+    if task.metric == "rouge":
+        pairs = text2text.task_pairs(task, data, "test", args.eval_limit)
+        lead = text2text.score(task, [text2text.lead_sentence(p["source"]) for p in pairs],
+                               [p["target"] for p in pairs])
+        rows.append({"system": "lead-1 baseline", **{k: round(v, 4) for k, v in lead.items()}})
+    write_report(out, "report", {"task": task.name, "data": data, "steps": args.steps, "batch_size": args.batch_size,
+                                 "machine": state, "threads": os.environ.get("OMP_NUM_THREADS"), "runs": runs}, rows)
+    print(json.dumps({"report": str(out / "report.md")}))
+
+
+if __name__ == "__main__":
+    main()
