@@ -48,7 +48,7 @@ from lmforge.errors import UserError
 
 HEAD_WEIGHTS, HEAD_CONFIG = "classifier.safetensors", "classifier.json"
 DEFAULT_MAX_LENGTH = 128
-DEFAULT_TEMPLATE = "Text: {text}\nQuestion: which word describes this text: {choices}?\nAnswer:"
+DEFAULT_TEMPLATE = "Text: {text}\nLabel:"  # 0.67 on 200 rotten_tomatoes validation texts with SmolLM2-135M
 
 Records = Sequence[dict[str, Any]]
 Augment = Callable[[str, random.Random], str]  # (text, rng) -> a changed text, e.g. lmforge.data.augment.Augmenter
@@ -472,8 +472,8 @@ def label_word_scores(model: Any, texts: Sequence[str], label_words: dict[str, s
                       template: str = DEFAULT_TEMPLATE, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """Log-probability (N, n_labels) the LM gives each label's word (all its tokens) after the prompt.
 
-    The prompt is `template` with `{text}` and `{choices}` (the words, comma-separated); the word
-    follows it after a space. Sequences shared by several labels (one-token words) are run once.
+    The prompt is `template` with `{text}` and optionally `{choices}` (the words, comma-separated); the
+    word follows it after a space. Sequences shared by several labels (one-token words) are run once.
     """
     if "{text}" not in template:
         raise UserError(f"--template {template!r} has no {{text}} placeholder")
