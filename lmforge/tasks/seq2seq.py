@@ -4,6 +4,8 @@
     summary = train_seq2seq(pairs, val_pairs, tokenizer, "tiny", "runs/s2s", epochs=5)   # or a ModelConfig
     model = lmforge.load("runs/s2s")
     outputs = predict(model, ["another article ..."], beam_size=4, max_new_tokens=64)
+    train_seq2seq(pairs, val_pairs, tokenizer, "tiny", "runs/cvae", elbo=ElboConfig())   # the conditional VAE
+    predict(lmforge.load("runs/cvae"), ["an article"], z_seed=1)                          # one draw of z
 
 The task verbs (`lmforge translate / summarize --model-kind seq2seq`) turn their datasets into pairs
 and call these. Training goes through the one Trainer with `seq2seq_loss`; the run directory holds
