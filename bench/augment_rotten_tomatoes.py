@@ -33,13 +33,14 @@ def load_split(split: str) -> list[dict]:
     return list(lmforge.data.load("rotten_tomatoes", split))
 
 
-def run_once(train: list[dict], test: list[dict], model: str | None, steps: int, out: Path) -> float:
+def run_once(train: list[dict], test: list[dict], model: str | None, steps: int, out: Path,
+             val: list[dict]) -> float:
     """Test accuracy of one classifier trained on `train`."""
     texts, gold = [r["text"] for r in test], [r["label"] for r in test]
     if model is None:
         predictions = tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], texts)
     else:
-        train_classifier(model, train, out, method="lora", epochs=None, val_fraction=0.1, max_length=64,
+        train_classifier(model, train, out, method="lora", epochs=None, val_data=val, max_length=64,
                          lora_layers=10, overrides={"train.max_steps": steps, "train.batch_size": 16,
                                                     "train.lr": 1e-3, "train.eval_interval": steps})
         predictions = predict(out, texts)
@@ -85,6 +86,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pool, test = load_split("train"), load_split("test")[:args.test_size]
+    val = load_split("validation")[:100]  # the same held-out texts for every LM run (never augmented)
     results: dict[str, list[float]] = {"no augmentation": [], f"EDA x{args.n_aug}": []}
     for seed in args.seeds:
         picks = np.random.default_rng(seed).choice(len(pool), size=args.n_train, replace=False)
@@ -93,7 +95,8 @@ def main() -> None:
         for name, train in (("no augmentation", small),
                             (f"EDA x{args.n_aug}", augment_records(small, "text", args.n_aug, augmenter))):
             start = time.perf_counter()
-            accuracy = run_once(train, test, args.model, args.steps, out / f"seed{seed}-{name.split()[0].lower()}")
+            accuracy = run_once(train, test, args.model, args.steps, out / f"seed{seed}-{name.split()[0].lower()}",
+                                val)
             results[name].append(accuracy)
             print(json.dumps({"figure": "run", "system": args.model or "tfidf+lr", "augmentation": name, "seed": seed,
                               "train_texts": len(train), "test_accuracy": round(accuracy, 4),
