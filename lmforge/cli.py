@@ -247,8 +247,8 @@ def _add_text_task_verbs(verbs: argparse._SubParsersAction) -> None:
         p.add_argument("data", nargs="?", default=data, help=f"catalog dataset or local folder (default: {data})")
         p.add_argument("--out", required=True, help="run directory to create")
         p.add_argument("--preset", help="train this model preset from scratch instead (see lmforge models)")
-        p.add_argument("--model-kind", default="decoder", choices=["decoder", "seq2seq"],
-                       help="decoder-only (default) or encoder-decoder (from scratch, with --preset)")
+        p.add_argument("--model-kind", default="decoder", choices=["decoder", "seq2seq", "cvae"],
+                       help="decoder-only (default), encoder-decoder or conditional VAE (from scratch, with --preset)")
         p.add_argument("--method", default="lora", choices=["full", "lora"], help="for a pretrained model")
         p.add_argument("--epochs", type=float, default=1.0)
         p.add_argument("--max-length", type=int, default=512, help="tokens per example, source cut to fit")

@@ -146,3 +146,20 @@ def test_lm_perplexity_equals_the_models_own_loss(tmp_path, tokenizer):
     assert row["bits_per_byte"] == pytest.approx(loss * (ids.shape[1] - 1) / (n_bytes * math.log(2)), rel=1e-3)
     with pytest.raises(UserError, match="unknown task"):
         evaluate(tmp_path / "m", "poems")
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "cvae"])
+def test_encoder_decoder_kinds_through_the_task_verbs(news_data, tmp_path, capsys, kind):
+    out = tmp_path / kind
+    assert main(["summarize", "train", "--preset", "tiny", str(news_data), "--out", str(out), "--model-kind", kind,
+                 "--epochs", "2", "--max-length", "96", "--vocab-size", "400"]) == 0
+    from lmforge.api import load
+
+    assert load(out).config.kind == kind
+    assert main(["summarize", "eval", str(out), str(news_data), "--out", str(tmp_path / "e"), "--beam-size", "2"]) == 0
+    saved = json.loads((tmp_path / "e" / "summarize.json").read_text())
+    assert saved["n"] == 8 and saved["rows"][1]["system"] == "lead-1 baseline"
+    capsys.readouterr()
+    assert main(["summarize", "train", "smollm2-135m-instruct", str(news_data), "--out", str(tmp_path / "x"),
+                 "--model-kind", kind]) == 2
+    assert "trains from scratch" in capsys.readouterr().err

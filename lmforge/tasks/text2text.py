@@ -16,7 +16,8 @@ completion is the target, and the loss counts on the completion only (`lmforge.d
 source is cut (in tokens) so that prompt and target always fit the model's context. A decoder is
 either a pretrained model (fine-tuned fully or with LoRA, through `lmforge.finetune`) or a preset
 trained from scratch here, with a tokenizer trained on the task's own training text. With
-`model_kind="seq2seq"` the pairs train an encoder-decoder instead (`lmforge.tasks.seq2seq`).
+`model_kind="seq2seq"` the pairs train an encoder-decoder instead, and with `"cvae"` the conditional
+VAE of the article (`lmforge.tasks.seq2seq`).
 Predictions are greedy and stop at the end of the line.
 """
 
@@ -152,18 +153,22 @@ def train_text_task(
     task = get_task(task, direction) if isinstance(task, str) else task
     if (model is None) == (preset is None):
         raise UserError("give either a pretrained MODEL to fine-tune or --preset NAME to train from scratch")
-    if model_kind not in ("decoder", "seq2seq"):
-        raise UserError(f"--model-kind {model_kind!r}; expected decoder or seq2seq")
+    if model_kind not in ("decoder", "seq2seq", "cvae"):
+        raise UserError(f"--model-kind {model_kind!r}; expected decoder, seq2seq or cvae")
     train_pairs = task_pairs(task, data, "train", limit)
     val_pairs = task_pairs(task, data, "validation", min(limit and max(1, limit // 8) or MAX_VAL_PAIRS, MAX_VAL_PAIRS))
-    if model_kind == "seq2seq":
+    if model_kind != "decoder":
         if preset is None:
-            raise UserError("--model-kind seq2seq trains from scratch: give --preset, not a pretrained MODEL")
+            raise UserError(f"--model-kind {model_kind} trains from scratch: give --preset, not a pretrained MODEL")
+        from lmforge.config import ElboConfig
         from lmforge.tasks.seq2seq import train_seq2seq
 
         tokenizer = task_tokenizer(train_pairs, vocab_size)
-        return train_seq2seq(train_pairs, val_pairs, tokenizer, preset, out, epochs=epochs, max_length=max_length,
-                             overrides=overrides, info={"task": task.name, "data": str(data)})
+        summary = train_seq2seq(train_pairs, val_pairs, tokenizer, preset, out, epochs=epochs, max_length=max_length,
+                                overrides=overrides, info={"task": task.name, "data": str(data)},
+                                elbo=ElboConfig() if model_kind == "cvae" else None)
+        _write_task_file(out, task)
+        return summary
     if preset is not None:
         base, method = None, "full"
         model_overrides = {k: v for k, v in (overrides or {}).items() if k.startswith("model.")}
@@ -228,7 +233,7 @@ def predict_text_task(task: TextTask, model, sources: list[str], batch_size: int
     """Greedy answers of `model` to the task's prompts around `sources`, one line each."""
     from tqdm.auto import tqdm
 
-    if getattr(model.config, "kind", "decoder") == "seq2seq":
+    if getattr(model.config, "kind", "decoder") in ("seq2seq", "cvae"):
         from lmforge.tasks.seq2seq import predict
 
         return predict(model, sources, beam_size=beam_size, max_new_tokens=max_new_tokens or task.max_new_tokens,
