@@ -303,3 +303,16 @@ def test_on_the_fly_augmentation_is_fixed_by_the_step_and_changes_between_epochs
     assert not torch.equal(first["ids"], unaugmented["ids"])  # the words were swapped
     assert sorted(first["labels"].tolist()) == sorted(next_epoch["labels"].tolist())
     assert not torch.equal(first["ids"], next_epoch["ids"])
+
+
+def test_lora_layers_keeps_only_the_last_blocks_adapters_trainable(make_model):
+    from lmforge.tasks.classify import freeze_lower_adapters
+
+    model = apply_lora(make_model("llama"), rank=2, alpha=4, dropout=0.0)
+    freeze_lower_adapters(model, 1)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    last = model.config.n_layer - 1
+    assert trainable and all(f".blocks.{last}." in name and "lora_" in name for name in trainable)
+    for bad in (0, model.config.n_layer + 1):
+        with pytest.raises(UserError, match="--lora-layers"):
+            freeze_lower_adapters(model, bad)
