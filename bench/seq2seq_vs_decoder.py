@@ -8,9 +8,12 @@ same pairs for the same number of steps, in one report (BLEU/chrF for translatio
 Both models are `gpt-micro` sized (d_model 256, 4 heads, context 256 by default): the decoder has 4
 blocks, the encoder-decoder 2 encoder + 2 decoder blocks (its decoder blocks also have cross-attention,
 so it has a few % more parameters; both counts are reported). Both use one tokenizer trained on the
-training pairs, the same batch size, learning rate and schedule, and the same number of optimizer steps;
-both see the same pairs (the decoder as "prompt + target" with the loss on the target only, the
-encoder-decoder as source -> target). Training time is reported for each (the machine's other load
+training pairs, the same batch size, learning rate and schedule, and the same number of optimizer steps.
+They read the pairs differently: the decoder sees "prompt + source + target" within its context of
+--max-length tokens (the source is cut to fit, and pairs whose target leaves no room are left out; the
+loss counts on the target only), the encoder-decoder sees up to --max-length source tokens and as many
+target tokens. For short pairs (Bible verses) that is the same data; for long articles (xsum) the
+encoder-decoder reads more of each article. Training time is reported for each (the machine's other load
 is in the report too: compare the times only on a quiet machine). Prediction is greedy for both
 (and beam search for the encoder-decoder with `--beam-size`). Writes OUT/report.json and OUT/report.md.
 """

@@ -128,7 +128,7 @@ def test_finetune_takes_a_catalog_chat_dataset_and_its_validation_split(tiny_cat
 
     docs = " ".join(f"What is {i} plus {i}? It is {2 * i}." for i in range(60))
     (tmp_path / "text.txt").write_text(docs * 3)
-    lmforge.prepare(tmp_path / "text.txt", tmp_path / "data", vocab_size=300)
+    lmforge.prepare(tmp_path / "text.txt", tmp_path / "data", vocab_size=300, clean=False)  # repetitive on purpose
     lmforge.pretrain(tmp_path / "data", tmp_path / "run", preset="tiny",
                      overrides={"model.block_size": 64, "train.max_steps": 2, "train.eval_interval": 2,
                                 "train.eval_batches": 1, "train.precision": "fp32"})

@@ -26,7 +26,7 @@ def base(tmp_path_factory) -> Path:
     text = " ".join(f"the {a} and the {b}." for a in WORDS for b in WORDS) * 3
     (root / "a.txt").write_text(text)
     (root / "b.txt").write_text(text[::-1])
-    lmforge.prepare(str(root / "*.txt"), root / "data", vocab_size=300)
+    lmforge.prepare(str(root / "*.txt"), root / "data", vocab_size=300, clean=False)  # repetitive on purpose
     lmforge.pretrain(root / "data", root / "run", preset="tiny",
                      overrides={"model.block_size": 64, "train.max_steps": 10, "train.eval_interval": 10,
                                 "train.eval_batches": 1, "train.precision": "fp32"})

@@ -51,22 +51,21 @@ def evaluate(
 
         return evaluate_classifier(model, data, out or Path("runs") / "eval", split=split)
     if task == "chat":
-        return evaluate_chat(model, data, "validation" if split == "test" else split, out, batch_size)
+        return evaluate_chat(model, data, "validation" if split == "test" else split, out, limit, batch_size)
     return evaluate_lm(model, data, split, out, limit, batch_size)
 
 
 def evaluate_chat(model: str | Path, data: str | Path, split: str = "validation", out: str | Path | None = None,
-                  batch_size: int = 8) -> dict[str, Any]:
+                  limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Loss (and perplexity) on the assistant turns of held-out conversations."""
-    from lmforge.api import load
+    from lmforge.data import load
     from lmforge.data.sft import IGNORE, load_examples
     from lmforge.eval.metrics import perplexity
     from lmforge.eval.report import write_report
-    from lmforge.tasks.text2text import load_records
     from lmforge.train.objectives import evaluate_examples
 
-    loaded = load(model)
-    records = load_records(data, split)
+    loaded = load_decoder(model, "chat")
+    records = load(data, split)[:limit]
     start = time.perf_counter()
     examples = load_examples(records, loaded.tokenizer, loaded.config.block_size, "chat")
     loss = evaluate_examples(loaded, examples, batch_size, loaded.tokenizer.eos_id)
@@ -82,17 +81,16 @@ def evaluate_chat(model: str | Path, data: str | Path, split: str = "validation"
 
 def evaluate_lm(model: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
                 limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Perplexity and bits per byte of `model` on the texts of `data` (every token scored once)."""
+    """Perplexity and bits per byte of `model` on the texts of `data` (scored in windows of the model's context)."""
     import numpy as np
 
-    from lmforge.api import load
+    from lmforge.data import load
     from lmforge.eval.metrics import perplexity
     from lmforge.eval.report import write_report
-    from lmforge.tasks.text2text import load_records
     from lmforge.train.objectives import bits_per_byte, evaluate_tokens
 
-    loaded = load(model)
-    texts = [str(r.get("text", "")) for r in load_records(data, split)[:limit]]
+    loaded = load_decoder(model, "lm")
+    texts = [str(r.get("text", "")) for r in load(data, split)[:limit]]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise UserError(f"{data} ({split}) has no text to score (records need a 'text' field)")
@@ -109,3 +107,14 @@ def evaluate_lm(model: str | Path, data: str | Path, split: str = "test", out: s
     if out is not None:
         write_report(out, "lm", report, [row])
     return {**report, "rows": [row]}
+
+
+def load_decoder(model: str | Path, task: str):
+    """`lmforge.load(model)`, which must be a causal LM (the chat and lm tasks score next tokens)."""
+    from lmforge.api import load
+
+    loaded = load(model)
+    kind = getattr(loaded.config, "kind", "decoder")
+    if kind != "decoder":
+        raise UserError(f"{model} is a {kind} model; the {task} task scores a decoder (causal LM)")
+    return loaded

@@ -79,16 +79,12 @@ def get_task(name: str, direction: str | None = None) -> TextTask:
 # data
 
 
-def load_records(data: str | Path, split: str) -> list[dict]:
-    """Records of a catalog dataset's split, or of a local file / folder (`lmforge.data.load`)."""
+def task_pairs(task: TextTask, data: str | Path, split: str, limit: int | None = None) -> list[dict[str, str]]:
+    """`{"source", "target"}` pairs from the task's fields of the records of `data`'s `split` (a catalog
+    dataset, or a local file or folder: `lmforge.data.load`)."""
     from lmforge.data import load
 
-    return load(data, split)
-
-
-def task_pairs(task: TextTask, data: str | Path, split: str, limit: int | None = None) -> list[dict[str, str]]:
-    """`{"source", "target"}` pairs from the task's fields of the records of `data`'s `split`."""
-    records = load_records(data, split)
+    records = load(data, split)
     pairs = []
     for i, record in enumerate(records[:limit] if limit else records):
         for field in (task.source_field, task.target_field):
@@ -156,7 +152,8 @@ def train_text_task(
     if model_kind not in ("decoder", "seq2seq", "cvae"):
         raise UserError(f"--model-kind {model_kind!r}; expected decoder, seq2seq or cvae")
     train_pairs = task_pairs(task, data, "train", limit)
-    val_pairs = task_pairs(task, data, "validation", min(limit and max(1, limit // 8) or MAX_VAL_PAIRS, MAX_VAL_PAIRS))
+    val_limit = MAX_VAL_PAIRS if limit is None else min(max(1, limit // 8), MAX_VAL_PAIRS)
+    val_pairs = task_pairs(task, data, "validation", val_limit)
     if model_kind != "decoder":
         if preset is None:
             raise UserError(f"--model-kind {model_kind} trains from scratch: give --preset, not a pretrained MODEL")
@@ -238,6 +235,8 @@ def predict_text_task(task: TextTask, model, sources: list[str], batch_size: int
 
         return predict(model, sources, beam_size=beam_size, max_new_tokens=max_new_tokens or task.max_new_tokens,
                        batch_size=batch_size)
+    if beam_size != 1:
+        raise UserError("beam search is for encoder-decoder models; a decoder's answers are greedy (beam size 1)")
     new_tokens = max_new_tokens or task.max_new_tokens
     room = model.config.block_size - new_tokens - len(model.tokenizer.encode(task.template.format(source="")))
     if room < 8:
