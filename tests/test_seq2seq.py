@@ -303,3 +303,12 @@ def test_generate_verb_runs_a_seq2seq_checkpoint(trained, capsys) -> None:
     model = lmforge.load(out / "checkpoint")
     two = model.generate("red blue", max_new_tokens=8, temperature=1.0, num_samples=2, seed=3, stop=["gold"])
     assert len(two) == 2 and not any("gold" in t for t in two)
+
+
+def test_api_generate_runs_a_seq2seq_model_and_z_seed_needs_a_cvae(tokenizer) -> None:
+    model = make_seq2seq(vocab_size=tokenizer.vocab_size)
+    model.tokenizer = tokenizer
+    expected = model.generate(["red blue", "gold"], max_new_tokens=6)
+    assert lmforge.generate(model, ["red blue", "gold"], max_new_tokens=6) == expected
+    with pytest.raises(UserError, match=r"^z_seed needs a conditional VAE \(kind cvae\); this model is kind seq2seq$"):
+        predict(model, ["red blue"], max_new_tokens=4, z_seed=1)

@@ -84,8 +84,15 @@ class Seq2Seq(nn.Module):
             x = block(x, rope, mask=mask, causal=False)
         return self.enc_norm(x)
 
-    def condition(self, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """What generation carries in the cache: the encoder's output and which of its positions are real."""
+    def condition(self, source: torch.Tensor, source_mask: torch.Tensor | None = None, **options: Any
+                  ) -> dict[str, torch.Tensor]:
+        """What generation carries in the cache: the encoder's output and which of its positions are real.
+
+        A plain Seq2Seq takes no conditioning `options` (a conditional VAE's `z_seed`): given any, a UserError.
+        """
+        if options:
+            raise UserError(f"{', '.join(options)} needs a conditional VAE (kind cvae); this model is kind "
+                            f"{self.config.kind}")
         if source_mask is None:
             source_mask = torch.ones(source.shape, dtype=torch.bool, device=source.device)
         return {"memory": self.encode(source, source_mask), "memory_mask": source_mask}

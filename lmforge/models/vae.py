@@ -192,7 +192,7 @@ class VAE(nn.Module):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         eos = tokenizer.eos_id
         encoded = [[eos] + (tokenizer.encode(p) if p else []) for p in prompts for _ in range(num_samples)]
-        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None  # None: fresh draws
         z = torch.randn(len(encoded), self.config.latent_dim, generator=generator).to(self.head_weight.device)
         rows = generate_ids(self, encoded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id=eos,
                             seed=seed, condition={"z": z})
