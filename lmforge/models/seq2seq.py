@@ -29,21 +29,22 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.models.base import LanguageModel, encode_stack
 from lmforge.models.layers import (
     Block,
     KVCache,
     RotaryEmbedding,
     causal_positions_and_mask,
-    fused_linear_cross_entropy,
     init_weights,
     key_padding_mask,
     make_norm,
+    output_head,
 )
 
 TOO_LONG = ("truncate", "error")
 
 
-class Seq2Seq(nn.Module):
+class Seq2Seq(LanguageModel):
     """Source ids and target ids in, next-target-token logits out; `tokenizer` is attached by `lmforge.load`."""
 
     def __init__(self, config: ModelConfig):
@@ -64,25 +65,9 @@ class Seq2Seq(nn.Module):
         self.tokenizer: Any = None
         init_weights(self, config.n_layer)
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.head is None else self.head.weight
-
     def encode(self, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's output (B, S, d_model) for source ids (B, S); `source_mask` (B, S) is True at real tokens."""
-        B, S = source.shape
-        if S > self.config.block_size:
-            raise ValueError(f"source of {S} tokens exceeds the context of {self.config.block_size}")
-        positions = torch.arange(S, device=source.device)[None]
-        x = (self.src_emb or self.tok_emb)(source)
-        if self.enc_pos_emb is not None:
-            x = x + self.enc_pos_emb(positions)
-        x = self.dropout(x)
-        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
-        mask = key_padding_mask(source_mask) if source_mask is not None else None
-        for block in self.encoder:
-            x = block(x, rope, mask=mask, causal=False)
-        return self.enc_norm(x)
+        return encode_stack(self, self.src_emb or self.tok_emb, source, source_mask, "source")
 
     def condition(self, source: torch.Tensor, source_mask: torch.Tensor | None = None, **options: Any
                   ) -> dict[str, torch.Tensor]:
@@ -142,28 +127,8 @@ class Seq2Seq(nn.Module):
             memory, memory_mask = cache.condition["memory"], cache.condition["memory_mask"]
         else:
             raise ValueError("Seq2Seq needs a source: pass source= (or a cache holding the encoder's output)")
-        return self.output(self.hidden_states(ids, memory, memory_mask, cache), targets, last_only, ignore_index)
-
-    def output(self, h: torch.Tensor, targets: torch.Tensor | None, last_only: bool, ignore_index: int
-               ) -> torch.Tensor:
-        """The head over hidden states h (B, T, d): logits, last-position logits, or the fused mean loss."""
-        if targets is not None:
-            return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
-                                              ignore_index=ignore_index)
-        if last_only:
-            return (self.head_weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
-        return h @ self.head_weight.T
-
-    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype, pad)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            for emb in (self.tok_emb, self.src_emb, self.enc_pos_emb, self.pos_emb):
-                n -= emb.weight.numel() if emb is not None else 0
-        return n
+        h = self.hidden_states(ids, memory, memory_mask, cache)
+        return output_head(h, self.head_weight, targets, last_only, ignore_index)
 
     @torch.inference_mode()
     def generate(
