@@ -408,3 +408,6 @@ def test_api_generate_and_fresh_or_seeded_z(tokenizer) -> None:
     cvae = build_model(vae_config(kind="cvae", vocab_size=tokenizer.vocab_size)).eval()
     cvae.tokenizer = tokenizer
     assert lmforge.generate(cvae, ["red blue"], max_new_tokens=6) == predict(cvae, ["red blue"], max_new_tokens=6)
+    pieces: list[str] = []
+    streamed = model.generate("", max_new_tokens=8, seed=0, stream=pieces.append)[0]
+    assert "".join(pieces) == streamed  # streamed as it is generated, as the decoder's generate does

@@ -13,8 +13,8 @@ end-of-text token and learns to end its output with it, so one token id does bot
 both sides); otherwise the encoder has its own (`src_emb`). The output head is tied to the decoder's
 embedding when `tie_embeddings`.
 
-Generation goes through the one generate loop (`lmforge.infer.generate.generate_ids`) or beam search
-(`lmforge.infer.beam.beam_search_ids`): the encoder runs once, its output rides in the KV cache
+Generation goes through the one generate loop (`lmforge.infer.generate.generate`, with `condition=`) or
+beam search (`lmforge.infer.beam.beam_search_ids`): the encoder runs once, its output rides in the KV cache
 (`cache.condition`), and each decoder layer makes the cross-attention keys and values once.
 """
 
@@ -155,11 +155,11 @@ class Seq2Seq(LanguageModel):
         `beam_size` > 1 searches (temperature, top_k, top_p and repetition_penalty then do not apply).
         Sources longer than the context are cut with a warning (`too_long="truncate"`) or rejected
         (`"error"`). `condition_options` go to `self.condition` (a conditional VAE: `{"z_seed": 3}` samples
-        z). As with the decoder's `generate` (so `lmforge generate` works): `stop` strings cut the outputs,
-        `num_samples` outputs per source, `stream` receives the (single) output once it is complete.
+        z). The other options, `stop`, `num_samples` (outputs per source) and `stream` among them, are those
+        of the decoder's `generate` (`lmforge.infer.generate.generate`, which does the work, a batch of
+        sources at a time), so `lmforge generate` works.
         """
-        from lmforge.infer.beam import beam_search_ids
-        from lmforge.infer.generate import _cut_at_stop, generate_ids
+        from lmforge.infer.generate import check_stream, generate
 
         tokenizer = self.tokenizer
         if tokenizer is None:
@@ -170,23 +170,15 @@ class Seq2Seq(LanguageModel):
         if num_samples < 1:
             raise UserError(f"--num-samples = {num_samples}; expected >= 1")
         texts = [t for t in texts for _ in range(num_samples)]
+        check_stream(stream, len(texts))
         encoded = encode_texts(texts, tokenizer, self.config.block_size, too_long, "source")
-        device = self.head_weight.device
         out: list[str] = []
         for i in range(0, len(encoded), batch_size):
-            source, source_mask = pad_right(encoded[i:i + batch_size], tokenizer.eos_id, device)
+            source, source_mask = pad_right(encoded[i:i + batch_size], tokenizer.eos_id, self.head_weight.device)
             condition = self.condition(source, source_mask, **(condition_options or {}))
-            prompts = [[tokenizer.eos_id]] * len(source)
-            if beam_size > 1:
-                rows = beam_search_ids(self, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,
-                                       tokenizer.eos_id, condition)
-            else:
-                rows = generate_ids(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                    eos_id=tokenizer.eos_id, seed=seed, condition=condition)
-            out.extend(tokenizer.decode(r) for r in rows)
-        out = [_cut_at_stop(text, stop) for text in out]
-        if stream:
-            (stream if callable(stream) else lambda piece: print(piece, end="", flush=True))(out[0])
+            out += generate(self, [""] * len(source), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                            stop, seed=seed, stream=stream, condition=condition, eos_first=True, beam_size=beam_size,
+                            length_penalty=length_penalty, early_stopping=early_stopping)
         return out
 
 

@@ -145,28 +145,18 @@ class VAE(LanguageModel):
     ) -> list[str]:
         """Texts decoded from z drawn from the prior N(0, I), one z per sample, continuing each `prompt`.
 
-        The options are those of the decoder's `generate` (so `lmforge generate` works); `seed` fixes the
-        draws of z (and of the tokens when sampling); `stream` receives the single output once complete.
+        The options are those of the decoder's `generate` (`lmforge.infer.generate.generate`, which does the
+        work; so `lmforge generate` works); `seed` fixes the draws of z (and of the tokens when sampling).
         """
-        from lmforge.infer.generate import _cut_at_stop, generate_ids
+        from lmforge.infer.generate import generate
 
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            raise UserError("this model has no tokenizer; load it with lmforge.load(CHECKPOINT)")
         if num_samples < 1:
             raise UserError(f"--num-samples = {num_samples}; expected >= 1")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        eos = tokenizer.eos_id
-        encoded = [[eos] + (tokenizer.encode(p) if p else []) for p in prompts for _ in range(num_samples)]
+        n = (1 if isinstance(prompt, str) else len(prompt)) * num_samples
         generator = torch.Generator().manual_seed(seed) if seed is not None else None  # None: fresh draws
-        z = torch.randn(len(encoded), self.config.latent_dim, generator=generator).to(self.head_weight.device)
-        rows = generate_ids(self, encoded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id=eos,
-                            seed=seed, condition={"z": z})
-        texts = [tokenizer.decode(r) for r in rows]
-        texts = [_cut_at_stop(text, stop) for text in texts]
-        if stream:
-            (stream if callable(stream) else lambda piece: print(piece, end="", flush=True))(texts[0])
-        return texts
+        z = torch.randn(n, self.config.latent_dim, generator=generator).to(self.head_weight.device)
+        return generate(self, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
+                        num_samples, seed, stream, condition={"z": z}, eos_first=True)
 
 
 class ConditionalVAE(Seq2Seq):
