@@ -192,12 +192,13 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
 
 
 def generate(model: Any, prompt: str | Sequence[str] = "", **options: Any) -> list[str]:
-    """Generate from a loaded model or a checkpoint path; options as `lmforge.infer.generate.generate`."""
-    from lmforge.infer.generate import generate as generate_texts
+    """Generate from a loaded model or a checkpoint path: the model's own `generate(prompt, **options)`.
 
+    Options as `lmforge.infer.generate.generate`; a seq2seq model reads `prompt` as its source texts.
+    """
     if isinstance(model, (str, Path)):
         model = load(model)
-    return generate_texts(model, prompt, **options)
+    return model.generate(prompt, **options)
 
 
 def pretrain(

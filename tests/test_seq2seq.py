@@ -303,3 +303,30 @@ def test_generate_verb_runs_a_seq2seq_checkpoint(trained, capsys) -> None:
     model = lmforge.load(out / "checkpoint")
     two = model.generate("red blue", max_new_tokens=8, temperature=1.0, num_samples=2, seed=3, stop=["gold"])
     assert len(two) == 2 and not any("gold" in t for t in two)
+
+
+def test_api_generate_runs_a_seq2seq_model_and_z_seed_needs_a_cvae(tokenizer) -> None:
+    model = make_seq2seq(vocab_size=tokenizer.vocab_size)
+    model.tokenizer = tokenizer
+    expected = model.generate(["red blue", "gold"], max_new_tokens=6)
+    assert lmforge.generate(model, ["red blue", "gold"], max_new_tokens=6) == expected
+    with pytest.raises(UserError, match=r"^z_seed needs a conditional VAE \(kind cvae\); this model is kind seq2seq$"):
+        predict(model, ["red blue"], max_new_tokens=4, z_seed=1)
+
+
+def test_generate_streams_like_the_decoder(tokenizer) -> None:
+    """Seq2Seq.generate is the decoder's generate with a condition: the same streaming rule, beams included."""
+    model = make_seq2seq(vocab_size=tokenizer.vocab_size)
+    model.tokenizer = tokenizer
+    pieces: list[str] = []
+    text = model.generate("red blue", max_new_tokens=8, stream=pieces.append)[0]
+    assert "".join(pieces) == text
+    with pytest.raises(UserError, match="streaming shows one sample"):
+        model.generate(["red", "blue"], max_new_tokens=4, stream=pieces.append, batch_size=1)
+    beams: list[str] = []
+    best = model.generate("red blue", max_new_tokens=8, beam_size=3, stream=beams.append)[0]
+    assert beams == [best]
+    source, mask = pad_right([tokenizer.encode("red blue")], tokenizer.eos_id)
+    eos = tokenizer.eos_id
+    assert best == tokenizer.decode(beam_search_ids(model, [[eos]], 3, 8, eos_id=eos,
+                                                    condition=model.condition(source, mask))[0])

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from lmforge.errors import UserError
+from lmforge.infer.generate import left_pad
 
 
 @torch.inference_mode()
@@ -51,8 +52,8 @@ def beam_search_ids(
     steps = min(max_new_tokens, block_size - longest)
     device = model.head_weight.device
     B, K = len(prompts), beam_size
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device).repeat_interleave(K)  # (B*K,)
-    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    tokens, pad = left_pad(prompts, device)
+    pad = pad.repeat_interleave(K)  # (B*K,)
     cache = model.new_cache(B * K, longest + steps, pad if pad.any() else None)
     if condition:
         cache.condition = {name: t.repeat_interleave(K, dim=0) for name, t in condition.items()}

@@ -7,8 +7,9 @@ Any model with `forward(ids, cache=, last_only=)` and `new_cache(batch, max_len,
 of different lengths are left-padded; padding is masked out of attention and positions. When a
 sequence reaches the model's context, the cache is rebuilt from the last half of the context and
 generation goes on (a sliding window). A conditioned model (seq2seq: the encoder's output; vae: the
-latent z) gets its `condition` through the cache: `generate_ids(model, prompts, condition=...)`.
-Beam search is `lmforge.infer.beam.beam_search_ids`, on the same model interface.
+latent z) gets its `condition` through the cache: `generate_ids(model, prompts, condition=...)`, or
+`generate(model, texts, condition=...)`, which every model's `generate` calls. Beam search is
+`lmforge.infer.beam.beam_search_ids`, on the same model interface (`generate(..., beam_size=4)`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     scores = logits.gather(1, seen)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits.scatter(1, seen, scores)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of token ids left-padded into one batch (B, T), and the number of padding tokens (B,) of each row.
+
+    The padding id is 0; the KV cache's `pad` keeps it out of attention and positions.
+    """
+    longest = max(len(p) for p in prompts)
+    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    return tokens, pad
+
+
+def check_stream(stream: Callable[[str], None] | bool | None, n_outputs: int) -> None:
+    """Streaming shows a single output: a UserError when `stream` is asked for with more than one."""
+    if stream and n_outputs > 1:
+        raise UserError("streaming shows one sample; use --num-samples 1 (and a single prompt) to stream")
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples) -> None:
@@ -96,8 +114,7 @@ def generate_ids(
     device = model.head_weight.device if hasattr(model, "head_weight") else next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     B = len(prompts)
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+    tokens, pad = left_pad(prompts, device)  # (B, T), (B,)
     new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # filled column by column
     n = 0  # columns of `new` filled
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -151,12 +168,20 @@ def generate(
     seed: int | None = None,
     stream: Callable[[str], None] | bool | None = None,
     tokenizer=None,
+    condition: dict[str, torch.Tensor] | None = None,
+    eos_first: bool = False,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool = True,
 ) -> list[str]:
     """Continue `prompt` (or each of a list of prompts) `num_samples` times; return the new texts.
 
     `stop` strings end a sample (the stop string is cut off). `stream=True` prints the text of a
     single sample to stdout as it is generated; a callable receives each new piece of text instead.
-    An empty prompt starts from the end-of-text token (unconditional samples).
+    An empty prompt starts from the end-of-text token (unconditional samples); with `eos_first` every
+    prompt does (a decoder trained to start from it: seq2seq, vae). A conditioned model gets
+    `condition`, one row per sample (prompt-major), through `generate_ids`. `beam_size` > 1 searches
+    (`lmforge.infer.beam`; the sampling options then do not apply, a stream gets the text once complete).
     """
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -164,11 +189,11 @@ def generate(
     _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     eos = tokenizer.eos_id
-    encoded = [tokenizer.encode(p) if p else [eos] for p in prompts for _ in range(num_samples)]
+    start = [eos] if eos_first else []
+    encoded = [start + tokenizer.encode(p) if p else [eos] for p in prompts for _ in range(num_samples)]
     if stream is True:
         stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
-    if stream and len(encoded) > 1:
-        raise UserError("streaming shows one sample; use --num-samples 1 (and a single prompt) to stream")
+    check_stream(stream, len(encoded))
 
     generated: list[list[int]] = [[] for _ in encoded]
     shown = [0] * len(encoded)  # characters already streamed
@@ -189,8 +214,14 @@ def generate(
                     shown[0] = safe
         return bool(stop) and all(any(s in t for s in stop) for t in texts)
 
-    rows = generate_ids(model, encoded, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                        eos, seed, watch)
+    if beam_size > 1:
+        from lmforge.infer.beam import beam_search_ids
+
+        rows = beam_search_ids(model, encoded, beam_size, max_new_tokens, length_penalty, early_stopping, eos,
+                               condition)
+    else:
+        rows = generate_ids(model, encoded, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                            eos, seed, watch, condition)
     texts = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
     if stream:
         stream(texts[0][shown[0]:])
@@ -198,5 +229,6 @@ def generate(
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first of the `stop` strings in it."""
     cuts = [text.index(s) for s in stop if s and s in text]
     return text[: min(cuts)] if cuts else text

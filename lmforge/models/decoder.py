@@ -17,17 +17,19 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.models.base import LanguageModel
 from lmforge.models.layers import (
     Block,
     KVCache,
     RotaryEmbedding,
-    fused_linear_cross_entropy,
+    causal_positions_and_mask,
     init_weights,
     make_norm,
+    output_head,
 )
 
 
-class Decoder(nn.Module):
+class Decoder(LanguageModel):
     """Token ids in, next-token logits out; `tokenizer` is attached by `lmforge.load`."""
 
     def __init__(self, config: ModelConfig):
@@ -43,33 +45,18 @@ class Decoder(nn.Module):
         self.tokenizer: Any = None
         init_weights(self, config.n_layer)
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.head is None else self.head.weight
-
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, d_model) for token ids (B, T)."""
         B, T = ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
-        pad = cache.pad if cache is not None else None
-        positions = torch.arange(start, start + T, device=ids.device)[None]  # (1, T)
-        if pad is not None:
-            positions = (positions - pad[:, None]).clamp(min=0)  # (B, T): left padding shifts positions
+        positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
         x = self.tok_emb(ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.dropout(x)
         rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
-        mask = None
-        if pad is not None or (start > 0 and T > 1):
-            # explicit mask (B, 1, T, S): causal from `start`, and never to left padding
-            keys = torch.arange(start + T, device=ids.device)
-            mask = keys[None, :] <= torch.arange(start, start + T, device=ids.device)[:, None]  # (T, S)
-            mask = mask[None, None]
-            if pad is not None:
-                mask = mask & (keys[None, :] >= pad[:, None])[:, None, None, :]
         for block in self.blocks:
             x = block(x, rope, cache, mask)
         if cache is not None:
@@ -89,25 +76,7 @@ class Decoder(nn.Module):
         With targets the output head and the loss are fused (the full logits are never made);
         targets equal to `ignore_index` do not count. `last_only` returns logits (B, 1, vocab).
         """
-        h = self.hidden_states(ids, cache)
-        if targets is not None:
-            return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
-                                              ignore_index=ignore_index)
-        if last_only:
-            # (W @ h.T).T rather than h @ W.T: for a few rows (generation) CPU BLAS runs the head's
-            # matmul ~1.5x faster in this orientation (measured at 8 rows; the same at 1)
-            return (self.head_weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
-        return h @ self.head_weight.T
-
-    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype, pad)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
-        return n
+        return output_head(self.hidden_states(ids, cache), self.head_weight, targets, last_only, ignore_index)
 
     def generate(self, *args: Any, **kwargs: Any):
         """Generate text or token ids; the options are those of `lmforge.infer.generate.generate`."""

@@ -13,8 +13,8 @@ end-of-text token and learns to end its output with it, so one token id does bot
 both sides); otherwise the encoder has its own (`src_emb`). The output head is tied to the decoder's
 embedding when `tie_embeddings`.
 
-Generation goes through the one generate loop (`lmforge.infer.generate.generate_ids`) or beam search
-(`lmforge.infer.beam.beam_search_ids`): the encoder runs once, its output rides in the KV cache
+Generation goes through the one generate loop (`lmforge.infer.generate.generate`, with `condition=`) or
+beam search (`lmforge.infer.beam.beam_search_ids`): the encoder runs once, its output rides in the KV cache
 (`cache.condition`), and each decoder layer makes the cross-attention keys and values once.
 """
 
@@ -29,21 +29,22 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.models.base import LanguageModel, encode_stack
 from lmforge.models.layers import (
     Block,
     KVCache,
     RotaryEmbedding,
     causal_positions_and_mask,
-    fused_linear_cross_entropy,
     init_weights,
     key_padding_mask,
     make_norm,
+    output_head,
 )
 
 TOO_LONG = ("truncate", "error")
 
 
-class Seq2Seq(nn.Module):
+class Seq2Seq(LanguageModel):
     """Source ids and target ids in, next-target-token logits out; `tokenizer` is attached by `lmforge.load`."""
 
     def __init__(self, config: ModelConfig):
@@ -64,28 +65,19 @@ class Seq2Seq(nn.Module):
         self.tokenizer: Any = None
         init_weights(self, config.n_layer)
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.head is None else self.head.weight
-
     def encode(self, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's output (B, S, d_model) for source ids (B, S); `source_mask` (B, S) is True at real tokens."""
-        B, S = source.shape
-        if S > self.config.block_size:
-            raise ValueError(f"source of {S} tokens exceeds the context of {self.config.block_size}")
-        positions = torch.arange(S, device=source.device)[None]
-        x = (self.src_emb or self.tok_emb)(source)
-        if self.enc_pos_emb is not None:
-            x = x + self.enc_pos_emb(positions)
-        x = self.dropout(x)
-        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
-        mask = key_padding_mask(source_mask) if source_mask is not None else None
-        for block in self.encoder:
-            x = block(x, rope, mask=mask, causal=False)
-        return self.enc_norm(x)
+        return encode_stack(self, self.src_emb or self.tok_emb, source, source_mask, "source")
 
-    def condition(self, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """What generation carries in the cache: the encoder's output and which of its positions are real."""
+    def condition(self, source: torch.Tensor, source_mask: torch.Tensor | None = None, **options: Any
+                  ) -> dict[str, torch.Tensor]:
+        """What generation carries in the cache: the encoder's output and which of its positions are real.
+
+        A plain Seq2Seq takes no conditioning `options` (a conditional VAE's `z_seed`): given any, a UserError.
+        """
+        if options:
+            raise UserError(f"{', '.join(options)} needs a conditional VAE (kind cvae); this model is kind "
+                            f"{self.config.kind}")
         if source_mask is None:
             source_mask = torch.ones(source.shape, dtype=torch.bool, device=source.device)
         return {"memory": self.encode(source, source_mask), "memory_mask": source_mask}
@@ -135,28 +127,8 @@ class Seq2Seq(nn.Module):
             memory, memory_mask = cache.condition["memory"], cache.condition["memory_mask"]
         else:
             raise ValueError("Seq2Seq needs a source: pass source= (or a cache holding the encoder's output)")
-        return self.output(self.hidden_states(ids, memory, memory_mask, cache), targets, last_only, ignore_index)
-
-    def output(self, h: torch.Tensor, targets: torch.Tensor | None, last_only: bool, ignore_index: int
-               ) -> torch.Tensor:
-        """The head over hidden states h (B, T, d): logits, last-position logits, or the fused mean loss."""
-        if targets is not None:
-            return fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
-                                              ignore_index=ignore_index)
-        if last_only:
-            return (self.head_weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
-        return h @ self.head_weight.T
-
-    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype, pad)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            for emb in (self.tok_emb, self.src_emb, self.enc_pos_emb, self.pos_emb):
-                n -= emb.weight.numel() if emb is not None else 0
-        return n
+        h = self.hidden_states(ids, memory, memory_mask, cache)
+        return output_head(h, self.head_weight, targets, last_only, ignore_index)
 
     @torch.inference_mode()
     def generate(
@@ -183,11 +155,11 @@ class Seq2Seq(nn.Module):
         `beam_size` > 1 searches (temperature, top_k, top_p and repetition_penalty then do not apply).
         Sources longer than the context are cut with a warning (`too_long="truncate"`) or rejected
         (`"error"`). `condition_options` go to `self.condition` (a conditional VAE: `{"z_seed": 3}` samples
-        z). As with the decoder's `generate` (so `lmforge generate` works): `stop` strings cut the outputs,
-        `num_samples` outputs per source, `stream` receives the (single) output once it is complete.
+        z). The other options, `stop`, `num_samples` (outputs per source) and `stream` among them, are those
+        of the decoder's `generate` (`lmforge.infer.generate.generate`, which does the work, a batch of
+        sources at a time), so `lmforge generate` works.
         """
-        from lmforge.infer.beam import beam_search_ids
-        from lmforge.infer.generate import _cut_at_stop, generate_ids
+        from lmforge.infer.generate import check_stream, generate
 
         tokenizer = self.tokenizer
         if tokenizer is None:
@@ -198,23 +170,15 @@ class Seq2Seq(nn.Module):
         if num_samples < 1:
             raise UserError(f"--num-samples = {num_samples}; expected >= 1")
         texts = [t for t in texts for _ in range(num_samples)]
+        check_stream(stream, len(texts))
         encoded = encode_texts(texts, tokenizer, self.config.block_size, too_long, "source")
-        device = self.head_weight.device
         out: list[str] = []
         for i in range(0, len(encoded), batch_size):
-            source, source_mask = pad_right(encoded[i:i + batch_size], tokenizer.eos_id, device)
+            source, source_mask = pad_right(encoded[i:i + batch_size], tokenizer.eos_id, self.head_weight.device)
             condition = self.condition(source, source_mask, **(condition_options or {}))
-            prompts = [[tokenizer.eos_id]] * len(source)
-            if beam_size > 1:
-                rows = beam_search_ids(self, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,
-                                       tokenizer.eos_id, condition)
-            else:
-                rows = generate_ids(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                    eos_id=tokenizer.eos_id, seed=seed, condition=condition)
-            out.extend(tokenizer.decode(r) for r in rows)
-        out = [_cut_at_stop(text, stop) for text in out]
-        if stream:
-            (stream if callable(stream) else lambda piece: print(piece, end="", flush=True))(out[0])
+            out += generate(self, [""] * len(source), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                            stop, seed=seed, stream=stream, condition=condition, eos_first=True, beam_size=beam_size,
+                            length_penalty=length_penalty, early_stopping=early_stopping)
         return out
 
 

@@ -33,20 +33,21 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.models.base import LanguageModel, encode_stack
 from lmforge.models.layers import (
     Block,
     KVCache,
     RotaryEmbedding,
     causal_positions_and_mask,
-    fused_linear_cross_entropy,
     init_weights,
-    key_padding_mask,
     make_norm,
+    masked_mean,
+    output_head,
 )
 from lmforge.models.seq2seq import Seq2Seq
 
 
-class VAE(nn.Module):
+class VAE(LanguageModel):
     """Encoder to a latent z, decoder from z; `tokenizer` is attached by `lmforge.load`."""
 
     def __init__(self, config: ModelConfig):
@@ -68,28 +69,11 @@ class VAE(nn.Module):
         self.tokenizer: Any = None
         init_weights(self, config.n_layer)
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.head is None else self.head.weight
-
     def encode(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """mu and log sigma^2 (B, latent_dim) of q(z | x) for ids (B, S); `mask` (B, S) is True at real tokens."""
-        B, S = ids.shape
-        if S > self.config.block_size:
-            raise ValueError(f"text of {S} tokens exceeds the context of {self.config.block_size}")
         if mask is None:
             mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-        positions = torch.arange(S, device=ids.device)[None]
-        x = self.tok_emb(ids)
-        if self.enc_pos_emb is not None:
-            x = x + self.enc_pos_emb(positions)
-        x = self.dropout(x)
-        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
-        for block in self.encoder:
-            x = block(x, rope, mask=key_padding_mask(mask), causal=False)
-        x = self.enc_norm(x)
-        weights = mask[..., None].to(x.dtype)
-        pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # mean over the real tokens
+        pooled = masked_mean(encode_stack(self, self.tok_emb, ids, mask, "text"), mask)
         mu, logvar = self.to_latent(pooled).float().chunk(2, dim=-1)
         return mu, logvar
 
@@ -142,26 +126,8 @@ class VAE(nn.Module):
             if cache is None or "z" not in cache.condition:
                 raise ValueError("the VAE decoder needs a latent: pass z= (or a cache holding it)")
             z = cache.condition["z"]
-        h = self.hidden_states(ids, z, cache)
-        if targets is not None:
-            out = fused_linear_cross_entropy(h.flatten(0, 1), self.head_weight, targets.flatten(),
-                                             ignore_index=ignore_index)
-        elif last_only:
-            out = (self.head_weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
-        else:
-            out = h @ self.head_weight.T
+        out = output_head(self.hidden_states(ids, z, cache), self.head_weight, targets, last_only, ignore_index)
         return out if mu is None else (out, mu, logvar)
-
-    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype, pad)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            for emb in (self.tok_emb, self.enc_pos_emb, self.pos_emb):
-                n -= emb.weight.numel() if emb is not None else 0
-        return n
 
     @torch.inference_mode()
     def generate(
@@ -179,28 +145,18 @@ class VAE(nn.Module):
     ) -> list[str]:
         """Texts decoded from z drawn from the prior N(0, I), one z per sample, continuing each `prompt`.
 
-        The options are those of the decoder's `generate` (so `lmforge generate` works); `seed` fixes the
-        draws of z (and of the tokens when sampling); `stream` receives the single output once complete.
+        The options are those of the decoder's `generate` (`lmforge.infer.generate.generate`, which does the
+        work; so `lmforge generate` works); `seed` fixes the draws of z (and of the tokens when sampling).
         """
-        from lmforge.infer.generate import _cut_at_stop, generate_ids
+        from lmforge.infer.generate import generate
 
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            raise UserError("this model has no tokenizer; load it with lmforge.load(CHECKPOINT)")
         if num_samples < 1:
             raise UserError(f"--num-samples = {num_samples}; expected >= 1")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        eos = tokenizer.eos_id
-        encoded = [[eos] + (tokenizer.encode(p) if p else []) for p in prompts for _ in range(num_samples)]
-        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-        z = torch.randn(len(encoded), self.config.latent_dim, generator=generator).to(self.head_weight.device)
-        rows = generate_ids(self, encoded, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id=eos,
-                            seed=seed, condition={"z": z})
-        texts = [tokenizer.decode(r) for r in rows]
-        texts = [_cut_at_stop(text, stop) for text in texts]
-        if stream:
-            (stream if callable(stream) else lambda piece: print(piece, end="", flush=True))(texts[0])
-        return texts
+        n = (1 if isinstance(prompt, str) else len(prompt)) * num_samples
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None  # None: fresh draws
+        z = torch.randn(n, self.config.latent_dim, generator=generator).to(self.head_weight.device)
+        return generate(self, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
+                        num_samples, seed, stream, condition={"z": z}, eos_first=True)
 
 
 class ConditionalVAE(Seq2Seq):
@@ -226,24 +182,16 @@ class ConditionalVAE(Seq2Seq):
         self.from_latent = nn.Linear(D, d)
         init_weights(self, config.n_layer)
 
-    @staticmethod
-    def pool(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Mean over the real positions of x (B, S, d)."""
-        if mask is None:
-            return x.mean(dim=1)
-        weights = mask[..., None].to(x.dtype)
-        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-
     def prior(self, memory: torch.Tensor, source_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """mu, logvar (B, latent_dim) of p(z | article), from the article's encoding."""
-        mu, logvar = self.to_prior(self.pool(memory, source_mask)).float().chunk(2, dim=-1)
+        mu, logvar = self.to_prior(masked_mean(memory, source_mask)).float().chunk(2, dim=-1)
         return mu, logvar
 
     def posterior(self, memory: torch.Tensor, source_mask: torch.Tensor | None, target: torch.Tensor,
                   target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """mu, logvar of q(z | article, summary): the pooled article and the pooled encoded summary."""
-        summary = self.pool(self.encode(target, target_mask), target_mask)
-        pooled = torch.cat([self.pool(memory, source_mask), summary], dim=-1)
+        summary = masked_mean(self.encode(target, target_mask), target_mask)
+        pooled = torch.cat([masked_mean(memory, source_mask), summary], dim=-1)
         mu, logvar = self.to_posterior(pooled).float().chunk(2, dim=-1)
         return mu, logvar
 
@@ -296,6 +244,6 @@ class ConditionalVAE(Seq2Seq):
             z = cache.condition["z"] if cache is not None and "z" in cache.condition else \
                 self.prior(memory, memory_mask)[0]
         offset = self.from_latent(z.to(self.from_latent.weight.dtype))
-        out = self.output(self.hidden_states(ids, memory, memory_mask, cache, offset), targets, last_only,
-                          ignore_index)
+        h = self.hidden_states(ids, memory, memory_mask, cache, offset)
+        out = output_head(h, self.head_weight, targets, last_only, ignore_index)
         return (out, *stats) if stats else out

@@ -347,7 +347,7 @@ def sample(model: VAE, num_samples: int = 5, max_new_tokens: int = 50, temperatu
     if num_samples < 1:
         raise UserError(f"--num-samples = {num_samples}; expected >= 1")
     model = require_vae(model)
-    generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None  # None: fresh draws
     z = torch.randn(num_samples, model.config.latent_dim, generator=generator)
     return decode_latents(model, z, max_new_tokens, temperature, seed)
 
