@@ -40,7 +40,10 @@ fine-tuning (all weights train, AdamW state for all) and transformers + peft LoR
 0.7). lmforge's weights are memory-mapped from a file, so loading never holds two copies. `--allocator
 jemalloc` runs these processes under jemalloc (Debian's libjemalloc2, default settings): glibc's malloc
 keeps much of the freed activation memory, and its peaks come out up to 2 GB higher and vary from run
-to run. `--lora-dropout 0` shows what LoRA's dropout costs: a copy of each adapted layer's input, and
+to run. `--activation-checkpointing` recomputes every block's activations in the backward pass on all
+sides (lmforge's `train.activation_checkpointing`, transformers' `gradient_checkpointing_enable`), so
+that the weights, gradients and AdamW state, which LoRA is about, decide the peak.
+`--lora-dropout 0` shows what LoRA's dropout costs: a copy of each adapted layer's input, and
 its mask, kept for the backward pass.
 
 Prints one JSON line per figure.
@@ -106,7 +109,7 @@ def rss_mb() -> dict[str, float]:
     return {key: int(fields[name].split()[0]) / 1024 for key, name in (("now", "VmRSS"), ("peak", "VmHWM"))}
 
 
-def lmforge_step(workdir: Path, method: str, batches: list[dict], dropout: float):
+def lmforge_step(workdir: Path, method: str, batches: list[dict], dropout: float, checkpointing: bool):
     """The step function of lmforge's Trainer (LoRA or full fine-tuning), fp32."""
     from lmforge.config import ModelConfig, TrainConfig, from_dict
     from lmforge.finetune import apply_lora
@@ -120,6 +123,7 @@ def lmforge_step(workdir: Path, method: str, batches: list[dict], dropout: float
     model = build_decoder(config, state, workdir)
     trained = apply_lora(model, RANK, ALPHA, dropout) if method == "lora" else model
     train_config = TrainConfig(batch_size=BATCH, precision="fp32", max_steps=10**6, lr=LR, min_lr=0.0,
+                               activation_checkpointing=checkpointing,
                                warmup_steps=0, weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0)
     trainer = Trainer(trained, train_config, out=workdir / f"run-{method}",  # written only by fit(), never here
                       batches=lambda step, part, rows: batches[step])
@@ -131,12 +135,14 @@ def lmforge_step(workdir: Path, method: str, batches: list[dict], dropout: float
     return step, trained
 
 
-def transformers_step(workdir: Path, batches: list[dict], dropout: float):
+def transformers_step(workdir: Path, batches: list[dict], dropout: float, checkpointing: bool):
     """The same step with transformers' LlamaForCausalLM and peft, as their users write it."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32, attn_implementation="sdpa")
+    if checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=HF_TARGETS,
                                           bias="none", task_type="CAUSAL_LM"))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -157,7 +163,7 @@ def transformers_step(workdir: Path, batches: list[dict], dropout: float):
     return step, model
 
 
-def worker(config: str, workdir: Path, threads: int, dropout: float) -> None:
+def worker(config: str, workdir: Path, threads: int, dropout: float, checkpointing: bool) -> None:
     import peft  # noqa: F401  (every configuration imports the same modules before the RSS baseline)
     import transformers  # noqa: F401
 
@@ -167,9 +173,9 @@ def worker(config: str, workdir: Path, threads: int, dropout: float) -> None:
     baseline_mb = rss_mb()["now"]
     batches = torch.load(workdir / "batches.pt", weights_only=True)["steps"]
     if config == "transformers_lora":
-        step, model = transformers_step(workdir, batches, dropout)
+        step, model = transformers_step(workdir, batches, dropout, checkpointing)
     else:
-        step, model = lmforge_step(workdir, config.removeprefix("lmforge_"), batches, dropout)
+        step, model = lmforge_step(workdir, config.removeprefix("lmforge_"), batches, dropout, checkpointing)
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(json.dumps({"ready": True, "trainable_parameters": adapters, "rss_mb_after_load": rss_mb()["now"]}),
           flush=True)
@@ -198,6 +204,7 @@ class Worker:
             env.pop("MALLOC_CONF", None)
         argv = [sys.executable, __file__, "--worker", config, "--workdir", str(workdir), "--threads", str(args.threads),
                 "--lora-dropout", str(args.lora_dropout)]
+        argv += ["--activation-checkpointing"] if args.activation_checkpointing else []
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready: dict = {}
 
@@ -300,13 +307,15 @@ def main() -> None:
     parser.add_argument("--skip", choices=("speed", "memory"), help="leave out one of the two measurements")
     parser.add_argument("--allocator", choices=("system", "jemalloc"), default="system",
                         help="malloc of the memory processes (jemalloc: Debian's libjemalloc2, preloaded)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass, on every side (memory runs and speed)")
     parser.add_argument("--lora-dropout", type=float, default=DROPOUT,
                         help=f"LoRA dropout on both sides (default: {DROPOUT}, lmforge finetune's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, Path(args.workdir), args.threads, args.lora_dropout)
+        worker(args.worker, Path(args.workdir), args.threads, args.lora_dropout, args.activation_checkpointing)
         return
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.steps = args.steps or (1 if args.quick else 2)
@@ -322,6 +331,7 @@ def main() -> None:
         n_tokens = [b["ids"].numel() for b in torch.load(workdir / "batches.pt", weights_only=True)["steps"]]
         emit({"figure": "setup", "model": MODEL, "data": f"{DATASET} train split", **facts, "batch": BATCH,
               "max_length": MAX_LENGTH, "lora": {"rank": RANK, "alpha": ALPHA, "dropout": args.lora_dropout}, "lr": LR,
+              "activation_checkpointing": args.activation_checkpointing,
               "precision": "fp32", "threads": args.threads, "timed_tokens_per_step": n_tokens[2:n_steps],
               "prepare_seconds": round(time.perf_counter() - start, 1)})
         if args.skip != "speed":

@@ -126,6 +126,8 @@ class TrainConfig:
     keep_best: bool = param(False, "also keep the checkpoint of the best validation loss in OUT/best")
     seed: int = param(1337, "seed for initialisation and batch order")
     compile: bool = param(False, "torch.compile the model")
+    activation_checkpointing: bool = param(False, "recompute each block's activations in the backward pass: "
+                                                  "far less memory, about a third more compute (decoders)")
 
     def validate(self) -> TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):

@@ -379,3 +379,21 @@ def test_resume_without_a_checkpoint_is_a_user_error(shards, tmp_path, train_tin
 def test_batch_that_does_not_split_over_accumulation_is_a_user_error(shards, tmp_path, train_tiny) -> None:
     with pytest.raises(UserError, match="batch_size"):
         train_tiny.build(argv(shards, tmp_path / "x", batch_size=6, grad_accum=4))
+
+
+def test_activation_checkpointing_gives_the_same_training(tokenizer, make_config, tmp_path) -> None:
+    """Recomputing the blocks in the backward pass changes memory, not results (dropout included)."""
+    tokens = np.array(tokenizer.encode("the cat sat on the mat, and the dog sat on the log. " * 40))
+    losses = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Decoder(make_config("llama", vocab_size=tokenizer.vocab_size, dropout=0.1))
+        config = TrainConfig(batch_size=4, max_steps=5, lr=1e-2, warmup_steps=1, precision="fp32",
+                             eval_interval=100, log_interval=1, activation_checkpointing=checkpointing)
+        out = tmp_path / str(checkpointing)
+        Trainer(model, config, out, RandomWindows(tokens, 32, 4, seed=0)).fit()
+        assert model.activation_checkpointing is checkpointing
+        losses[checkpointing] = train_losses(out)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    with pytest.raises(UserError, match="does not support it"):
+        Trainer(torch.nn.Linear(2, 2), TrainConfig(activation_checkpointing=True), tmp_path / "x", lambda *a: None)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.models.base import LanguageModel
@@ -43,6 +44,7 @@ class Decoder(LanguageModel):
         self.norm = make_norm(config)
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tokenizer: Any = None
+        self.activation_checkpointing = False  # set by the Trainer (train.activation_checkpointing)
         init_weights(self, config.n_layer)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -58,7 +60,11 @@ class Decoder(LanguageModel):
         x = self.dropout(x)
         rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
         for block in self.blocks:
-            x = block(x, rope, cache, mask)
+            if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
+                # keep only the block's input; its activations are recomputed in the backward pass
+                x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, mask)
         if cache is not None:
             cache.length = start + T
         return self.norm(x)

@@ -158,6 +158,13 @@ class Trainer:
         if self.dist.enabled:
             self.forward_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.device] if self.dist.device.type == "cuda" else None)
+        if config.activation_checkpointing:
+            supported = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
+            if not supported:
+                raise UserError(f"train.activation_checkpointing: {type(model).__name__} does not support it "
+                                f"(lmforge decoders do)")
+            for m in supported:
+                m.activation_checkpointing = True
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
