@@ -70,3 +70,15 @@ def test_write_report_json_and_table(tmp_path):
     assert saved["n"] == 16 and saved["rows"][1]["note"] == "tf-idf"
     table = paths["table"].read_text().splitlines()
     assert table[2] == "| system | accuracy | note |" and table[4] == "| model | 0.8125 |  |"
+
+
+def test_reports_are_never_replaced(tmp_path):
+    from lmforge.errors import UserError
+    from lmforge.eval.report import write_report
+
+    write_report(tmp_path, "lm", {"n": 1}, [{"loss": 1.0}], echo=False, extra={"lm_predictions.jsonl": "{}\n"})
+    before = (tmp_path / "lm.json").read_text()
+    with pytest.raises(UserError, match="already exists"):
+        write_report(tmp_path, "lm", {"n": 2}, [{"loss": 2.0}], echo=False)
+    assert (tmp_path / "lm.json").read_text() == before
+    assert (tmp_path / "lm_predictions.jsonl").read_text() == "{}\n"

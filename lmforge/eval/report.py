@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lmforge.errors import UserError
+
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of `rows` (columns: the union of the keys, in first-seen order)."""
@@ -33,17 +35,24 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_report(out: str | Path, name: str, report: dict[str, Any], rows: Sequence[dict[str, Any]],
-                 echo: bool = True) -> dict[str, Path]:
-    """Write `OUT/NAME.json` (the report, with the rows) and `OUT/NAME.md` (the table); print the table."""
+                 echo: bool = True, extra: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write `OUT/NAME.json` (the report, with the rows), `OUT/NAME.md` (the table) and the `extra`
+    files (file name -> text, e.g. predictions); print the table. Refuses to replace an existing report."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
-    paths = {"json": out / f"{name}.json", "table": out / f"{name}.md"}
-    for path, text in ((paths["json"], json.dumps({**report, "rows": list(rows)}, indent=2, default=str)),
-                       (paths["table"], f"# {name}\n\n{table}\n")):
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text + "\n", encoding="utf-8")
-        partial.replace(path)
+    texts = {f"{name}.json": json.dumps({**report, "rows": list(rows)}, indent=2, default=str) + "\n",
+             f"{name}.md": f"# {name}\n\n{table}\n", **(extra or {})}
+    taken = [file for file in texts if (out / file).exists()]
+    if taken:
+        raise UserError(f"{out / taken[0]} already exists; choose another --out (reports are never replaced)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the report directory {out}: {e.strerror}") from None
+    for file, text in texts.items():
+        partial = out / f".{file}.partial"
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(out / file)
     if echo:
         print(table)
-    return paths
+    return {"json": out / f"{name}.json", "table": out / f"{name}.md", **{file: out / file for file in extra or {}}}

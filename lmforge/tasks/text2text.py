@@ -305,10 +305,9 @@ def evaluate_text_task(
               "examples": [{"source": s[:300], "reference": r, "prediction": p}
                            for s, r, p in list(zip(sources, references, predictions))[:5]]}
     if out is not None:
-        write_report(out, task.name, report, rows)
-        with open(Path(out) / f"{task.name}_predictions.jsonl", "w", encoding="utf-8") as f:
-            for p, r in zip(predictions, references):
-                f.write(json.dumps({"prediction": p, "reference": r}, ensure_ascii=False) + "\n")
+        lines = [json.dumps({"prediction": p, "reference": r}, ensure_ascii=False) for p, r in zip(predictions,
+                                                                                                 references)]
+        write_report(out, task.name, report, rows, extra={f"{task.name}_predictions.jsonl": "\n".join(lines) + "\n"})
     else:
         print(f"{task.name} on {data} ({split}, {len(pairs)}): {rows}", file=sys.stderr)
     return {**report, "rows": rows}
