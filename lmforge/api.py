@@ -34,12 +34,25 @@ from lmforge.train.checkpoint import ADAPTER_CONFIG
 
 
 def read_source(data: str | Path | Sequence[Document], text_field: str = "text") -> list[Document]:
-    """Documents from a catalog name, a path (file, folder, glob), or a list of Documents."""
-    if isinstance(data, (str, Path)):
-        if str(data) in CATALOG and not Path(data).exists():
-            return catalog_documents(str(data))
+    """Documents from a catalog name, a path (file, folder, glob), or a list of Documents.
+
+    `shakespeare` gives its 42 works whole; another catalog dataset (`lmforge data list`) gives the
+    `text_field` of each record of its train split (its validation and test splits stay unseen).
+    """
+    from lmforge.data.datasets import DATASETS, load
+
+    if not isinstance(data, (str, Path)):
+        return list(data)
+    name = str(data)
+    if Path(data).exists() or (name not in CATALOG and name not in DATASETS):
         return read_documents(data, text_field=text_field)
-    return list(data)
+    if name in CATALOG:
+        return catalog_documents(name)
+    records = load(name, "train")
+    if text_field not in records[0]:
+        raise UserError(f"dataset {name} has no field {text_field!r}; its fields are {', '.join(records[0])} "
+                        f"(choose one with --text-field)")
+    return [Document(f"{name}:{i + 1}", str(r[text_field])) for i, r in enumerate(records) if str(r[text_field])]
 
 
 def train_tokenizer(

@@ -443,3 +443,16 @@ def test_the_real_catalog_datasets(tmp_path):
                 assert {r["label"] for r in records} == set(d.labels), name
     assert sum(1 for r in load("rotten_tomatoes", "test", cache) if r["label"] == "fresh") == 739
     assert load("boolq", "test", cache)[0]["answer"] in (True, False)
+
+
+def test_prepare_and_tokenizer_take_any_catalog_name(cache, tmp_path):
+    import lmforge
+
+    meta = lmforge.prepare("kjv", tmp_path / "kjv", vocab_size=300, clean=False)
+    train_texts = [r["text"] for r in load("kjv", "train", cache_dir=cache)]
+    assert len(meta["train_documents"]) + len(meta["val_documents"]) == len(train_texts)
+    assert meta["train_bytes"] + meta["val_bytes"] == sum(len(t.encode()) for t in train_texts)
+    tokenizer = lmforge.train_tokenizer("rotten_tomatoes", vocab_size=300)
+    assert tokenizer.decode(tokenizer.encode("fresh")) == "fresh"
+    with pytest.raises(UserError, match="has no field 'text'; its fields are document, summary"):
+        lmforge.train_tokenizer("xsum", vocab_size=300)
