@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
+from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
 from lmforge.finetune import LORA_TARGETS, apply_lora
 from lmforge.models.decoder import Decoder
@@ -23,7 +24,6 @@ from lmforge.tasks.classify import (
     Classifier,
     label_word_scores,
     load_classifier,
-    pad_right,
     predict,
     read_labelled,
     tfidf_baseline,
@@ -85,9 +85,11 @@ def test_pooling_reads_the_last_real_token_so_padding_changes_nothing(make_model
     classifier.backbone.tokenizer = tokenizer
     short, long = tokenizer.encode("Shall I compare thee"), tokenizer.encode("Rough winds do shake the darling buds")
     with torch.no_grad():
-        alone = classifier(*pad_right([short], pad_id=0))
+        ids, mask = pad_right([short], pad_id=0)
+        alone = classifier(ids, mask.sum(1))
         for pad_id in (0, 5):
-            ids, lengths = pad_right([short, long], pad_id)
+            ids, mask = pad_right([short, long], pad_id)
+            lengths = mask.sum(1)
             assert ids.shape[1] > len(short) and lengths.tolist() == [len(short), len(long)]
             batched = classifier(ids, lengths)
             torch.testing.assert_close(batched[0], alone[0], rtol=0, atol=1e-5)
@@ -261,11 +263,11 @@ def test_bad_input_is_one_line_and_exit_code_2(base, tmp_path, capsys):
     # as a user sees it: a fresh process, one line on stderr, exit code 2, no traceback
     done = run_cli("classify", "train", str(base), "nolabel.jsonl", "--out", "a", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == ("lmforge classify: error: nolabel.jsonl:1: no field 'label' (fields: text); "
+    assert done.stderr.strip() == ("lmforge classify: error: nolabel.jsonl record 1: no field 'label' (fields: text); "
                                    "pass --text-field / --label-field")
     cases = [
         (["train", str(base), "one.jsonl", "--out", "b"], "at least 2 classes"),
-        (["train", str(base), "empty.jsonl", "--out", "c"], "empty.jsonl:4: empty text"),
+        (["train", str(base), "empty.jsonl", "--out", "c"], "empty.jsonl record 4: empty text"),
         (["predict", str(base), "--text", "so long"], "is not a classifier"),
         (["zero-shot", str(base), "--labels", "good", "--text", "so long"], "LABEL=WORD"),
     ]
@@ -278,7 +280,7 @@ def test_bad_input_is_one_line_and_exit_code_2(base, tmp_path, capsys):
     train_classifier(base, records, out, method="full", epochs=1, overrides={"train.batch_size": 4})
     write_jsonl(tmp_path / "unknown.jsonl", records[:2] + [{"text": "so long", "label": "meh"}])
     code, _, err = cli(capsys, tmp_path, "classify", "eval", "run", "unknown.jsonl", "--out", "eval")
-    assert code == 2 and "unknown.jsonl:3: label 'meh' is not one the classifier knows (bad, good)" in err
+    assert code == 2 and "unknown.jsonl record 3: label 'meh' is not one the classifier knows (bad, good)" in err
     assert not (tmp_path / "eval").exists()
     with pytest.raises(UserError, match="already exists"):
         train_classifier(base, records, out, method="full", epochs=1)

@@ -34,6 +34,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_new_report(out: str | Path, name: str) -> None:
+    """Refuse, before any work is done, to write a report where one already is."""
+    if (Path(out) / f"{name}.json").exists():
+        raise UserError(f"{Path(out) / name}.json already exists; choose another --out (reports are never replaced)")
+
+
 def write_report(out: str | Path, name: str, report: dict[str, Any], rows: Sequence[dict[str, Any]],
                  echo: bool = True, extra: dict[str, str] | None = None) -> dict[str, Path]:
     """Write `OUT/NAME.json` (the report, with the rows), `OUT/NAME.md` (the table) and the `extra`

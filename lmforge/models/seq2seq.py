@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
 from lmforge.models.base import LanguageModel, encode_stack
 from lmforge.models.layers import (
@@ -206,15 +207,3 @@ def encode_texts(texts: Sequence[str], tokenizer, max_tokens: int, too_long: str
         print(f"warning: {cut} of {len(texts)} texts ({what}) are longer than {max_tokens} tokens and were cut",
               file=sys.stderr)
     return encoded
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids (B, S) right-padded with `pad_id`, and the mask (B, S) that is True at real tokens."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = True
-    return ids.to(device), mask.to(device)

@@ -24,8 +24,6 @@ word the LM finds most likely after a prompt wins (probabilities: a softmax over
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import random
@@ -44,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
 
 HEAD_WEIGHTS, HEAD_CONFIG = "classifier.safetensors", "classifier.json"
@@ -74,13 +73,10 @@ def read_labelled(source: str | Path | Records, split: str = "train", text_field
     A record without the label field or with empty text is an error naming the file and line.
     """
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_file():
-            records, where = _read_file_records(path), str(path)
-        elif path.exists():
-            raise UserError(f"{path} is not a file; expected a .jsonl or .csv file of labelled texts")
-        else:
-            records, where = _catalog_records(str(source), split), f"{source}[{split}]"
+        from lmforge.data import load
+
+        where = f"{source}[{split}]" if not Path(source).exists() else str(source)
+        records = [(f"{where} record {i}", r) for i, r in enumerate(load(source, split), start=1)]
     else:
         records, where = [(f"record {i}", r) for i, r in enumerate(source, start=1)], "records"
     if not records:
@@ -103,7 +99,10 @@ def read_labelled(source: str | Path | Records, split: str = "train", text_field
 
 
 def read_texts(source: str | Path, text_field: str = "text") -> list[str]:
-    """Texts to classify: one per line of a .txt file, or the `text_field` of each .jsonl/.csv record."""
+    """Texts to classify: one per line of a .txt file, or the `text_field` of each record of a file
+    `lmforge.data.load` reads (.jsonl, .csv, .parquet)."""
+    from lmforge.data import load
+
     path = Path(source)
     if not path.is_file():
         raise UserError(f"no such file: {path} (expected a .txt, .jsonl or .csv file of texts)")
@@ -111,7 +110,7 @@ def read_texts(source: str | Path, text_field: str = "text") -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
         records = [(f"{path.name}:{n}", {text_field: line}) for n, line in enumerate(lines, start=1) if line.strip()]
     else:
-        records = _read_file_records(path)
+        records = [(f"{path.name} record {i}", r) for i, r in enumerate(load(path), start=1)]
     texts = []
     for name, record in records:
         text = record.get(text_field) if isinstance(record, dict) else None
@@ -121,34 +120,6 @@ def read_texts(source: str | Path, text_field: str = "text") -> list[str]:
     if not texts:
         raise UserError(f"{path} holds no texts")
     return texts
-
-
-def _read_file_records(path: Path) -> list[tuple[str, dict]]:
-    from lmforge.data.readers import read_jsonl_records
-
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return read_jsonl_records(path)
-    if suffix != ".csv":
-        raise UserError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected .jsonl or .csv")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    try:
-        return [(f"{path.name}:{reader.line_num}", row) for row in reader if any(row.values())]
-    except csv.Error as e:
-        raise UserError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
-
-
-def _catalog_records(name: str, split: str) -> list[tuple[str, dict]]:
-    import lmforge.data
-
-    load = getattr(lmforge.data, "load", None)
-    if load is None:
-        raise UserError(f"no such file: {name} (and the dataset catalog, lmforge.data.load, is not available)")
-    return [(f"{name}[{split}] record {i}", r) for i, r in enumerate(load(name, split), start=1)]
 
 
 def label_names(examples: Sequence[LabelledText], where: str) -> list[str]:
@@ -170,20 +141,10 @@ def check_known_labels(examples: Sequence[LabelledText], labels: Sequence[str]) 
 # the model: a decoder and a linear head on its last real token
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+def encode_batch(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids of each text, cut to its first `max_length` tokens (at least one token each)."""
     ids = [row[:max_length] for row in tokenizer.encode_batch(list(texts))]
     return [row or [tokenizer.eos_id] for row in ids]
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ids` (B, T) right-padded with `pad_id`, and the real `lengths` (B,)."""
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return ids.to(device), lengths.to(device)
 
 
 def last_token_states(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -221,12 +182,13 @@ class Classifier(nn.Module):
         """Label probabilities (N, n_labels) of `texts`, in `labels` order."""
         self.eval()
         device = self.head.weight.device
-        rows = encode_texts(self.tokenizer, texts, self.max_length)
+        rows = encode_batch(self.tokenizer, texts, self.max_length)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
         out = torch.empty(len(rows), len(self.labels))
         for start in tqdm(range(0, len(order), batch_size), disable=not progress, unit="batch", desc="classify"):
             picks = order[start:start + batch_size]
-            ids, lengths = pad_right([rows[i] for i in picks], self.tokenizer.eos_id, device)
+            ids, mask = pad_right([rows[i] for i in picks], self.tokenizer.eos_id, device)
+            lengths = mask.sum(1)
             out[picks] = self(ids, lengths).float().softmax(-1).cpu()
         return out
 
@@ -286,7 +248,7 @@ class LabelledBatches:
         self.texts, self.targets, self.tokenizer = list(texts), list(targets), tokenizer
         self.batch_size, self.seed, self.max_length, self.augment = batch_size, seed, max_length, augment
         self.device = torch.device(device)
-        self.ids = None if augment else encode_texts(tokenizer, self.texts, max_length)
+        self.ids = None if augment else encode_batch(tokenizer, self.texts, max_length)
         self.steps_per_epoch = max(1, len(self.texts) // batch_size)
 
     def __call__(self, step: int, part: int, rows: int) -> dict[str, torch.Tensor]:
@@ -298,9 +260,10 @@ class LabelledBatches:
             token_rows = [self.ids[i] for i in picks]
         else:
             rng = random.Random(f"{self.seed}-{step}-{part}")
-            token_rows = encode_texts(self.tokenizer, [self.augment(self.texts[i], rng) for i in picks],
+            token_rows = encode_batch(self.tokenizer, [self.augment(self.texts[i], rng) for i in picks],
                                       self.max_length)
-        ids, lengths = pad_right(token_rows, self.tokenizer.eos_id, self.device)
+        ids, mask = pad_right(token_rows, self.tokenizer.eos_id, self.device)
+        lengths = mask.sum(1)
         labels = torch.tensor([self.targets[i] for i in picks], dtype=torch.long, device=self.device)
         return {"ids": ids, "lengths": lengths, "labels": labels}
 
@@ -427,7 +390,7 @@ def train_classifier(
               "method": method, "labels": labels, "data": data_name, "text_field": text_field,
               "label_field": label_field, "augment": augment is not None,
               "lora": {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout} if method == "lora" else None},
-        tokens_per_row=sum(len(r) for r in encode_texts(tokenizer, batches.texts[:256], max_length))
+        tokens_per_row=sum(len(r) for r in encode_batch(tokenizer, batches.texts[:256], max_length))
         / min(256, len(batches.texts)),
         steps_per_epoch=steps_per_epoch,
     )
@@ -501,7 +464,8 @@ def label_word_scores(model: Any, texts: Sequence[str], label_words: dict[str, s
     order = sorted(range(len(unique)), key=lambda s: len(unique[s]))
     for start in tqdm(range(0, len(order), batch_size), disable=not progress, unit="batch", desc="zero-shot"):
         picks = order[start:start + batch_size]
-        ids, lengths = pad_right([unique[s] for s in picks], tokenizer.eos_id, device)
+        ids, mask = pad_right([unique[s] for s in picks], tokenizer.eos_id, device)
+        lengths = mask.sum(1)
         hidden = model.hidden_states(ids)  # (B, T, d)
         for row, s in enumerate(picks):
             h = hidden[row, first[s]:int(lengths[row])]  # the positions that predict word tokens
@@ -574,12 +538,11 @@ def evaluate_classifier(
     """
     from lmforge.eval.metrics import classification_scores
     from lmforge.eval.plots import plot_confusion
-    from lmforge.eval.report import write_report
+    from lmforge.eval.report import check_new_report, write_report
     from lmforge.train.checkpoint import read_info
 
     out = Path(out)
-    if (out / f"{name}.json").exists():
-        raise UserError(f"{out / name}.json already exists; choose another --out (nothing was written)")
+    check_new_report(out, name)
     examples = read_labelled(data, split, text_field, label_field)
     texts, gold = [e.text for e in examples], [e.label for e in examples]
     systems: dict[str, tuple[list[dict[str, Any]], float]] = {}

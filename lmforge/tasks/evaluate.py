@@ -49,7 +49,10 @@ def evaluate(
     if task == "classify":
         from lmforge.tasks.classify import evaluate_classifier
 
-        return evaluate_classifier(model, data, out or Path("runs") / "eval", split=split)
+        if out is None or limit is not None:
+            raise UserError("--task classify scores the whole split and needs --out (the report has a confusion "
+                            "matrix PNG); --limit is for the other tasks")
+        return evaluate_classifier(model, data, out, split=split)
     if task == "chat":
         return evaluate_chat(model, data, "validation" if split == "test" else split, out, limit, batch_size)
     return evaluate_lm(model, data, split, out, limit, batch_size)

@@ -284,13 +284,15 @@ def evaluate_text_task(
     """Predict the `split` of `data` with `model` (a path or a loaded model), score it, compare with
     the task's baselines, and write `OUT/TASK.json` + `OUT/TASK.md` (+ predictions) when `out` is given."""
     from lmforge.api import load
-    from lmforge.eval.report import write_report
+    from lmforge.eval.report import check_new_report, write_report
 
     task = get_task(task, direction) if isinstance(task, str) else task
     model_name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
         task = task_of(model, task)
         model = load(model)
+    if out is not None:
+        check_new_report(out, task.name)
     pairs = task_pairs(task, data, split, limit)
     sources, references = [p["source"] for p in pairs], [p["target"] for p in pairs]
     start = time.perf_counter()
