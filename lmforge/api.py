@@ -15,7 +15,6 @@ catalog dataset (`shakespeare`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from lmforge.data import prepare as prepare_shards
 from lmforge.data.quality import CleanConfig, summary_line
 from lmforge.data.quality import clean as clean_records
 from lmforge.errors import UserError
+from lmforge.files import check_new_directory
 from lmforge.tokenizer import DEFAULT_EOS, Tokenizer
 from lmforge.tokenizer import train_tokenizer as train_bpe
 from lmforge.train.checkpoint import ADAPTER_CONFIG
@@ -199,8 +199,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
     if format != "hf":
         raise UserError(f"--format {format!r} is not supported; supported: hf")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; choose a new --out (nothing was written)")
+    check_new_directory(out)
     return export_hf(load(checkpoint), out)
 
 
@@ -228,7 +227,6 @@ def pretrain(
     (`{"model.n_layer": 4, "train.lr": 3e-4}`). `resume=True` continues the run in `out` exactly
     where its last checkpoint left it (train.* overrides may extend it, e.g. more steps).
     """
-    from lmforge.eval.plots import plot_metrics
     from lmforge.models.decoder import Decoder, flops_per_token
     from lmforge.train.objectives import RandomWindows, bits_per_byte, evaluate_tokens
     from lmforge.train.trainer import Trainer
@@ -281,9 +279,7 @@ def pretrain(
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(run_file, model_config, train_config)
     summary = trainer.fit(resume=resume)
-    if trainer.dist.main:
-        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{out.name}: {model.num_parameters():,} params")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.finish(summary, title=f"{out.name}: {model.num_parameters():,} params")
     return {**summary, "out": str(out), "checkpoint": str(out / "checkpoint"), "loss_png": str(out / "loss.png")}
 
 

@@ -26,6 +26,7 @@ from lmforge.api import prepare, pretrain, read_source
 from lmforge.config import TrainConfig, load_run_config
 from lmforge.data import TokenShards, default_cache_dir
 from lmforge.errors import UserError
+from lmforge.files import check_new_directory
 
 SHAKESPEARE_PROMPTS = ["Romeo.\n", "Juliet.\nO ", "Hamlet.\nTo be"]
 
@@ -47,8 +48,7 @@ def demo(
         raise UserError(f"--minutes = {minutes}; expected a positive number")
     source = data or "shakespeare"
     out = Path(out) if out else _fresh_dir(Path("runs/demo"))
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    check_new_directory(out)
 
     say(f"[1/4] reading {source}")
     docs = read_source(source)

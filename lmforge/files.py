@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lmforge.errors import UserError
+
 
 def current_umask() -> int:
     mask = os.umask(0)
@@ -55,3 +57,9 @@ def _replace_directory(new: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_new_directory(out: Path, flag: str = "--out") -> None:
+    """Refuse an output directory that already holds something: nothing written before is overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; choose another {flag} (nothing was written)")

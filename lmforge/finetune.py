@@ -30,6 +30,7 @@ from lmforge.config import TrainConfig, from_dict
 from lmforge.data.catalog import CHAT_CATALOG, chat_dataset_file
 from lmforge.data.sft import ExampleBatches, load_examples
 from lmforge.errors import UserError
+from lmforge.files import check_new_directory
 
 LORA_TARGETS = {"decoder": ["qkv", "proj", "up", "down"]}
 
@@ -122,8 +123,7 @@ def finetune(
     from lmforge.train.trainer import Trainer
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    check_new_directory(out)
     if method not in ("full", "lora"):
         raise UserError(f"--method = {method!r}; expected full or lora")
     in_memory = isinstance(model, torch.nn.Module)
@@ -193,9 +193,4 @@ def finetune(
     print(f"validation loss before: {before:.4f}", file=sys.stderr)
     summary = trainer.fit()
     summary = {**summary, "val_loss_before": round(before, 6), "out": str(out)}
-    if trainer.dist.main:
-        from lmforge.eval.plots import plot_metrics
-
-        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{Path(name).name} {method} fine-tuning")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return trainer.finish(summary, title=f"{Path(name).name} {method} fine-tuning")

@@ -36,7 +36,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.files import atomic_directory
+from lmforge.files import atomic_directory, check_new_directory
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -587,8 +587,7 @@ def export_hf(model: Decoder, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; choose a new --out (nothing was written)")
+    check_new_directory(out)
     config, tokenizer = model.config, model.tokenizer
     if getattr(config, "kind", "decoder") != "decoder":
         raise UserError(f"export to hf takes decoder models; this one is a {config.kind} model (nothing was written)")

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
+from lmforge.files import check_new_directory
 
 HEAD_WEIGHTS, HEAD_CONFIG = "classifier.safetensors", "classifier.json"
 DEFAULT_MAX_LENGTH = 128
@@ -328,8 +329,7 @@ def train_classifier(
     from lmforge.train.trainer import Trainer
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    check_new_directory(out)
     if method not in ("full", "lora"):
         raise UserError(f"--method = {method!r}; expected full or lora")
     if max_length < 1:
@@ -403,12 +403,7 @@ def train_classifier(
     summary = trainer.fit()
     summary = {**summary, "val_accuracy_before": round(before["val_accuracy"], 6), "labels": labels,
                "method": method, "trainable_parameters": trainable, "out": str(out)}
-    if trainer.dist.main:
-        from lmforge.eval.plots import plot_metrics
-
-        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{Path(str(model)).name} {method} classifier")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return trainer.finish(summary, title=f"{Path(str(model)).name} {method} classifier")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ context less one (the start token) are cut with a warning (`too_long="truncate"`
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import torch
 
 from lmforge.config import ElboConfig, ModelConfig, TrainConfig, from_dict, preset, save_yaml, to_dict
 from lmforge.errors import UserError
+from lmforge.files import check_new_directory
 from lmforge.models.seq2seq import Seq2Seq, encode_texts
 from lmforge.train.objectives import Pair
 
@@ -76,14 +76,12 @@ def train_seq2seq(
     unless an override gives them. The summary holds the final `val_loss` (nats per target token),
     `best_val_loss`, `step`, `train_seconds`, and the paths `out`, `checkpoint`, `loss_png`.
     """
-    from lmforge.eval.plots import plot_metrics
     from lmforge.models import build_model
     from lmforge.train.objectives import ConditionalElboLoss, PairBatches, evaluate_pairs, seq2seq_loss
     from lmforge.train.trainer import Trainer
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    check_new_directory(out)
     overrides = dict(overrides or {})
     model_values = to_dict(preset(model_config) if isinstance(model_config, str) else model_config)
     kind = "seq2seq" if elbo is None else "cvae"
@@ -124,11 +122,7 @@ def train_seq2seq(
         save_yaml(out / "run.yaml", model_config, train_config)
     summary = trainer.fit()
     summary = {**summary, "out": str(out), "checkpoint": str(out / "checkpoint"), "loss_png": str(out / "loss.png")}
-    if trainer.dist.main:
-        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=f"{out.name}: {kind}, "
-                                                                   f"{model.num_parameters():,} params")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return trainer.finish(summary, title=f"{out.name}: {kind}, {model.num_parameters():,} params")
 
 
 def _train_settings(train_config: TrainConfig | None, overrides: dict[str, Any], epochs: float | None,

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from lmforge.config import ElboConfig, ModelConfig, TrainConfig, save_yaml
 from lmforge.errors import UserError
+from lmforge.files import check_new_directory
 from lmforge.models.seq2seq import encode_texts
 from lmforge.models.vae import VAE
 from lmforge.train.objectives import IGNORE, Pair, collate_pairs, gaussian_kl
@@ -219,13 +220,11 @@ def train_vae(
     The summary holds the last evaluation's metrics (module docstring), `kl_per_dim`, the paths
     `out`, `checkpoint`, `loss_png` and `vae_png`.
     """
-    from lmforge.eval.plots import plot_metrics
     from lmforge.train.objectives import ElboLoss, PairBatches
     from lmforge.train.trainer import Trainer
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    check_new_directory(out)
     elbo = (elbo or ElboConfig()).validate()
     model_config = dataclasses.replace(model_config, kind="vae", vocab_size=tokenizer.vocab_size).validate()
     train_config = train_config.validate()
@@ -257,12 +256,10 @@ def train_vae(
     summary = {**summary, "kl_per_dim": [round(k, 4) for k in kl_per_dimension(trainer.model, val, batch_size, eos)],
                "out": str(out), "checkpoint": str(out / "checkpoint"), "loss_png": str(out / "loss.png"),
                "vae_png": str(out / "vae.png")}
+    title = f"{out.name}: VAE, {model.num_parameters():,} params"
     if trainer.dist.main:
-        title = f"{out.name}: VAE, {model.num_parameters():,} params"
-        plot_metrics(out / "metrics.jsonl", out / "loss.png", title=title)
         plot_vae_metrics(out / "metrics.jsonl", out / "vae.png", title=title)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return trainer.finish(summary, title)
 
 
 def plot_vae_metrics(metrics_file: str | Path, png: str | Path, title: str = "") -> Path:
@@ -418,8 +415,7 @@ def train_vae_from_data(
     from lmforge.tokenizer import Tokenizer, train_tokenizer
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    check_new_directory(out)
     model_config, train_config = load_run_config(preset, config, overrides)
     texts = read_texts(data, unit, text_field)
     train_texts, val_texts = split_texts(texts, val_fraction, seed=0)

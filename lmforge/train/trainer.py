@@ -357,6 +357,17 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def finish(self, summary: dict[str, Any], title: str) -> dict[str, Any]:
+        """Close a run: draw `loss.png` from metrics.jsonl and write `summary.json` (main process only)."""
+        if self.dist.main:
+            from lmforge.eval.plots import plot_metrics
+
+            plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png", title=title)
+            partial = self.out / ".summary.json.partial"
+            partial.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            partial.replace(self.out / "summary.json")
+        return summary
+
 
 def describe(record: dict[str, Any]) -> str:
     """"Epoch 2: train loss 1.2345, val loss 1.3456" (or "step 200: ...") for an evaluation record."""
