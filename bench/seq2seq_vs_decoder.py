@@ -16,6 +16,7 @@ target tokens. For short pairs (Bible verses) that is the same data; for long ar
 encoder-decoder reads more of each article. Training time is reported for each (the machine's other load
 is in the report too: compare the times only on a quiet machine). Prediction is greedy for both
 (and beam search for the encoder-decoder with `--beam-size`). Writes OUT/report.json and OUT/report.md.
+A model already trained in OUT (its `summary.json` is there) is evaluated without training it again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,11 +64,13 @@ def main() -> None:
     state = machine_state()
     for kind, shape in shapes.items():
         run = out / kind
-        start = time.perf_counter()
-        summary = text2text.train_text_task(task, None, data, run, preset="gpt-micro", model_kind=kind,
-                                            epochs=None, max_length=args.max_length, vocab_size=args.vocab_size,
-                                            overrides={**train, **shape})
-        seconds = time.perf_counter() - start
+        if (run / "summary.json").is_file():  # trained by an earlier, interrupted run of this script
+            summary = json.loads((run / "summary.json").read_text())
+        else:
+            summary = text2text.train_text_task(task, None, data, run, preset="gpt-micro", model_kind=kind,
+                                                epochs=None, max_length=args.max_length, vocab_size=args.vocab_size,
+                                                overrides={**train, **shape})
+        seconds = summary["train_seconds"]
         model = load(run)
         parameters = sum(p.numel() for p in model.parameters())
         beams = [1, args.beam_size] if kind == "seq2seq" and args.beam_size > 1 else [1]
