@@ -300,6 +300,7 @@ def _add_text_task_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="where to write the report (JSON + table)")
     p.add_argument("--limit", type=int, help="score only the first N examples")
     p.add_argument("--direction", help="translation direction (en-ja or ja-en)")
+    p.add_argument("--max-length", type=int, help="text tasks: tokens of prompt + answer (default: as trained)")
 
 
 def _run_text_task(args: argparse.Namespace) -> None:
@@ -527,7 +528,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.verb == "eval":
         from lmforge.tasks.evaluate import evaluate
 
-        evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, direction=args.direction)
+        evaluate(args.model, args.task, args.data, args.split, args.out, args.limit, direction=args.direction,
+                 context=args.max_length)
 
 
 def _add_vae_verb(verbs: argparse._SubParsersAction) -> None:

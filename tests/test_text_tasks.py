@@ -76,7 +76,7 @@ def test_task_pairs_name_missing_fields(tmp_path):
 def test_summarize_from_scratch_learns_and_is_scored_against_lead_1(news_data, tmp_path):
     out = tmp_path / "sum"
     summary = text2text.train_text_task("summarize", None, news_data, out, preset="tiny", epochs=12,
-                                        max_length=96, vocab_size=400, overrides=FAST)
+                                        max_length=128, vocab_size=400, overrides=FAST)
     assert summary["best_val_loss"] < summary["val_loss_before"] - 1.0
     assert json.loads((out / "task.json").read_text())["name"] == "summarize"
     report = text2text.evaluate_text_task("summarize", out, news_data, "test", out=tmp_path / "eval")
@@ -93,7 +93,7 @@ def test_summarize_from_scratch_learns_and_is_scored_against_lead_1(news_data, t
 def test_cli_summarize_train_predict_eval(news_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["summarize", "train", "--preset", "tiny", str(news_data), "--out", str(out), "--epochs", "2",
-                 "--max-length", "96", "--vocab-size", "400", "--train.lr", "3e-3"]) == 0
+                 "--max-length", "128", "--vocab-size", "400", "--train.lr", "3e-3"]) == 0
     assert (out / "best").is_dir() and (out / "loss.png").is_file()
     assert main(["summarize", "predict", str(out), "--text", news(3)["document"]]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()[-1]) > 0
@@ -115,9 +115,9 @@ def test_multitask_mixture_and_per_task_scores(news_data, tmp_path):
     with pytest.raises(UserError, match="positive number"):
         text2text.parse_mixture([f"label:{labels}:0"])
     base = tmp_path / "base"
-    text2text.train_text_task("label", None, labels, base, preset="tiny", epochs=1, max_length=96, vocab_size=400)
+    text2text.train_text_task("label", None, labels, base, preset="tiny", epochs=1, max_length=128, vocab_size=400)
     result = text2text.train_multitask(base, [f"summarize:{news_data}:3", f"label:{labels}:1"], tmp_path / "mt",
-                                       method="full", epochs=2, max_length=96, eval_limit=4, overrides=FAST)
+                                       method="full", epochs=2, max_length=128, eval_limit=4, overrides=FAST)
     tasks = {row["task"]: row for row in result["tasks"]}
     assert tasks["summarize"]["examples_per_epoch"] == 72 and tasks["label"]["examples_per_epoch"] == 24
     assert "rouge1" in tasks["summarize"] and "accuracy" in tasks["label"]
@@ -152,7 +152,7 @@ def test_lm_perplexity_equals_the_models_own_loss(tmp_path, tokenizer):
 def test_encoder_decoder_kinds_through_the_task_verbs(news_data, tmp_path, capsys, kind):
     out = tmp_path / kind
     assert main(["summarize", "train", "--preset", "tiny", str(news_data), "--out", str(out), "--model-kind", kind,
-                 "--epochs", "2", "--max-length", "96", "--vocab-size", "400"]) == 0
+                 "--epochs", "2", "--max-length", "128", "--vocab-size", "400"]) == 0
     from lmforge.api import load
 
     assert load(out).config.kind == kind

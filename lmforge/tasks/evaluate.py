@@ -35,6 +35,7 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     direction: str | None = None,
+    context: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on `task`; see the module docstring."""
     from lmforge.tasks import text2text
@@ -43,7 +44,8 @@ def evaluate(
         raise UserError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
     if task in text2text.TASKS:
         data = data or text2text.TASKS[task].default_data
-        return text2text.evaluate_text_task(task, model, data, split, out, limit, batch_size, direction)
+        return text2text.evaluate_text_task(task, model, data, split, out, limit, batch_size, direction,
+                                            context=context)
     data = data or DEFAULT_DATA[task]
     out = Path(out) if out is not None else None
     if task == "classify":

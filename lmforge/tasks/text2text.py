@@ -50,6 +50,7 @@ class TextTask:
     default_data: str
     max_new_tokens: int
     target_language: str = "en"
+    context: int | None = None  # tokens of prompt + answer in training; predictions cut sources the same way
 
 
 TASKS = {
@@ -178,7 +179,7 @@ def train_text_task(
     summary = finetune(module, prompt_records(task, train_pairs, tokenizer, context), out, method=method,
                        epochs=epochs, val_data=prompt_records(task, val_pairs, tokenizer, context),
                        data_format="prompt_completion", max_length=context, overrides=overrides, base=base)
-    _write_task_file(out, task)
+    _write_task_file(out, replace(task, context=context))
     return {**summary, "task": task.name, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
 
 
@@ -226,8 +227,9 @@ def task_of(model_dir: str | Path, default: TextTask) -> TextTask:
 
 
 def predict_text_task(task: TextTask, model, sources: list[str], batch_size: int = 8,
-                      max_new_tokens: int | None = None, beam_size: int = 1) -> list[str]:
-    """Greedy answers of `model` to the task's prompts around `sources`, one line each."""
+                      max_new_tokens: int | None = None, beam_size: int = 1, context: int | None = None) -> list[str]:
+    """Greedy answers of `model` to the task's prompts around `sources`, one line each; prompt and answer
+    fit in `context` tokens (default: what the model was trained with on this task, else its context)."""
     from tqdm.auto import tqdm
 
     if getattr(model.config, "kind", "decoder") in ("seq2seq", "cvae"):
@@ -238,10 +240,10 @@ def predict_text_task(task: TextTask, model, sources: list[str], batch_size: int
     if beam_size != 1:
         raise UserError("beam search is for encoder-decoder models; a decoder's answers are greedy (beam size 1)")
     new_tokens = max_new_tokens or task.max_new_tokens
-    room = model.config.block_size - new_tokens - len(model.tokenizer.encode(task.template.format(source="")))
+    context = min(context or task.context or model.config.block_size, model.config.block_size)
+    room = context - new_tokens - len(model.tokenizer.encode(task.template.format(source="")))
     if room < 8:
-        raise UserError(f"the model's context ({model.config.block_size} tokens) leaves no room for a source "
-                        f"after {new_tokens} new tokens")
+        raise UserError(f"a context of {context} tokens leaves no room for a source after {new_tokens} new tokens")
     prompts = [prompt(task, source, model.tokenizer, room) for source in sources]
     answers: list[str] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=f"{task.name}: predicting", unit="batch",
@@ -280,6 +282,7 @@ def evaluate_text_task(
     batch_size: int = 8,
     direction: str | None = None,
     beam_size: int = 1,
+    context: int | None = None,
 ) -> dict[str, Any]:
     """Predict the `split` of `data` with `model` (a path or a loaded model), score it, compare with
     the task's baselines, and write `OUT/TASK.json` + `OUT/TASK.md` (+ predictions) when `out` is given."""
@@ -296,7 +299,7 @@ def evaluate_text_task(
     pairs = task_pairs(task, data, split, limit)
     sources, references = [p["source"] for p in pairs], [p["target"] for p in pairs]
     start = time.perf_counter()
-    predictions = predict_text_task(task, model, sources, batch_size, beam_size=beam_size)
+    predictions = predict_text_task(task, model, sources, batch_size, beam_size=beam_size, context=context)
     seconds = time.perf_counter() - start
     rows = [{"system": model_name, **_numbers(score(task, predictions, references))}]
     if task.metric == "rouge":
