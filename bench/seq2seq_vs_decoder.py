@@ -1,11 +1,14 @@
 """An encoder-decoder against a decoder-only model of about the same size, trained from scratch on the
 same pairs for the same number of steps, in one report (BLEU/chrF for translation, ROUGE for summaries).
 
-    python bench/seq2seq_vs_decoder.py --task translate --data bible_en_ja --steps 1500 --out runs/cmp-translate
-    python bench/seq2seq_vs_decoder.py --task summarize --data xsum --steps 400 --out runs/cmp-summarize
+    python bench/seq2seq_vs_decoder.py --task translate --steps 500 --eval-limit 150 --out runs/cmp-translate
+    python bench/seq2seq_vs_decoder.py --task summarize --steps 300 --batch-size 8 --eval-limit 85 --out runs/cmp-sum
+    python bench/seq2seq_vs_decoder.py --task summarize --kinds seq2seq cvae --steps 300 --out runs/cmp-cvae
     python bench/seq2seq_vs_decoder.py --quick --out /tmp/cmp           # a few steps, to check the plumbing
 
-Both models are `gpt-micro` sized (d_model 256, 4 heads, context 256 by default): the decoder has 4
+`--kinds` picks the models (default: decoder and seq2seq; `cvae` adds the conditional VAE of the
+article, shaped like the encoder-decoder, with outputs for three draws of z). The models are
+`gpt-micro` sized (d_model 256, 4 heads, context 256 by default): the decoder has 4
 blocks, the encoder-decoder 2 encoder + 2 decoder blocks (its decoder blocks also have cross-attention,
 so it has a few % more parameters; both counts are reported). Both use one tokenizer trained on the
 training pairs, the same batch size, learning rate and schedule, and the same number of optimizer steps.
@@ -47,6 +50,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--eval-limit", type=int, default=300, help="test pairs scored (default: 300)")
     parser.add_argument("--beam-size", type=int, default=4, help="beam width for the encoder-decoder's second row")
+    parser.add_argument("--kinds", nargs="+", default=["decoder", "seq2seq"], choices=["decoder", "seq2seq", "cvae"],
+                        help="models to train (cvae: the conditional VAE, shaped like the encoder-decoder)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="20 steps and 20 test pairs: a plumbing check")
     args = parser.parse_args()
@@ -58,12 +63,12 @@ def main() -> None:
     train = {"train.max_steps": args.steps, "train.batch_size": args.batch_size, "train.lr": args.lr,
              "train.min_lr": args.lr / 10, "train.warmup_steps": max(1, args.steps // 20),
              "train.eval_interval": max(1, args.steps // 5), "train.eval_batches": 4}
-    shapes = {"decoder": {"model.n_layer": 4},
-              "seq2seq": {"model.n_layer": 2, "model.n_encoder_layer": 2}}
+    encoder_decoder = {"model.n_layer": 2, "model.n_encoder_layer": 2}
+    shapes = {"decoder": {"model.n_layer": 4}, "seq2seq": encoder_decoder, "cvae": encoder_decoder}
     rows, runs = [], {}
     state = machine_state()
-    for kind, shape in shapes.items():
-        run = out / kind
+    for kind in args.kinds:
+        shape, run = shapes[kind], out / kind
         if (run / "summary.json").is_file():  # trained by an earlier, interrupted run of this script
             summary = json.loads((run / "summary.json").read_text())
         else:
@@ -73,7 +78,7 @@ def main() -> None:
         seconds = summary["train_seconds"]
         model = load(run)
         parameters = sum(p.numel() for p in model.parameters())
-        beams = [1, args.beam_size] if kind == "seq2seq" and args.beam_size > 1 else [1]
+        beams = [1, args.beam_size] if kind != "decoder" and args.beam_size > 1 else [1]
         for beam in beams:
             report = text2text.evaluate_text_task(task, model, data, "test", limit=args.eval_limit, beam_size=beam)
             row = {"system": f"{kind}" + (f", beam {beam}" if beam > 1 else ", greedy"), "parameters": parameters,
@@ -83,6 +88,12 @@ def main() -> None:
             rows.append(row)
             emit({"figure": f"{args.task}_{kind}_beam{beam}", **row})
         runs[kind] = {"summary": summary, "examples": report["examples"][:3]}
+        if kind == "cvae":  # different draws of z from the prior p(z | source): different outputs
+            from lmforge.tasks.seq2seq import predict
+
+            sources = [e["source"] for e in report["examples"][:2]]
+            runs[kind]["outputs_for_z_seeds_0_1_2"] = [predict(model, sources, max_new_tokens=task.max_new_tokens,
+                                                               z_seed=seed) for seed in range(3)]
     if task.metric == "rouge":
         pairs = text2text.task_pairs(task, data, "test", args.eval_limit)
         lead = text2text.score(task, [text2text.lead_sentence(p["source"]) for p in pairs],
