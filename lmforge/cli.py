@@ -9,6 +9,12 @@
     lmforge models
     lmforge import smollm2-135m-instruct runs/smollm2      # or a Hugging Face directory, a .gguf file, a hub id
     lmforge export runs/smollm2 --format hf --out runs/smollm2-hf
+    lmforge finetune smollm2-135m-instruct chatterbot --out runs/chat --method lora ; lmforge chat runs/chat
+    lmforge data list ; lmforge augment --data reviews.jsonl --out aug.jsonl --n-aug 4
+    lmforge classify train smollm2-135m-instruct rotten_tomatoes --out runs/rt --method lora
+    lmforge summarize train smollm2-135m-instruct xsum --out runs/sum ; lmforge eval runs/sum --task summarize
+    lmforge translate train --preset gpt-micro bible_en_ja --out runs/mt --model-kind seq2seq
+    lmforge vae train --data shakespeare --out runs/vae ; lmforge vae interpolate runs/vae "A" "B"
     lmforge vae train --data shakespeare --out runs/vae [--beta-schedule cyclical] [--free-bits 0.1]
     lmforge vae sample|reconstruct|interpolate|encode runs/vae ...
 
