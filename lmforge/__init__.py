@@ -6,6 +6,8 @@
     model = lmforge.load("runs/x")            # model(ids) -> logits; model.tokenizer
     chat = lmforge.load("smollm2-135m-instruct")   # or a Hugging Face directory, a .gguf file
     print(model.generate("Once upon a time", max_new_tokens=50)[0])
+    lmforge.evaluate("runs/sum", "summarize", data="xsum", out="runs/sum-eval")   # the numbers of `lmforge eval`
+    records = lmforge.data.load("rotten_tomatoes", "test")
 """
 
 import importlib
@@ -18,6 +20,7 @@ __all__ = [
     "UserError",
     "chat",
     "demo",
+    "evaluate",
     "export",
     "finetune",
     "generate",
@@ -31,7 +34,8 @@ __all__ = [
 ]
 
 
-_HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.finetune", "chat": "lmforge.tasks.chat"}
+_HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.finetune", "chat": "lmforge.tasks.chat",
+          "evaluate": "lmforge.tasks.evaluate"}
 
 
 def __getattr__(name: str) -> Any:
