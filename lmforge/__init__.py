@@ -7,7 +7,7 @@
     chat = lmforge.load("smollm2-135m-instruct")   # or a Hugging Face directory, a .gguf file
     print(model.generate("Once upon a time", max_new_tokens=50)[0])
     lmforge.evaluate("runs/sum", "summarize", data="xsum", out="runs/sum-eval")   # the numbers of `lmforge eval`
-    records = lmforge.data.load("rotten_tomatoes", "test")
+    from lmforge.data import load; records = load("rotten_tomatoes", "test")   # the dataset catalog
 """
 
 import importlib
