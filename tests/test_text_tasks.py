@@ -86,6 +86,7 @@ def test_summarize_from_scratch_learns_and_is_scored_against_lead_1(news_data, t
     saved = json.loads((tmp_path / "eval" / "summarize.json").read_text())
     assert saved["rows"] == report["rows"]
     assert len((tmp_path / "eval" / "summarize_predictions.jsonl").read_text().splitlines()) == 8
+    assert (tmp_path / "eval" / "summarize_lengths.png").read_bytes()[:4] == b"\x89PNG"
     # the trained model learned the pattern: far better ROUGE-2 than nothing
     assert report["rows"][0]["rouge1"] > 30
 

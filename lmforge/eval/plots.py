@@ -1,4 +1,4 @@
-"""Pictures of results: loss curves drawn from a run's `metrics.jsonl`, and confusion matrices."""
+"""Pictures of results: loss curves drawn from a run's `metrics.jsonl`, confusion matrices, length histograms."""
 
 from __future__ import annotations
 
@@ -54,6 +54,29 @@ def plot_confusion(counts: list[list[int]], labels: list[str], png: str | Path, 
     ax.set_ylabel("gold")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
+def plot_lengths(series: dict[str, list[int]], png: str | Path, title: str = "", unit: str = "words") -> Path:
+    """Histograms of text lengths, one per series (e.g. references against predictions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    longest = max((max(v) for v in series.values() if v), default=1)
+    bins = range(0, longest + 2, max(1, (longest + 1) // 40))
+    for name, lengths in series.items():
+        ax.hist(lengths, bins=bins, alpha=0.5, label=f"{name} (mean {sum(lengths) / max(len(lengths), 1):.1f})")
+    ax.set_xlabel(f"length ({unit})")
+    ax.set_ylabel("texts")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -313,6 +313,12 @@ def evaluate_text_task(
         lines = [json.dumps({"prediction": p, "reference": r}, ensure_ascii=False) for p, r in zip(predictions,
                                                                                                  references)]
         write_report(out, task.name, report, rows, extra={f"{task.name}_predictions.jsonl": "\n".join(lines) + "\n"})
+        from lmforge.eval.plots import plot_lengths
+
+        by_characters = task.target_language in ("ja", "zh")  # no spaces between words
+        unit, size = ("characters", len) if by_characters else ("words", lambda t: len(t.split()))
+        plot_lengths({"references": [size(r) for r in references], "predictions": [size(p) for p in predictions]},
+                     Path(out) / f"{task.name}_lengths.png", f"{task.name} on {data} ({split})", unit)
     else:
         print(f"{task.name} on {data} ({split}, {len(pairs)}): {rows}", file=sys.stderr)
     return {**report, "rows": rows}
