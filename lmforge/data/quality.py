@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import sys
 import time
 import unicodedata
 import zlib
@@ -487,6 +488,17 @@ def leakage(train_texts: Sequence[str], val_texts: Sequence[str], config: CleanC
         "near": len(near),
         "examples": {"exact": exact[:EXAMPLES_PER_REASON], "near": near[:EXAMPLES_PER_REASON]},
     }
+
+
+def clean_training_records(train: Sequence[Any], held_out: Sequence[Any], fields: Sequence[str] = ("text",),
+                           config: CleanConfig | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """What the task loaders do: clean a task's training records (as `clean`), check its held-out
+    records for copies in what is kept (as `leakage`), print the one-line summary; return both."""
+    kept, report = clean(train, config, fields)
+    report["leakage"] = leakage([_record_text(r, fields, "training record") for r in kept],
+                                [_record_text(r, fields, "held-out record") for r in held_out], config)
+    print(summary_line(report), file=sys.stderr)
+    return kept, report
 
 
 def summary_line(report: dict[str, Any]) -> str:

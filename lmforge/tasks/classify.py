@@ -31,7 +31,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +344,11 @@ def train_classifier(
     labels = label_names(train_examples, str(data) if isinstance(data, (str, Path)) else "the training records")
     check_known_labels(val_examples, labels)
     index = {label: i for i, label in enumerate(labels)}
+    from lmforge.data.quality import clean_training_records
+
+    train_records, _ = clean_training_records([{"text": e.text, "i": i} for i, e in enumerate(train_examples)],
+                                              [e.text for e in val_examples])
+    train_examples = [replace(train_examples[r["i"]], text=r["text"]) for r in train_records]
 
     backbone = lmforge.api.load(model)
     tokenizer = backbone.tokenizer

@@ -145,6 +145,7 @@ def train_text_task(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model` (a pretrained model), or a `preset` from scratch, on the task's pairs of `data`."""
+    from lmforge.data.quality import clean_training_records
     from lmforge.finetune import finetune, load_trainable
 
     task = get_task(task, direction) if isinstance(task, str) else task
@@ -155,6 +156,7 @@ def train_text_task(
     train_pairs = task_pairs(task, data, "train", limit)
     val_limit = MAX_VAL_PAIRS if limit is None else min(max(1, limit // 8), MAX_VAL_PAIRS)
     val_pairs = task_pairs(task, data, "validation", val_limit)
+    train_pairs, quality = clean_training_records(train_pairs, val_pairs, ("source",))
     if model_kind != "decoder":
         if preset is None:
             raise UserError(f"--model-kind {model_kind} trains from scratch: give --preset, not a pretrained MODEL")
@@ -180,7 +182,8 @@ def train_text_task(
                        epochs=epochs, val_data=prompt_records(task, val_pairs, tokenizer, context),
                        data_format="prompt_completion", max_length=context, overrides=overrides, base=base)
     _write_task_file(out, replace(task, context=context))
-    return {**summary, "task": task.name, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
+    return {**summary, "task": task.name, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+            "quality": quality}
 
 
 def task_tokenizer(pairs: list[dict[str, str]], vocab_size: int):
@@ -366,7 +369,8 @@ def train_multitask(
 ) -> dict[str, Any]:
     """Fine-tune `model` once on a weighted mixture of tasks, then evaluate it on each task.
 
-    Every example carries its own task's prompt. A task of weight w gets w / sum(weights) of the
+    Every example carries its own task's prompt; each task's training pairs are cleaned and checked
+    for leakage as in `train_text_task`. A task of weight w gets w / sum(weights) of the
     training examples of an epoch (the epoch has as many examples as all tasks together), drawn
     with a fixed seed, with repetition where a task has fewer; validation keeps every task's own
     validation examples. The report (`OUT/multitask.json`, `.md`) gives each task's score.
@@ -374,6 +378,7 @@ def train_multitask(
     import numpy as np
 
     from lmforge.api import load
+    from lmforge.data.quality import clean_training_records
     from lmforge.eval.report import write_report
     from lmforge.finetune import finetune, load_trainable
 
@@ -382,9 +387,10 @@ def train_multitask(
     context = min(max_length, getattr(module.config, "block_size", None) or module.config.max_position_embeddings)
     per_task = []
     for task, data, weight in mixture:
-        train = prompt_records(task, task_pairs(task, data, "train", limit), module.tokenizer, context)
-        val = prompt_records(task, task_pairs(task, data, "validation", MAX_VAL_PAIRS // len(mixture)),
-                             module.tokenizer, context)
+        val_pairs = task_pairs(task, data, "validation", MAX_VAL_PAIRS // len(mixture))
+        train_pairs, _ = clean_training_records(task_pairs(task, data, "train", limit), val_pairs, ("source",))
+        train = prompt_records(task, train_pairs, module.tokenizer, context)
+        val = prompt_records(task, val_pairs, module.tokenizer, context)
         per_task.append((task, data, weight, train, val))
     total = sum(len(train) for *_, train, _ in per_task)
     weights = sum(weight for _, _, weight, _, _ in per_task)
