@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from lmforge.models.layers import KVCache, key_padding_mask
+from lmforge.models.layers import KVCache, causal_positions_and_mask, key_padding_mask
 
 
 class LanguageModel(nn.Module):
@@ -59,3 +60,35 @@ def encode_stack(model: nn.Module, embedding: nn.Embedding, ids: torch.Tensor, m
     for block in model.encoder:
         x = block(x, rope, mask=attn_mask, causal=False)
     return model.enc_norm(x)
+
+
+def decode_stack(model: nn.Module, ids: torch.Tensor, cache: KVCache | None = None, offset: torch.Tensor | None = None,
+                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The causal decoder's normalised hidden states (B, T, d_model) for ids (B, T) of any model kind.
+
+    `offset` (B, d_model) is added to every input embedding (how a VAE's z comes in); `memory` (B, S,
+    d_model) is what cross-attention reads (an encoder's output), never at positions where `memory_mask`
+    is False. With `model.activation_checkpointing` set and no cache, each block keeps only its input
+    and recomputes its activations in the backward pass.
+    """
+    B, T = ids.shape
+    start = cache.length if cache is not None else 0
+    if start + T > model.config.block_size:
+        raise ValueError(f"sequence of {start + T} tokens exceeds the context of {model.config.block_size}")
+    positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
+    x = model.tok_emb(ids)
+    if offset is not None:
+        x = x + offset[:, None]
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(positions)
+    x = model.dropout(x)
+    rope = model.rope.cos_sin(positions, x.dtype) if model.rope is not None else None
+    cross = {"memory": memory, "memory_mask": key_padding_mask(memory_mask) if memory_mask is not None else None} \
+        if memory is not None else {}
+    recompute = getattr(model, "activation_checkpointing", False) and torch.is_grad_enabled() and cache is None
+    for block in model.blocks:
+        x = checkpoint(block, x, rope, None, mask, use_reentrant=False, **cross) if recompute else \
+            block(x, rope, cache, mask, **cross)
+    if cache is not None:
+        cache.length = start + T
+    return model.norm(x)

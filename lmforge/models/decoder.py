@@ -15,15 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
-from lmforge.models.base import LanguageModel
+from lmforge.models.base import LanguageModel, decode_stack
 from lmforge.models.layers import (
     Block,
     KVCache,
     RotaryEmbedding,
-    causal_positions_and_mask,
     init_weights,
     make_norm,
     output_head,
@@ -49,25 +47,7 @@ class Decoder(LanguageModel):
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, d_model) for token ids (B, T)."""
-        B, T = ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
-        positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
-        x = self.tok_emb(ids)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        x = self.dropout(x)
-        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
-        for block in self.blocks:
-            if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
-                # keep only the block's input; its activations are recomputed in the backward pass
-                x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
-            else:
-                x = block(x, rope, cache, mask)
-        if cache is not None:
-            cache.length = start + T
-        return self.norm(x)
+        return decode_stack(self, ids, cache)
 
     def forward(
         self,

@@ -30,14 +30,12 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
-from lmforge.models.base import LanguageModel, encode_stack
+from lmforge.models.base import LanguageModel, decode_stack, encode_stack
 from lmforge.models.layers import (
     Block,
     KVCache,
     RotaryEmbedding,
-    causal_positions_and_mask,
     init_weights,
-    key_padding_mask,
     make_norm,
     output_head,
 )
@@ -89,24 +87,7 @@ class Seq2Seq(LanguageModel):
 
         `offset` (B, d_model) is added to every input embedding (how a conditional VAE's z comes in).
         """
-        B, T = ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
-        positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
-        x = self.tok_emb(ids)
-        if offset is not None:
-            x = x + offset[:, None]
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        x = self.dropout(x)
-        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
-        cross_mask = key_padding_mask(memory_mask) if memory_mask is not None else None
-        for block in self.blocks:
-            x = block(x, rope, cache, mask, memory=memory, memory_mask=cross_mask)
-        if cache is not None:
-            cache.length = start + T
-        return self.norm(x)
+        return decode_stack(self, ids, cache, offset, memory, memory_mask)
 
     def forward(
         self,

@@ -33,12 +33,11 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.models.base import LanguageModel, encode_stack
+from lmforge.models.base import LanguageModel, decode_stack, encode_stack
 from lmforge.models.layers import (
     Block,
     KVCache,
     RotaryEmbedding,
-    causal_positions_and_mask,
     init_weights,
     make_norm,
     masked_mean,
@@ -86,21 +85,7 @@ class VAE(LanguageModel):
 
     def hidden_states(self, ids: torch.Tensor, z: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The decoder's final normalised hidden states (B, T, d_model) for ids (B, T) given z (B, latent_dim)."""
-        B, T = ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
-        positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
-        x = self.tok_emb(ids) + self.from_latent(z.to(self.from_latent.weight.dtype))[:, None]
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        x = self.dropout(x)
-        rope = self.rope.cos_sin(positions, x.dtype) if self.rope is not None else None
-        for block in self.blocks:
-            x = block(x, rope, cache, mask)
-        if cache is not None:
-            cache.length = start + T
-        return self.norm(x)
+        return decode_stack(self, ids, cache, offset=self.from_latent(z.to(self.from_latent.weight.dtype)))
 
     def forward(
         self,
