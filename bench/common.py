@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -223,3 +224,28 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
     for _ in range(repeat):
         fn()
     return (time.perf_counter() - start) / repeat
+
+
+class WorkerProcess:
+    """The parent's handle on one benchmark side run in its own process: it reads one JSON command per
+    line on stdin and answers each with one JSON line on stdout; `close` sends {"op": "quit"}."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
+        self.name = name
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.name} died (exit code {self.process.wait()})")
+        return json.loads(line)
+
+    def send(self, **command) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> dict:
+        answer = self.send(op="quit")
+        self.process.wait()
+        return answer

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import JEMALLOC, OtherLoad, emit, machine_state, median  # noqa: E402
+from common import JEMALLOC, OtherLoad, WorkerProcess, emit, machine_state, median  # noqa: E402
 
 MODEL, DATASET = "smollm2-135m-instruct", "chatterbot"
 BATCH, MAX_LENGTH, RANK, ALPHA, DROPOUT, LR = 8, 256, 8, 16.0, 0.05, 5e-4
@@ -193,11 +192,10 @@ def worker(config: str, workdir: Path, threads: int, dropout: float, checkpointi
             return
 
 
-class Worker:
-    """The parent's handle on one worker process."""
+class Worker(WorkerProcess):
+    """The parent's handle on one worker process (one configuration)."""
 
     def __init__(self, config: str, workdir: Path, args):
-        self.name = config
         env = dict(os.environ)
         if args.allocator == "jemalloc":  # its default settings: freed memory is reused, and returned to the system
             env.update(LD_PRELOAD=JEMALLOC)
@@ -205,24 +203,8 @@ class Worker:
         argv = [sys.executable, __file__, "--worker", config, "--workdir", str(workdir), "--threads", str(args.threads),
                 "--lora-dropout", str(args.lora_dropout)]
         argv += ["--activation-checkpointing"] if args.activation_checkpointing else []
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        super().__init__(config, argv, env)
         self.ready: dict = {}
-
-    def read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.name} died (exit code {self.process.wait()})")
-        return json.loads(line)
-
-    def send(self, **command) -> dict:
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        return self.read()
-
-    def close(self) -> dict:
-        memory = self.send(op="quit")
-        self.process.wait()
-        return memory
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     JEMALLOC,
     JEMALLOC_CONF,
+    WorkerProcess,
     emit,
     gpt2_config,
     hf_gpt2,
@@ -142,36 +142,19 @@ def worker(side: str, precision: str, compiled: bool, weights: str, threads: int
             return
 
 
-class Worker:
-    """The parent's handle on one worker process."""
+class Worker(WorkerProcess):
+    """The parent's handle on one worker process (one configuration)."""
 
     def __init__(self, name: str, side: str, precision: str, compiled: bool, weights: str, threads: int,
                  jemalloc: bool):
-        self.name = name
         env = dict(os.environ)
         if jemalloc:
             env["LD_PRELOAD"] = JEMALLOC
             env["MALLOC_CONF"] = JEMALLOC_CONF
         argv = [sys.executable, __file__, "--worker", side, "--precision", precision, "--weights", weights,
                 "--threads", str(threads)] + (["--compile"] if compiled else [])
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        super().__init__(name, argv, env)
         self.seconds: list[float] = []
-
-    def read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.name} died (exit code {self.process.wait()})")
-        return json.loads(line)
-
-    def send(self, **command) -> dict:
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        return self.read()
-
-    def close(self) -> dict:
-        memory = self.send(op="quit")
-        self.process.wait()
-        return memory
 
 
 def measure_pair(label: str, sides: dict[str, tuple[str, str, bool]], weights: str, args, jemalloc: bool,
