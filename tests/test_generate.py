@@ -11,6 +11,7 @@ from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.infer.generate import apply_repetition_penalty, generate, generate_ids, sample_next
 from lmforge.models.decoder import Decoder
+from lmforge.models.packed import MKL_PACKING, is_packed, packed_weights
 from lmforge.train.objectives import RandomWindows
 from lmforge.train.trainer import Trainer
 
@@ -307,3 +308,25 @@ def test_errors(make_model, tokenizer) -> None:
         with pytest.raises(UserError):
             generate_ids(model, [[1, 2]], **{"max_new_tokens": 5, **bad})
     assert generate_ids(model, [[1, 2]], max_new_tokens=0) == [[]]
+
+
+@pytest.mark.skipif(not MKL_PACKING, reason="needs PyTorch built with MKL (x86 CPU)")
+def test_packed_weights_give_the_same_logits_and_are_undone(lively_model) -> None:
+    model = lively_model("llama")
+    ids = torch.tensor(random_prompts([7, 7, 7], 384, seed=3))
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        expected = model(ids)
+        with pytest.raises(RuntimeError, match="inside"):
+            with packed_weights(model, rows=3):
+                assert is_packed(model.head_weight) and all(is_packed(m.weight) for m in layers)
+                assert all("forward" in vars(m) for m in layers)  # the layers multiply through the packed copies
+                got = model(ids)
+                last = model(ids, last_only=True)
+                raise RuntimeError("an error inside the block")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(last, expected[:, -1:], rtol=0, atol=1e-5)
+    assert not is_packed(model.head_weight) and not any(is_packed(m.weight) for m in layers)
+    assert not any("forward" in vars(m) for m in layers)  # the plain layers are back, even after the error
+    with packed_weights(model, rows=1):  # one row: not worth it, nothing packed
+        assert not is_packed(model.head_weight)

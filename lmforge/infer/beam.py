@@ -21,6 +21,7 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.infer.generate import left_pad
+from lmforge.models.packed import packed_weights
 
 
 @torch.inference_mode()
@@ -63,42 +64,43 @@ def beam_search_ids(
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
     step_input = tokens.repeat_interleave(K, dim=0)
-    for step in range(steps):
-        logits = model(step_input, cache=cache, last_only=True)[:, -1].float()  # (B*K, V)
-        V = logits.shape[-1]
-        candidates = (logits.log_softmax(dim=-1) + scores.view(-1, 1)).view(B, K * V)
-        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=-1)  # (B, 2K): enough to refill K beams
-        top_scores, top_beam, top_token = top_scores.tolist(), (top_index // V).tolist(), (top_index % V).tolist()
-        length = step + 1
-        next_scores = torch.full((B, K), float("-inf"), device=device)
-        next_beam = torch.zeros((B, K), dtype=torch.long)
-        next_token = torch.zeros((B, K), dtype=torch.long)
-        for b in range(B):
-            if done[b]:
-                continue
-            n = 0
-            for rank, (score, beam, token) in enumerate(zip(top_scores[b], top_beam[b], top_token[b])):
-                if score == float("-inf"):
-                    break
-                if token == eos_id:
-                    if rank < K:  # an end among the K best extensions finishes a hypothesis
-                        finished[b].append((score / length**length_penalty, generated[b * K + beam].tolist()))
+    with packed_weights(model, rows=B * K):  # fp32 CPU batches: the weights packed once for MKL
+        for step in range(steps):
+            logits = model(step_input, cache=cache, last_only=True)[:, -1].float()  # (B*K, V)
+            V = logits.shape[-1]
+            candidates = (logits.log_softmax(dim=-1) + scores.view(-1, 1)).view(B, K * V)
+            top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=-1)  # (B, 2K): enough to refill K beams
+            top_scores, top_beam, top_token = top_scores.tolist(), (top_index // V).tolist(), (top_index % V).tolist()
+            length = step + 1
+            next_scores = torch.full((B, K), float("-inf"), device=device)
+            next_beam = torch.zeros((B, K), dtype=torch.long)
+            next_token = torch.zeros((B, K), dtype=torch.long)
+            for b in range(B):
+                if done[b]:
                     continue
-                next_scores[b, n], next_beam[b, n], next_token[b, n] = score, beam, token
-                n += 1
-                if n == K:
-                    break
-            if len(finished[b]) >= K:
-                finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
-                best_running = next_scores[b, 0].item() / length**length_penalty
-                done[b] = early_stopping or finished[b][-1][0] >= best_running
-        if all(done):
-            break
-        rows = (torch.arange(B)[:, None] * K + next_beam).view(-1).to(device)
-        cache.select(rows)
-        generated = torch.cat([generated[rows], next_token.view(-1, 1).to(device)], dim=1)
-        scores = next_scores
-        step_input = next_token.view(-1, 1).to(device)
+                n = 0
+                for rank, (score, beam, token) in enumerate(zip(top_scores[b], top_beam[b], top_token[b])):
+                    if score == float("-inf"):
+                        break
+                    if token == eos_id:
+                        if rank < K:  # an end among the K best extensions finishes a hypothesis
+                            finished[b].append((score / length**length_penalty, generated[b * K + beam].tolist()))
+                        continue
+                    next_scores[b, n], next_beam[b, n], next_token[b, n] = score, beam, token
+                    n += 1
+                    if n == K:
+                        break
+                if len(finished[b]) >= K:
+                    finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:K]
+                    best_running = next_scores[b, 0].item() / length**length_penalty
+                    done[b] = early_stopping or finished[b][-1][0] >= best_running
+            if all(done):
+                break
+            rows = (torch.arange(B)[:, None] * K + next_beam).view(-1).to(device)
+            cache.select(rows)
+            generated = torch.cat([generated[rows], next_token.view(-1, 1).to(device)], dim=1)
+            scores = next_scores
+            step_input = next_token.view(-1, 1).to(device)
     best = []
     for b in range(B):
         hypotheses = list(finished[b])

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lmforge.errors import UserError
+from lmforge.models.packed import packed_weights
 
 
 def sample_next(
@@ -122,31 +123,33 @@ def generate_ids(
     if condition:
         cache.condition = dict(condition)
     step_input = tokens
-    for _ in range(max_new_tokens):
-        if cache.length + step_input.shape[1] > cache.max_len:  # context full: slide the window
-            keep = block_size // 2
-            step_input = torch.cat([tokens, new[:, :n]], dim=1)[:, -keep:]
-            cut = tokens.shape[1] + n - keep
-            shifted = (pad - cut).clamp(min=0)
-            cache = model.new_cache(B, block_size, shifted if shifted.any() else None)
-            if condition:
-                cache.condition = dict(condition)
-        logits = model(step_input, cache=cache, last_only=True)[:, -1]  # (B, V)
-        if repetition_penalty != 1.0:
-            is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]
-            seen = torch.cat([torch.where(is_pad, tokens[:, -1:], tokens), new[:, :n]], dim=1)  # padding is not text
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            next_ids = torch.where(done, eos_id, next_ids)
-            done |= next_ids == eos_id
-        new[:, n] = next_ids
-        n += 1
-        step_input = new[:, n - 1:n]
-        if on_tokens is not None and on_tokens(next_ids):
-            break
-        if eos_id is not None and bool(done.all()):
-            break
+    with packed_weights(model, rows=B):  # fp32 CPU batches: the weights packed once for MKL
+        for _ in range(max_new_tokens):
+            if cache.length + step_input.shape[1] > cache.max_len:  # context full: slide the window
+                keep = block_size // 2
+                step_input = torch.cat([tokens, new[:, :n]], dim=1)[:, -keep:]
+                cut = tokens.shape[1] + n - keep
+                shifted = (pad - cut).clamp(min=0)
+                cache = model.new_cache(B, block_size, shifted if shifted.any() else None)
+                if condition:
+                    cache.condition = dict(condition)
+            logits = model(step_input, cache=cache, last_only=True)[:, -1]  # (B, V)
+            if repetition_penalty != 1.0:
+                is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]
+                text = torch.where(is_pad, tokens[:, -1:], tokens)  # padding is not text
+                seen = torch.cat([text, new[:, :n]], dim=1)
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_ids = torch.where(done, eos_id, next_ids)
+                done |= next_ids == eos_id
+            new[:, n] = next_ids
+            n += 1
+            step_input = new[:, n - 1:n]
+            if on_tokens is not None and on_tokens(next_ids):
+                break
+            if eos_id is not None and bool(done.all()):
+                break
     out = []
     for row in new[:, :n].tolist():
         if eos_id is not None and eos_id in row:

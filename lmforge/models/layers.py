@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.models.packed import is_packed, linear
 
 
 class RMSNorm(nn.Module):
@@ -218,6 +219,36 @@ class Attention(nn.Module):
         return q, k, v, dtype
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up for h = [gate, up] (..., 2 * d_ff), keeping only h for the backward pass.
+
+    Autograd's own silu and multiply would also keep silu(gate), as large as the output; the
+    backward pass makes it again from gate (one sigmoid), with the same kernels, so the gradients
+    are the very same numbers.
+    """
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_h
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, with h = [gate, up] on its last dimension (one matmul makes both)."""
+    return _SwiGLU.apply(h)
+
+
 class MLP(nn.Module):
     """GPT-2's GELU MLP or Llama's SwiGLU (gate and up projections in one matmul)."""
 
@@ -230,8 +261,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
+            return self.down(swiglu(h))
         return self.down(F.gelu(h, approximate="tanh"))
 
 
@@ -270,16 +300,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     and dropped. Same matmul count as the unfused head, a fraction of its memory traffic. The logits
     are fp32; where fp32 matmuls are the fast ones (`prefers_fp32`) the head's matmuls are fp32 too,
     which saves converting every chunk of logits and its gradient between dtypes.
+
+    Only the gradients that are needed are made and kept: with a frozen head (LoRA, whose head is
+    the frozen token embedding when tied) there is no (V, d) weight gradient to hold through the
+    backward pass, nor its matmul to run (as many FLOPs as the logits' own).
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size, ignore_index):
         n_valid = (targets != ignore_index).sum().clamp(min=1)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compute = torch.float32 if prefers_fp32(h) else h.dtype
         w = weight.to(compute)
-        grad_h = torch.empty(h.shape, dtype=compute, device=h.device) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        grad_h = torch.empty(h.shape, dtype=compute, device=h.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             h_chunk, t_chunk = h[start:start + chunk_size].to(compute), targets[start:start + chunk_size]
@@ -288,24 +322,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             safe_t = t_chunk.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
-            if need_grad:
+            if need_h or need_w:
                 logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 logits[torch.arange(len(t_chunk), device=h.device), safe_t] -= 1.0
                 logits.mul_((valid.float() / n_valid)[:, None])
                 g = logits.to(compute)
-                torch.mm(g, w, out=grad_h[start:start + chunk_size])
-                if compute == torch.float32:
+                if need_h:
+                    torch.mm(g, w, out=grad_h[start:start + chunk_size])
+                if need_w and compute == torch.float32:
                     grad_w.addmm_(g.T, h_chunk)
-                else:
+                elif need_w:
                     grad_w += (g.T @ h_chunk).float()
-        if need_grad:
-            ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
+        ctx.need_h, ctx.need_w = need_h, need_w
+        ctx.save_for_backward(grad_h.to(h.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None)
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_output, grad_w * grad_output, None, None, None
+        return (grad_h * grad_output if ctx.need_h else None, grad_w * grad_output if ctx.need_w else None,
+                None, None, None)
 
 
 def fused_linear_cross_entropy(
@@ -330,6 +366,8 @@ def output_head(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
     if targets is not None:
         return fused_linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten(), ignore_index=ignore_index)
     if last_only:
+        if is_packed(weight):  # generating a batch (lmforge.models.packed)
+            return linear(h[:, -1], weight)[:, None]
         # (W @ h.T).T rather than h @ W.T: for a few rows (generation) CPU BLAS runs the head's
         # matmul ~1.5x faster in this orientation (measured at 8 rows; the same at 1)
         return (weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
