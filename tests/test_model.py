@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.models.decoder import Decoder, flops_per_token
-from lmforge.models.layers import fused_linear_cross_entropy
+from lmforge.models.layers import fused_linear_cross_entropy, swiglu
 
 STYLES = ["gpt2", "llama"]
 
@@ -135,6 +135,48 @@ def test_fused_loss_chunks_and_no_grad() -> None:
     torch.testing.assert_close(w.grad, w2.grad)
     with torch.no_grad():
         torch.testing.assert_close(fused_linear_cross_entropy(h, w, t, chunk_size=5), expected.detach())
+
+
+def test_fused_loss_frozen_head_keeps_no_weight_gradient() -> None:
+    """LoRA's case: the head (the tied embedding) is frozen. The input gradient is the same as with a
+    trained head, and nothing of the head's (V, d) size is kept for the backward pass."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(500, 16, generator=g)
+    t = torch.randint(0, 500, (37,), generator=g)
+    t[::3] = -100
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        loss = fused_linear_cross_entropy(h, w, t, chunk_size=8)
+    assert saved and max(saved) == h.numel()  # the input's gradient only, not a (V, d) one
+    loss.backward()
+    h2 = h.detach().clone().requires_grad_()
+    expected = F.cross_entropy(h2 @ w.T, t, ignore_index=-100)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(h.grad, h2.grad)
+    # and a trained head on a frozen input: the weight's gradient alone
+    w3 = w.clone().requires_grad_()
+    fused_linear_cross_entropy(h.detach(), w3, t, chunk_size=8).backward()
+    w4 = w.clone().requires_grad_()
+    F.cross_entropy(h.detach() @ w4.T, t, ignore_index=-100).backward()
+    torch.testing.assert_close(w3.grad, w4.grad)
+
+
+def test_swiglu_keeps_only_its_input_and_gives_the_same_gradients() -> None:
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 5, 2 * 24, generator=g, requires_grad=True)
+    grad = torch.randn(3, 5, 24, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = swiglu(h)
+    assert len(saved) == 1 and saved[0] is h  # not silu(gate) besides
+    out.backward(grad)
+    h2 = h.detach().clone().requires_grad_()
+    gate, up = h2.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    expected.backward(grad)
+    assert torch.equal(out, expected) and torch.equal(h.grad, h2.grad)
 
 
 def test_flops_per_token_counts_the_model_matmuls(make_model) -> None:
