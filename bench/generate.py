@@ -2,12 +2,15 @@
 
     python bench/generate.py            # batch 1 and 8, 3 rounds each (a few minutes)
     python bench/generate.py --quick    # 1 round each
+    python bench/generate.py --no-packing-side   # also lmforge without packed weights (what packing gives)
 
 The GPT-2 124M shape (preset "gpt2": 12 layers, 12 heads, width 768, vocab 50257, context 1024) with
 random weights, fp32, the same weights on both sides (checked: logits agree to 1e-4). Each row is a
 32-token prompt; each side generates exactly 200 new tokens, greedily: lmforge's `generate_ids`
 (temperature 0) and transformers' `GPT2LMHeadModel.generate` (use_cache=True, do_sample=False,
-min_new_tokens = max_new_tokens = 200). Both run in this process, in alternating rounds (A B A B ...);
+min_new_tokens = max_new_tokens = 200). lmforge packs the weights for MKL's sgemm at batch 2 and more
+(`lmforge.models.packed`; each record says whether it did). Both run in this process, in alternating
+rounds (A B A B ...);
 a round that other processes disturbed is run again. The greedy outputs are compared token for token.
 
 Prints one JSON line per figure: tokens/s of each side (the median over rounds) with
@@ -37,6 +40,7 @@ from common import (  # noqa: E402
     timed,
 )
 
+import lmforge.models.packed as packing  # noqa: E402
 from lmforge.config import preset  # noqa: E402
 from lmforge.infer.generate import generate_ids  # noqa: E402
 from lmforge.models.decoder import Decoder  # noqa: E402
@@ -67,6 +71,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=180,
                         help="seconds after which disturbed rounds are no longer repeated")
     parser.add_argument("--jemalloc", action="store_true", help="run under jemalloc (where installed)")
+    parser.add_argument("--no-packing-side", action="store_true",
+                        help="also time lmforge with weight packing turned off")
     args = parser.parse_args()
     if args.jemalloc and "jemalloc" not in os.environ.get("LD_PRELOAD", "") and Path(JEMALLOC).is_file():
         env = dict(os.environ, LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
@@ -89,11 +95,11 @@ def main() -> None:
 
     for batch in args.batch:
         prompts = torch.randint(0, model.config.vocab_size, (batch, PROMPT_LEN), generator=generator)
-        measure_batch(model, hf, prompts, n, rounds, args.retries, deadline)
+        measure_batch(model, hf, prompts, n, rounds, args.retries, deadline, args.no_packing_side)
 
 
 def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int, retries: int,
-                  deadline: float) -> None:
+                  deadline: float, no_packing_side: bool) -> None:
     """Time both sides on the same prompts in alternating rounds; emit tokens/s, the ratio and the agreement."""
     batch = prompts.shape[0]
     outputs: dict[str, list[list[int]]] = {}
@@ -107,7 +113,17 @@ def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int
                           min_new_tokens=new_tokens, do_sample=False, use_cache=True)
         outputs["transformers"] = out[:, PROMPT_LEN:].tolist()
 
+    def ours_unpacked(new_tokens: int = n) -> None:
+        packing.MKL_PACKING = False
+        try:
+            outputs["lmforge_no_packing"] = generate_ids(model, prompts.tolist(), max_new_tokens=new_tokens,
+                                                         temperature=0)
+        finally:
+            packing.MKL_PACKING = packing._mkl_packing_available()
+
     sides = {"lmforge": ours, "transformers": theirs}
+    if no_packing_side:
+        sides["lmforge_no_packing"] = ours_unpacked
     for fn in sides.values():  # warm up
         fn(8)
     seconds: dict[str, list[float]] = {name: [] for name in sides}
@@ -123,11 +139,16 @@ def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int
                   "new_tokens": n, "tokens_per_s": round(tok_s[name], 1),
                   "rounds_tokens_per_s": [round(batch * n / s, 1) for s in seconds[name]],
                   "rounds_disturbed_by_other_processes": disturbed}
+        if name == "lmforge":
+            record["packed_weights"] = packing.worth_packing(model, batch)
         if name != "transformers":
             record["ratio_vs_transformers"] = round(tok_s[name] / tok_s["transformers"], 3)
         emit(record)
     emit({"figure": "generate_greedy_agreement", "batch": batch,
           **agreement(outputs["lmforge"], outputs["transformers"])})
+    if no_packing_side:
+        emit({"figure": "generate_greedy_agreement_packed_vs_not", "batch": batch,
+              **agreement(outputs["lmforge"], outputs["lmforge_no_packing"])})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import tempfile
@@ -49,6 +50,9 @@ def _replace_directory(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
+    if _exchange(new, target):  # one atomic step: `target` is never missing, even if the process dies here
+        shutil.rmtree(new, ignore_errors=True)  # now the old contents
+        return
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
     os.replace(target, old)
     try:
@@ -57,6 +61,15 @@ def _replace_directory(new: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic rename (Linux's renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def check_new_directory(out: Path, flag: str = "--out") -> None:
