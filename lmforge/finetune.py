@@ -17,7 +17,6 @@ the weights.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.config import TrainConfig, from_dict
+from lmforge.config import TrainConfig, fill_epoch_settings, from_dict
 from lmforge.data.catalog import CHAT_CATALOG, chat_dataset_file
 from lmforge.data.sft import ExampleBatches, load_examples
 from lmforge.errors import UserError
@@ -159,12 +158,8 @@ def finetune(
     settings = {"lr": 2e-4 if method == "lora" else 5e-5, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 0.0,
                 "batch_size": 8, "eval_batches": 1, "log_interval": 1}
     settings.update({k.removeprefix("train."): v for k, v in (overrides or {}).items()})
-    settings.setdefault("batch_size", 8)
     batch_size = settings["batch_size"]
-    steps_per_epoch = max(1, len(train_examples) // batch_size)
-    if epochs is not None and "max_steps" not in settings:
-        settings["max_steps"] = max(1, math.ceil(epochs * steps_per_epoch))
-    settings.setdefault("eval_interval", steps_per_epoch)
+    steps_per_epoch = fill_epoch_settings(settings, len(train_examples), epochs)
     if patience is not None:
         settings["patience"] = patience
     settings["keep_best"] = True

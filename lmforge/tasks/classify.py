@@ -25,7 +25,6 @@ word the LM finds most likely after a prompt wins (probabilities: a softmax over
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import sys
@@ -324,7 +323,7 @@ def train_classifier(
     Returns the Trainer's summary plus the validation accuracy before training.
     """
     import lmforge.api
-    from lmforge.config import TrainConfig, from_dict
+    from lmforge.config import TrainConfig, fill_epoch_settings, from_dict
     from lmforge.finetune import apply_lora, split_examples
     from lmforge.train.trainer import Trainer
 
@@ -360,12 +359,9 @@ def train_classifier(
                 "eval_batches": 1, "log_interval": 10, "precision": "fp32"}
     settings.update({k.removeprefix("train."): v for k, v in (overrides or {}).items()})
     batch_size = settings["batch_size"]
-    steps_per_epoch = max(1, len(train_examples) // batch_size)
-    if epochs is not None and "max_steps" not in settings:
-        settings["max_steps"] = max(1, math.ceil(epochs * steps_per_epoch))
+    steps_per_epoch = fill_epoch_settings(settings, len(train_examples), epochs)
     settings.setdefault("max_steps", steps_per_epoch)
     settings.setdefault("warmup_steps", min(50, settings["max_steps"] // 10))
-    settings.setdefault("eval_interval", steps_per_epoch)
     if patience is not None:
         settings["patience"] = patience
     settings["keep_best"] = True

@@ -17,7 +17,6 @@ context less one (the start token) are cut with a warning (`too_long="truncate"`
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,16 @@ from typing import Any
 
 import torch
 
-from lmforge.config import ElboConfig, ModelConfig, TrainConfig, from_dict, preset, save_yaml, to_dict
+from lmforge.config import (
+    ElboConfig,
+    ModelConfig,
+    TrainConfig,
+    fill_epoch_settings,
+    from_dict,
+    preset,
+    save_yaml,
+    to_dict,
+)
 from lmforge.errors import UserError
 from lmforge.files import check_new_directory
 from lmforge.models.seq2seq import Seq2Seq, encode_texts
@@ -135,14 +143,10 @@ def _train_settings(train_config: TrainConfig | None, overrides: dict[str, Any],
         values = {**to_dict(train_config), **given}
     else:
         values = {"lr": 1e-3, "min_lr": 1e-4, "batch_size": 16, "log_interval": 10, "keep_best": True, **given}
-    if epochs is not None:
-        if epochs <= 0:
-            raise UserError(f"--epochs = {epochs}; expected a positive number")
-        steps_per_epoch = max(1, n_train // values.get("batch_size", TrainConfig.batch_size))
-        if "max_steps" not in given:
-            values["max_steps"] = max(1, math.ceil(epochs * steps_per_epoch))
-        if "eval_interval" not in given:
-            values["eval_interval"] = steps_per_epoch
+    if epochs is not None:  # epochs decide the steps unless a flag does (not a --config's max_steps)
+        per_epoch = {"batch_size": values.get("batch_size", TrainConfig.batch_size), **given}
+        fill_epoch_settings(per_epoch, n_train, epochs)
+        values.update(per_epoch)
     if train_config is None and "warmup_steps" not in given:
         values["warmup_steps"] = max(1, values.get("max_steps", TrainConfig.max_steps) // 10)
     return from_dict(TrainConfig, values, "train").validate()
