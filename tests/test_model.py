@@ -4,6 +4,7 @@ its gradients, and logit parity with transformers' GPT-2 and Llama."""
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import pytest
 import torch
@@ -177,6 +178,34 @@ def test_swiglu_keeps_only_its_input_and_gives_the_same_gradients() -> None:
     expected = F.silu(gate) * up
     expected.backward(grad)
     assert torch.equal(out, expected) and torch.equal(h.grad, h2.grad)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_remade_activations_give_the_same_gradients_and_are_not_kept(make_model, style) -> None:
+    """Block remakes its norms' outputs and the MLP's product in the backward pass instead of keeping
+    them (layers.remade_in_backward): the very same gradients, and those tensors die with the forward."""
+    model = make_model(style, dropout=0.0).train()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    targets = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    made = []
+    hooks = [m.register_forward_hook(lambda m, i, out: made.append(weakref.ref(out)))
+             for name, m in model.named_modules() if name.endswith(("norm1", "norm2"))]
+    hooks += [m.register_forward_pre_hook(lambda m, i: made.append(weakref.ref(i[0])))
+              for name, m in model.named_modules() if name.endswith("mlp.down")]
+    loss = model(ids, targets)
+    assert len(made) == 3 * model.config.n_layer and all(ref() is None for ref in made)  # not kept
+    loss.backward()
+    remade = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for h in hooks:
+        h.remove()
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # other hooks: all is kept
+        kept = model(ids, targets)
+    kept.backward()
+    assert torch.equal(loss, kept)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, remade[name]), name
 
 
 def test_flops_per_token_counts_the_model_matmuls(make_model) -> None:

@@ -16,7 +16,11 @@ logits or that fused loss: the head of every model kind) and `masked_mean` (pool
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +223,73 @@ class Attention(nn.Module):
         return q, k, v, dtype
 
 
+class _Recipe(NamedTuple):
+    fn: Callable[..., torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+    autocast: tuple[str, bool, torch.dtype]
+
+
+_remakeable = threading.local()  # .outputs: {storage address: (output, recipe)} inside `remade_in_backward`
+
+
+@contextlib.contextmanager
+def remade_in_backward():
+    """Within it, what `remake(fn, *inputs)` returns is not kept for the backward pass: the layers that
+    read it (a linear layer's weight gradient, a LoRA adapter) get it made again from its inputs.
+
+    For cheap outputs of inputs that are kept anyway: a norm's output (its input is the residual
+    stream, which the norm keeps) and the SwiGLU/GELU product (whose input `h` it keeps). Each is as
+    large as a layer's activations, and autograd would keep it beside its input; remaking it costs one
+    elementwise pass in the backward pass. Used by `Block`; does nothing without autograd, under
+    torch.compile, or inside other saved-tensor hooks (activation checkpointing keeps nothing anyway).
+    """
+    if (not torch.is_grad_enabled() or getattr(_remakeable, "outputs", None) is not None
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+            or torch.compiler.is_compiling()):
+        yield
+        return
+    outputs: dict[int, tuple[torch.Tensor, _Recipe]] = {}
+
+    def pack(t: torch.Tensor):
+        found = outputs.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        if found is None or found[0].dtype != t.dtype or found[0].device != t.device:
+            return t
+        return found[1], t.shape, t.stride(), t.storage_offset()
+
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        recipe, shape, stride, offset = saved
+        if tuple(x._version for x in recipe.inputs) != recipe.versions:
+            raise RuntimeError("an input of a remade activation was modified in place after the forward pass")
+        device, enabled, dtype = recipe.autocast
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            return recipe.fn(*recipe.inputs).as_strided(shape, stride, offset)
+
+    _remakeable.outputs = outputs
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _remakeable.outputs = None
+        outputs.clear()  # the outputs themselves are never held past the forward pass
+
+
+def remake(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """fn(*inputs); inside `remade_in_backward`, remade from `inputs` where the backward pass needs it.
+    `fn` must be deterministic and `inputs` must not change in place afterwards (checked)."""
+    out = fn(*inputs)
+    outputs = getattr(_remakeable, "outputs", None)
+    if outputs is not None and out.is_contiguous() and out.numel():
+        device = out.device.type
+        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        # holding `out` while the context lasts keeps its address from being reused by another tensor
+        outputs[out.untyped_storage().data_ptr()] = (out, _Recipe(fn, inputs, tuple(x._version for x in inputs),
+                                                                  autocast))
+    return out
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up for h = [gate, up] (..., 2 * d_ff), keeping only h for the backward pass.
 
@@ -260,9 +331,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
-        if self.swiglu:
-            return self.down(swiglu(h))
-        return self.down(F.gelu(h, approximate="tanh"))
+        return self.down(remake(swiglu if self.swiglu else _gelu, h))  # see `remade_in_backward`
+
+
+def _gelu(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")
 
 
 class Block(nn.Module):
@@ -286,10 +359,12 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None, mask=None, causal: bool = True,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, mask, causal))
-        if self.cross_attn is not None:
-            x = x + self.dropout(self.cross_attn(self.norm_cross(x), cache=cache, mask=memory_mask, memory=memory))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        with remade_in_backward():  # the norms' outputs and the MLP's product are made again, not kept
+            x = x + self.dropout(self.attn(remake(self.norm1, x), rope, cache, mask, causal))
+            if self.cross_attn is not None:
+                x = x + self.dropout(self.cross_attn(remake(self.norm_cross, x), cache=cache, mask=memory_mask,
+                                                     memory=memory))
+            return x + self.dropout(self.mlp(remake(self.norm2, x)))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
