@@ -69,8 +69,8 @@ def test_fused_dropout_trains_as_peft_dropout_with_the_same_masks(make_model, ba
     seen: set[int] = set()
     draw = lora.keep_mask
 
-    def recording(shape, p, seed, device):
-        keep, scale = draw(shape, p, seed, device)
+    def recording(shape, p, seed, device, dtype=torch.bool):
+        keep, scale = draw(shape, p, seed, device, dtype)
         if seed not in seen:  # the backward pass draws the same mask again
             seen.add(seed)
             masks.append((keep, scale))
@@ -132,6 +132,9 @@ def test_keep_mask_rate_scale_and_seed() -> None:
     again, _ = lora.keep_mask(torch.Size([1000, 1000]), 0.05, seed=7, device=torch.device("cpu"))
     other, _ = lora.keep_mask(torch.Size([1000, 1000]), 0.05, seed=8, device=torch.device("cpu"))
     assert torch.equal(keep, again) and not torch.equal(keep, other)
+    as_float, _ = lora.keep_mask(torch.Size([1000, 1000]), 0.05, seed=7, device=torch.device("cpu"),
+                                 dtype=torch.float32)
+    assert torch.equal(as_float, keep.float())
     # a shape that is not a multiple of 4 elements (the generator makes 64 bits at a time)
     odd, _ = lora.keep_mask(torch.Size([3, 5]), 0.5, seed=1, device=torch.device("cpu"))
     assert odd.shape == (3, 5) and 0 < odd.sum() < 15
@@ -158,3 +161,19 @@ def test_fused_lora_dropout_with_activation_checkpointing_trains_the_same(tokeni
     assert len(set(losses[True])) == 3
     for a, b in zip(weights[True], weights[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fused_lora_dropout_trains_in_reduced_precision(tokenizer, make_config, tmp_path, precision) -> None:
+    """bf16 weights, or fp16 autocast (whose matmuls run in fp16 on fp32 weights and inputs)."""
+    tokens = np.array(tokenizer.encode("the cat sat on the mat, and the dog sat on the log. " * 40))
+    torch.manual_seed(0)
+    model = apply_lora(Decoder(make_config("llama", vocab_size=tokenizer.vocab_size)), 4, 8, 0.2)
+    randomise_adapters(model, 1)
+    before = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+    config = TrainConfig(batch_size=4, max_steps=2, lr=1e-2, warmup_steps=0, precision=precision, eval_interval=100)
+    trainer = Trainer(model, config, tmp_path / precision, RandomWindows(tokens, 32, 4, seed=0))
+    losses = [trainer.train_step(), trainer.train_step()]
+    assert all(np.isfinite(losses))
+    after = [p.detach().float() for p in model.parameters() if p.requires_grad]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))  # every adapter trained
