@@ -60,13 +60,14 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
     """Inside the block, the model's linear layers and output head multiply through packed weights.
 
     Does nothing where it would not pay (`worth_packing`). Layers whose forward is already replaced
-    (by an enclosing `packed_weights`) are left to it.
+    (by an enclosing `packed_weights`) are left to it. The packed copies are made from the weights as
+    they are on entry: the weights must not change inside the block (generation does not change them).
     """
     if not worth_packing(model, rows):
         yield
         return
-    layers = [m for m in model.modules()
-              if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and "forward" not in vars(m)]
+    layers = [m for m in model.modules()  # plain nn.Linear only: subclasses (LoRA's) keep their own forward
+              if type(m) is nn.Linear and m.weight.dtype == torch.float32 and "forward" not in vars(m)]
     weights = [m.weight for m in layers] + [model.head_weight]
     mine = [w for w in weights if id(w) not in _packed]
     with torch.no_grad():
