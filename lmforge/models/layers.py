@@ -3,9 +3,11 @@
 In the order data meets them: `RMSNorm` / `nn.LayerNorm`, `RotaryEmbedding`, `Attention` (one
 implementation for every model: grouped-query heads, PyTorch's `scaled_dot_product_attention`, an
 optional `KVCache` for generation; causal or bidirectional self-attention, or cross-attention to an
-encoder's output), `MLP` (GELU or SwiGLU), `Block`, `fused_linear_cross_entropy` (the output head
+encoder's output), `remade_in_backward` / `remake` (cheap activations made again in the backward
+pass instead of kept), `MLP` (GELU or SwiGLU), `Block`, `fused_linear_cross_entropy` (the output head
 and the loss in one pass that never holds the full logits), `output_head` (logits, last-position
-logits or that fused loss: the head of every model kind) and `masked_mean` (pooling over real tokens).
+logits or that fused loss: the head of every model kind; through packed weights while a batch
+generates, `lmforge.models.packed`) and `masked_mean` (pooling over real tokens).
 
     block = Block(config, 0)                                   # a decoder block (causal)
     y = block(x)                                               # x: (B, T, d_model)
