@@ -6,13 +6,29 @@ import json
 from pathlib import Path
 
 
-def plot_metrics(metrics_file: str | Path, png: str | Path, title: str = "") -> Path:
-    """Draw training loss (every log) and validation loss (every eval) against the step."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, png: str | Path) -> Path:
+    """Write `fig` to `png` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
+def plot_metrics(metrics_file: str | Path, png: str | Path, title: str = "") -> Path:
+    """Draw training loss (every log) and validation loss (every eval) against the step."""
+    plt = _pyplot()
     records = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -26,19 +42,12 @@ def plot_metrics(metrics_file: str | Path, png: str | Path, title: str = "") -> 
     ax.set_title(title or Path(metrics_file).parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return Path(png)
+    return _save(fig, png)
 
 
 def plot_confusion(counts: list[list[int]], labels: list[str], png: str | Path, title: str = "") -> Path:
     """A confusion matrix as a heat map: rows are the gold labels, columns the predictions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     size = max(4.0, 0.45 * len(labels) + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
     image = ax.imshow(counts, cmap="Blues")
@@ -54,19 +63,12 @@ def plot_confusion(counts: list[list[int]], labels: list[str], png: str | Path, 
     ax.set_ylabel("gold")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return Path(png)
+    return _save(fig, png)
 
 
 def plot_lengths(series: dict[str, list[int]], png: str | Path, title: str = "", unit: str = "words") -> Path:
     """Histograms of text lengths, one per series (e.g. references against predictions)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     longest = max((max(v) for v in series.values() if v), default=1)
     bins = range(0, longest + 2, max(1, (longest + 1) // 40))
@@ -77,7 +79,4 @@ def plot_lengths(series: dict[str, list[int]], png: str | Path, title: str = "",
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return Path(png)
+    return _save(fig, png)
