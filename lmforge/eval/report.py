@@ -34,10 +34,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def check_new_report(out: str | Path, name: str) -> None:
-    """Refuse, before any work is done, to write a report where one already is."""
-    if (Path(out) / f"{name}.json").exists():
-        raise UserError(f"{Path(out) / name}.json already exists; choose another --out (reports are never replaced)")
+def check_new_report(out: str | Path, name: str, files: Sequence[str] = ()) -> None:
+    """Refuse, before any work is done, to write a report where one already is (`NAME.json`, or any of `files`)."""
+    taken = [file for file in (f"{name}.json", *files) if (Path(out) / file).exists()]
+    if taken:
+        raise UserError(f"{Path(out) / taken[0]} already exists; choose another --out (reports are never replaced)")
 
 
 def write_report(out: str | Path, name: str, report: dict[str, Any], rows: Sequence[dict[str, Any]],
@@ -48,9 +49,7 @@ def write_report(out: str | Path, name: str, report: dict[str, Any], rows: Seque
     table = format_table(rows)
     texts = {f"{name}.json": json.dumps({**report, "rows": list(rows)}, indent=2, default=str) + "\n",
              f"{name}.md": f"# {name}\n\n{table}\n", **(extra or {})}
-    taken = [file for file in texts if (out / file).exists()]
-    if taken:
-        raise UserError(f"{out / taken[0]} already exists; choose another --out (reports are never replaced)")
+    check_new_report(out, name, list(texts))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
