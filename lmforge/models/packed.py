@@ -36,17 +36,22 @@ def _mkl_packing_available() -> bool:
 MKL_PACKING = _mkl_packing_available()
 
 
-def is_packed(weight: torch.Tensor) -> bool:
+def _packed_copy(weight: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """The packed copy of `weight` and the rows it was packed for, while one exists."""
     entry = _packed.get(id(weight))
-    return entry is not None and entry[0] is weight
+    return entry[1:] if entry is not None and entry[0] is weight else None
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    return _packed_copy(weight) is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias, like `F.linear`; through the packed copy of `weight` inside `packed_weights`."""
-    entry = _packed.get(id(weight))
-    if entry is None or entry[0] is not weight:
+    packed = _packed_copy(weight)
+    if packed is None:
         return F.linear(x, weight, bias)
-    return torch.ops.mkl._mkl_linear(x, entry[1], weight, bias, entry[2])
+    return torch.ops.mkl._mkl_linear(x, packed[0], weight, bias, packed[1])
 
 
 def worth_packing(model: nn.Module, rows: int) -> bool:
