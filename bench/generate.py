@@ -9,7 +9,7 @@ random weights, fp32, the same weights on both sides (checked: logits agree to 1
 32-token prompt; each side generates exactly 200 new tokens, greedily: lmforge's `generate_ids`
 (temperature 0) and transformers' `GPT2LMHeadModel.generate` (use_cache=True, do_sample=False,
 min_new_tokens = max_new_tokens = 200). lmforge packs the weights for MKL's sgemm at batch 2 and more
-(`lmforge.models.packed`; each record says whether it did). Both run in this process, in alternating
+(`lmforge.models.linear`; each record says whether it did). Both run in this process, in alternating
 rounds (A B A B ...);
 a round that other processes disturbed is run again. The greedy outputs are compared token for token.
 
@@ -40,7 +40,7 @@ from common import (  # noqa: E402
     timed,
 )
 
-import lmforge.models.packed as packing  # noqa: E402
+import lmforge.models.linear as packing  # noqa: E402
 from lmforge.config import preset  # noqa: E402
 from lmforge.infer.generate import generate_ids  # noqa: E402
 from lmforge.models.decoder import Decoder  # noqa: E402

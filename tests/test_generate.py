@@ -11,7 +11,7 @@ from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.infer.generate import apply_repetition_penalty, generate, generate_ids, sample_next
 from lmforge.models.decoder import Decoder
-from lmforge.models.packed import MKL_PACKING, is_packed, packed_weights
+from lmforge.models.linear import MKL_PACKING, is_packed, packed_weights
 from lmforge.train.objectives import RandomWindows
 from lmforge.train.trainer import Trainer
 
@@ -320,13 +320,16 @@ def test_packed_weights_give_the_same_logits_and_are_undone(lively_model) -> Non
         with pytest.raises(RuntimeError, match="inside"):
             with packed_weights(model, rows=3):
                 assert is_packed(model.head_weight) and all(is_packed(m.weight) for m in layers)
-                assert all("forward" in vars(m) for m in layers)  # the layers multiply through the packed copies
-                got = model(ids)
+                with torch.profiler.profile() as profile:
+                    got = model(ids)
+                packed_calls = [e for e in profile.events() if e.name == "mkl::_mkl_linear"]
+                weights = {id(m.weight) for m in layers} | {id(model.head_weight)}
+                assert len(packed_calls) == len(weights)  # every layer and the head multiply packed
+
                 last = model(ids, last_only=True)
                 raise RuntimeError("an error inside the block")
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(last, expected[:, -1:], rtol=0, atol=1e-5)
-    assert not is_packed(model.head_weight) and not any(is_packed(m.weight) for m in layers)
-    assert not any("forward" in vars(m) for m in layers)  # the plain layers are back, even after the error
+    assert not is_packed(model.head_weight) and not any(is_packed(m.weight) for m in layers)  # even after the error
     with packed_weights(model, rows=1):  # one row: not worth it, nothing packed
         assert not is_packed(model.head_weight)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lmforge.models.decoder import Decoder, flops_per_token
 from lmforge.models.layers import fused_linear_cross_entropy, swiglu
+from lmforge.models.linear import FP32_MIN_ROWS, Linear, prefers_fp32
 
 STYLES = ["gpt2", "llama"]
 
@@ -178,6 +179,30 @@ def test_swiglu_keeps_only_its_input_and_gives_the_same_gradients() -> None:
     expected = F.silu(gate) * up
     expected.backward(grad)
     assert torch.equal(out, expected) and torch.equal(h.grad, h2.grad)
+
+
+def test_linear_multiplies_bf16_in_fp32_where_that_is_faster() -> None:
+    """bf16 inputs and weights: the result of an fp32 multiply (exact products, fp32 sums) rounded to
+    bf16 where `prefers_fp32` (CPUs without AMX), close to it anywhere; gradients likewise; and
+    PyTorch's own bf16 kernel for a few rows."""
+    g = torch.Generator().manual_seed(5)
+    layer = Linear(48, 40).to(torch.bfloat16)
+    x = torch.randn(4, FP32_MIN_ROWS // 4, 48, generator=g).bfloat16().requires_grad_()
+    grad = torch.randn(4, FP32_MIN_ROWS // 4, 40, generator=g).bfloat16()
+    out = layer(x)
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    expected = x.detach().double() @ w.T + b
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-6)
+    assert (type(out.grad_fn).__name__ == "_LinearInFp32Backward") == prefers_fp32(x)  # the route taken
+    out.backward(grad)
+    rows_grad, rows_x = grad.double().reshape(-1, 40), x.detach().double().reshape(-1, 48)
+    for got, want in ((x.grad, grad.double() @ w), (layer.weight.grad, rows_grad.T @ rows_x),
+                      (layer.bias.grad, rows_grad.sum(0))):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=1e-2)
+    few = x.detach()[:1, :3]  # 3 rows: converting the weight would cost more than it saves
+    assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
 
 
 @pytest.mark.parametrize("style", STYLES)

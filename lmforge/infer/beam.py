@@ -21,7 +21,7 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.infer.generate import left_pad
-from lmforge.models.packed import packed_weights
+from lmforge.models.linear import packed_weights
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lmforge.errors import UserError
-from lmforge.models.packed import packed_weights
+from lmforge.models.linear import packed_weights
 
 
 def sample_next(

@@ -26,6 +26,7 @@ from lmforge.models.layers import (
     make_norm,
     output_head,
 )
+from lmforge.models.linear import Linear
 
 
 class Decoder(LanguageModel):
@@ -40,7 +41,7 @@ class Decoder(LanguageModel):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         self.tokenizer: Any = None
         self.activation_checkpointing = False  # set by the Trainer (train.activation_checkpointing)
         init_weights(self, config.n_layer)

@@ -7,7 +7,7 @@ encoder's output), `remade_in_backward` / `remake` (cheap activations made again
 pass instead of kept), `MLP` (GELU or SwiGLU), `Block`, `fused_linear_cross_entropy` (the output head
 and the loss in one pass that never holds the full logits), `output_head` (logits, last-position
 logits or that fused loss: the head of every model kind; through packed weights while a batch
-generates, `lmforge.models.packed`) and `masked_mean` (pooling over real tokens).
+generates, `lmforge.models.linear`) and `masked_mean` (pooling over real tokens).
 
     block = Block(config, 0)                                   # a decoder block (causal)
     y = block(x)                                               # x: (B, T, d_model)
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.packed import is_packed, linear
+from lmforge.models.linear import Linear, is_packed, linear, prefers_fp32
 
 
 class RMSNorm(nn.Module):
@@ -42,25 +42,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
-
-
-def _cpu_has_amx() -> bool:
-    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_supported and is_supported())
-
-
-_CPU_HAS_AMX = _cpu_has_amx()
-
-
-def prefers_fp32(x: torch.Tensor) -> bool:
-    """True for a bf16 or fp16 tensor on a CPU without AMX tiles.
-
-    There, PyTorch's reduced-precision matmul and attention kernels are slower than its fp32 ones
-    (AVX-512 at best: measured ~2x slower), so the parts whose math wants fp32 anyway, the attention
-    softmax and the loss head, compute in fp32 and hand back results in the model's dtype. GPUs and CPUs
-    with AMX keep the reduced-precision kernels.
-    """
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not _CPU_HAS_AMX
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -169,11 +150,11 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         if cross_attention:
-            self.q = nn.Linear(config.d_model, q_size, bias=config.qkv_bias)
-            self.kv = nn.Linear(config.d_model, 2 * kv_size, bias=config.qkv_bias)
+            self.q = Linear(config.d_model, q_size, bias=config.qkv_bias)
+            self.kv = Linear(config.d_model, 2 * kv_size, bias=config.qkv_bias)
         else:
-            self.qkv = nn.Linear(config.d_model, q_size + 2 * kv_size, bias=config.qkv_bias)
-        self.proj = nn.Linear(q_size, config.d_model, bias=config.bias)
+            self.qkv = Linear(config.d_model, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.proj = Linear(q_size, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, causal: bool = True,
@@ -328,8 +309,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        self.up = nn.Linear(config.d_model, (2 if self.swiglu else 1) * config.d_ff, bias=config.bias)
-        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.up = Linear(config.d_model, (2 if self.swiglu else 1) * config.d_ff, bias=config.bias)
+        self.down = Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
@@ -443,12 +424,12 @@ def output_head(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
     if targets is not None:
         return fused_linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten(), ignore_index=ignore_index)
     if last_only:
-        if is_packed(weight):  # generating a batch (lmforge.models.packed)
+        if is_packed(weight):  # generating a batch (lmforge.models.linear)
             return linear(h[:, -1], weight)[:, None]
         # (W @ h.T).T rather than h @ W.T: for a few rows (generation) CPU BLAS runs the head's
         # matmul ~1.5x faster in this orientation (measured at 8 rows; the same at 1)
         return (weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
-    return h @ weight.T
+    return linear(h, weight)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

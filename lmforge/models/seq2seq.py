@@ -39,6 +39,7 @@ from lmforge.models.layers import (
     make_norm,
     output_head,
 )
+from lmforge.models.linear import Linear
 
 TOO_LONG = ("truncate", "error")
 
@@ -60,7 +61,7 @@ class Seq2Seq(LanguageModel):
         self.enc_norm = make_norm(config)
         self.blocks = nn.ModuleList(Block(config, i, cross_attention=True) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        self.head = None if config.tie_embeddings else Linear(d, config.vocab_size, bias=False)
         self.tokenizer: Any = None
         init_weights(self, config.n_layer)
 

@@ -43,6 +43,7 @@ from lmforge.models.layers import (
     masked_mean,
     output_head,
 )
+from lmforge.models.linear import Linear
 from lmforge.models.seq2seq import Seq2Seq
 
 
@@ -60,11 +61,11 @@ class VAE(LanguageModel):
         self.dropout = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(Block(config, i) for i in range(config.encoder_layers))
         self.enc_norm = make_norm(config)
-        self.to_latent = nn.Linear(d, 2 * config.latent_dim)  # -> (mu, logvar)
-        self.from_latent = nn.Linear(config.latent_dim, d)  # z -> added to each decoder input embedding
+        self.to_latent = Linear(d, 2 * config.latent_dim)  # -> (mu, logvar)
+        self.from_latent = Linear(config.latent_dim, d)  # z -> added to each decoder input embedding
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        self.head = None if config.tie_embeddings else Linear(d, config.vocab_size, bias=False)
         self.tokenizer: Any = None
         init_weights(self, config.n_layer)
 
@@ -162,9 +163,9 @@ class ConditionalVAE(Seq2Seq):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         d, D = config.d_model, config.latent_dim
-        self.to_prior = nn.Linear(d, 2 * D)
-        self.to_posterior = nn.Linear(2 * d, 2 * D)
-        self.from_latent = nn.Linear(D, d)
+        self.to_prior = Linear(d, 2 * D)
+        self.to_posterior = Linear(2 * d, 2 * D)
+        self.from_latent = Linear(D, d)
         init_weights(self, config.n_layer)
 
     def prior(self, memory: torch.Tensor, source_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
