@@ -227,9 +227,9 @@ def remade_in_backward():
     elementwise pass in the backward pass. Used by `Block`; does nothing without autograd, under
     torch.compile, or inside other saved-tensor hooks (activation checkpointing keeps nothing anyway).
     """
-    if (not torch.is_grad_enabled() or getattr(_remakeable, "outputs", None) is not None
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-            or torch.compiler.is_compiling()):
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()  # compiling first: dynamo can't trace the rest
+            or getattr(_remakeable, "outputs", None) is not None
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
         yield
         return
     outputs: dict[int, tuple[torch.Tensor, _Recipe]] = {}
