@@ -1,17 +1,18 @@
 """Greedy generation with the KV cache: lmforge against Hugging Face transformers' `generate`.
 
-    python bench/generate.py            # batch 1 and 8, 3 rounds each (a few minutes)
+    python bench/generate.py            # fp32 and bf16, batch 1 and 8, 3 rounds each (several minutes)
     python bench/generate.py --quick    # 1 round each
     python bench/generate.py --no-packing-side   # also lmforge without packed weights (what packing gives)
 
 The GPT-2 124M shape (preset "gpt2": 12 layers, 12 heads, width 768, vocab 50257, context 1024) with
-random weights, fp32, the same weights on both sides (checked: logits agree to 1e-4). Each row is a
-32-token prompt; each side generates exactly 200 new tokens, greedily: lmforge's `generate_ids`
-(temperature 0) and transformers' `GPT2LMHeadModel.generate` (use_cache=True, do_sample=False,
-min_new_tokens = max_new_tokens = 200). lmforge packs the weights for MKL's sgemm at batch 2 and more
-(`lmforge.models.linear`; each record says whether it did). Both run in this process, in alternating
-rounds (A B A B ...);
-a round that other processes disturbed is run again. The greedy outputs are compared token for token.
+random weights, the same weights on both sides (checked in fp32: logits agree to 1e-4), first in fp32,
+then with both models cast to bf16. Each row is a 32-token prompt; each side generates exactly 200
+new tokens, greedily: lmforge's `generate_ids` (temperature 0) and transformers'
+`GPT2LMHeadModel.generate` (use_cache=True, do_sample=False, min_new_tokens = max_new_tokens = 200).
+lmforge packs the weights once per call (`lmforge.models.linear`: MKL's sgemm for fp32 at batch 2 and
+more, oneDNN for bf16; each record says whether it did). Both run in this process, in alternating
+rounds (A B A B ...); a round that other processes disturbed is run again. The greedy outputs are
+compared token for token.
 
 Prints one JSON line per figure: tokens/s of each side (the median over rounds) with
 `ratio_vs_transformers`, and the agreement of the outputs.
@@ -46,6 +47,7 @@ from lmforge.infer.generate import generate_ids  # noqa: E402
 from lmforge.models.decoder import Decoder  # noqa: E402
 
 PRESET, PROMPT_LEN = "gpt2", 32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=180,
                         help="seconds after which disturbed rounds are no longer repeated")
     parser.add_argument("--jemalloc", action="store_true", help="run under jemalloc (where installed)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="weight dtypes, each measured on both sides (bf16: both models cast to bf16)")
     parser.add_argument("--no-packing-side", action="store_true",
                         help="also time lmforge with weight packing turned off")
     args = parser.parse_args()
@@ -93,13 +97,16 @@ def main() -> None:
     if diff > 1e-4:
         raise SystemExit("lmforge and transformers disagree on the same weights: the benchmark would be meaningless")
 
-    for batch in args.batch:
-        prompts = torch.randint(0, model.config.vocab_size, (batch, PROMPT_LEN), generator=generator)
-        measure_batch(model, hf, prompts, n, rounds, args.retries, deadline, args.no_packing_side)
+    prompts = {batch: torch.randint(0, model.config.vocab_size, (batch, PROMPT_LEN), generator=generator)
+               for batch in args.batch}
+    for dtype in args.dtypes:
+        model.to(DTYPES[dtype]), hf.to(DTYPES[dtype])
+        for batch in args.batch:
+            measure_batch(model, hf, prompts[batch], n, rounds, args.retries, deadline, args.no_packing_side, dtype)
 
 
 def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int, retries: int,
-                  deadline: float, no_packing_side: bool) -> None:
+                  deadline: float, no_packing_side: bool, dtype: str) -> None:
     """Time both sides on the same prompts in alternating rounds; emit tokens/s, the ratio and the agreement."""
     batch = prompts.shape[0]
     outputs: dict[str, list[list[int]]] = {}
@@ -114,12 +121,13 @@ def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int
         outputs["transformers"] = out[:, PROMPT_LEN:].tolist()
 
     def ours_unpacked(new_tokens: int = n) -> None:
-        packing.MKL_PACKING = False
+        packing.MKL_PACKING = packing.ONEDNN_PACKING = False
         try:
             outputs["lmforge_no_packing"] = generate_ids(model, prompts.tolist(), max_new_tokens=new_tokens,
                                                          temperature=0)
         finally:
             packing.MKL_PACKING = packing._mkl_packing_available()
+            packing.ONEDNN_PACKING = packing._onednn_packing_available()
 
     sides = {"lmforge": ours, "transformers": theirs}
     if no_packing_side:
@@ -135,7 +143,8 @@ def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int
             disturbed += noisy
     tok_s = {name: batch * n / median(s) for name, s in seconds.items()}
     for name in sides:
-        record = {"figure": "generate_tokens_per_s", "side": name, "batch": batch, "prompt_tokens": PROMPT_LEN,
+        record = {"figure": "generate_tokens_per_s", "side": name, "dtype": dtype, "batch": batch,
+                  "prompt_tokens": PROMPT_LEN,
                   "new_tokens": n, "tokens_per_s": round(tok_s[name], 1),
                   "rounds_tokens_per_s": [round(batch * n / s, 1) for s in seconds[name]],
                   "rounds_disturbed_by_other_processes": disturbed}
@@ -144,10 +153,10 @@ def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int
         if name != "transformers":
             record["ratio_vs_transformers"] = round(tok_s[name] / tok_s["transformers"], 3)
         emit(record)
-    emit({"figure": "generate_greedy_agreement", "batch": batch,
+    emit({"figure": "generate_greedy_agreement", "dtype": dtype, "batch": batch,
           **agreement(outputs["lmforge"], outputs["transformers"])})
     if no_packing_side:
-        emit({"figure": "generate_greedy_agreement_packed_vs_not", "batch": batch,
+        emit({"figure": "generate_greedy_agreement_packed_vs_not", "dtype": dtype, "batch": batch,
               **agreement(outputs["lmforge"], outputs["lmforge_no_packing"])})
 
 

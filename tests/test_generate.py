@@ -11,7 +11,7 @@ from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.infer.generate import apply_repetition_penalty, generate, generate_ids, sample_next
 from lmforge.models.decoder import Decoder
-from lmforge.models.linear import MKL_PACKING, is_packed, packed_weights
+from lmforge.models.linear import MKL_PACKING, ONEDNN_PACKING, is_packed, packed_weights
 from lmforge.train.objectives import RandomWindows
 from lmforge.train.trainer import Trainer
 
@@ -310,9 +310,19 @@ def test_errors(make_model, tokenizer) -> None:
     assert generate_ids(model, [[1, 2]], max_new_tokens=0) == [[]]
 
 
-@pytest.mark.skipif(not MKL_PACKING, reason="needs PyTorch built with MKL (x86 CPU)")
-def test_packed_weights_give_the_same_logits_and_are_undone(lively_model) -> None:
-    model = lively_model("llama")
+PACKINGS = [  # (weights' dtype, the op that multiplies through packed weights, tolerance)
+    pytest.param(torch.float32, "mkl::_mkl_linear", 1e-5,
+                 marks=pytest.mark.skipif(not MKL_PACKING, reason="needs PyTorch built with MKL (x86 CPU)")),
+    pytest.param(torch.bfloat16, "mkldnn::_linear_pointwise", 2**-7,
+                 marks=pytest.mark.skipif(not ONEDNN_PACKING, reason="needs PyTorch built with oneDNN")),
+]
+
+
+@pytest.mark.parametrize("dtype, packed_op, tolerance", PACKINGS)
+def test_packed_weights_give_the_same_logits_and_are_undone(lively_model, dtype, packed_op, tolerance) -> None:
+    """fp32: the very same numbers (MKL packs, from 2 rows on); bf16: the same up to bf16 rounding
+    (oneDNN packs, from 1 row on)."""
+    model = lively_model("llama").to(dtype)
     ids = torch.tensor(random_prompts([7, 7, 7], 384, seed=3))
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
@@ -322,14 +332,14 @@ def test_packed_weights_give_the_same_logits_and_are_undone(lively_model) -> Non
                 assert is_packed(model.head_weight) and all(is_packed(m.weight) for m in layers)
                 with torch.profiler.profile() as profile:
                     got = model(ids)
-                packed_calls = [e for e in profile.events() if e.name == "mkl::_mkl_linear"]
+                packed_calls = [e for e in profile.events() if e.name == packed_op]
                 weights = {id(m.weight) for m in layers} | {id(model.head_weight)}
                 assert len(packed_calls) == len(weights)  # every layer and the head multiply packed
-
                 last = model(ids, last_only=True)
                 raise RuntimeError("an error inside the block")
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(last, expected[:, -1:], rtol=0, atol=1e-5)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * scale)
+    torch.testing.assert_close(last, expected[:, -1:], rtol=0, atol=tolerance * scale)
     assert not is_packed(model.head_weight) and not any(is_packed(m.weight) for m in layers)  # even after the error
-    with packed_weights(model, rows=1):  # one row: not worth it, nothing packed
-        assert not is_packed(model.head_weight)
+    with packed_weights(model, rows=1):  # one row: fp32 is not worth packing (bound by reading the weights)
+        assert is_packed(model.head_weight) == (dtype == torch.bfloat16)

@@ -79,7 +79,7 @@ class _LinearInFp32(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-_packed: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(weight) -> (weight, packed, rows)
+_packed: dict[int, tuple[torch.Tensor, torch.Tensor, int, str]] = {}  # id(weight) -> (weight, packed, rows, kind)
 
 
 def _mkl_packing_available() -> bool:
@@ -89,11 +89,37 @@ def _mkl_packing_available() -> bool:
         return False
 
 
-MKL_PACKING = _mkl_packing_available()
+def _onednn_packing_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
 
 
-def _packed_copy(weight: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """The packed copy of `weight` and the rows it was packed for, while one exists."""
+MKL_PACKING = _mkl_packing_available()  # fp32 weights, through MKL's sgemm
+ONEDNN_PACKING = _onednn_packing_available()  # bf16 weights, through oneDNN
+
+
+def packing_for(weight: torch.Tensor, rows: int) -> str | None:
+    """How a CPU weight is packed for `rows` rows ("mkl" for fp32 from 2 rows on, "onednn" for bf16),
+    or None where packing would not pay or cannot be done."""
+    if weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.float32 and MKL_PACKING and rows >= 2:
+        return "mkl"
+    if weight.dtype == torch.bfloat16 and ONEDNN_PACKING:
+        return "onednn"
+    return None
+
+
+def _pack(weight: torch.Tensor, rows: int, kind: str) -> torch.Tensor:
+    if kind == "mkl":
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def _packed_copy(weight: torch.Tensor) -> tuple[torch.Tensor, int, str] | None:
+    """The packed copy of `weight`, the rows it was packed for and how, while one exists."""
     entry = _packed.get(id(weight))
     return entry[1:] if entry is not None and entry[0] is weight else None
 
@@ -107,7 +133,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     in fp32 for many rows of bf16/fp16 on a CPU without AMX (`prefers_fp32`)."""
     packed = _packed_copy(weight)
     if packed is not None:
-        return torch.ops.mkl._mkl_linear(x, packed[0], weight, bias, packed[1])
+        packed_weight, rows, kind = packed
+        if kind == "mkl":
+            return torch.ops.mkl._mkl_linear(x, packed_weight, weight, bias, rows)
+        return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
     if prefers_fp32(x) and weight.dtype == x.dtype and x.numel() >= FP32_MIN_ROWS * x.shape[-1]:
         return _LinearInFp32.apply(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -122,9 +151,8 @@ class Linear(nn.Linear):
 
 
 def worth_packing(model: nn.Module, rows: int) -> bool:
-    """Whether packing pays for `rows` sequences: fp32 weights on a CPU with MKL and at least 2 rows."""
-    weight = model.head_weight
-    return MKL_PACKING and rows >= 2 and weight.device.type == "cpu" and weight.dtype == torch.float32
+    """Whether packing pays for `rows` sequences of `model` (`packing_for` its weights)."""
+    return packing_for(model.head_weight, rows) is not None
 
 
 @contextmanager
@@ -135,14 +163,16 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
     `packed_weights`) are left to it. The packed copies are made from the weights as they are on
     entry: the weights must not change inside the block (generation does not change them).
     """
-    if not worth_packing(model, rows):
+    kind = packing_for(model.head_weight, rows)
+    if kind is None:
         yield
         return
-    weights = [m.weight for m in model.modules() if isinstance(m, Linear) and m.weight.dtype == torch.float32]
+    dtype = model.head_weight.dtype
+    weights = [m.weight for m in model.modules() if isinstance(m, Linear) and m.weight.dtype == dtype]
     mine = {id(w): w for w in [*weights, model.head_weight] if id(w) not in _packed}.values()
     with torch.no_grad():
         for w in mine:
-            _packed[id(w)] = (w, torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows), rows)
+            _packed[id(w)] = (w, _pack(w.detach(), rows, kind), rows, kind)
     try:
         yield
     finally:
