@@ -342,6 +342,20 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, tempera
     p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default: 1)")
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(GENERATION_DTYPES), default="fp32",
+                   help="the weights' dtype while generating: fp32 (default) or bf16 (half the memory; "
+                        "faster on CPUs with avx512_bf16 or AMX; slightly different numbers)")
+
+
+GENERATION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _load_for_generation(source: str, args: argparse.Namespace):
+    import torch
+
+    import lmforge.api as api
+
+    return api.load(source, dtype=getattr(torch, GENERATION_DTYPES[args.dtype]))
 
 
 def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -519,7 +533,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.verb == "chat":
         from lmforge.tasks.chat import chat
 
-        chat(api.load(args.model), args.system, args.message, **_sampling_options(args))
+        chat(_load_for_generation(args.model, args), args.system, args.message, **_sampling_options(args))
     elif args.verb == "classify":
         _run_classify(args)
     elif args.verb in ("summarize", "translate"):
@@ -634,12 +648,10 @@ def _run_vae(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import lmforge.api as api
-
     prompt = args.prompt
     if prompt is None:
         prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    model = api.load(args.checkpoint)
+    model = _load_for_generation(args.checkpoint, args)
     options = _sampling_options(args)
     if args.num_samples == 1:
         print(prompt, end="", flush=True)

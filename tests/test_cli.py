@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 WORDS = ("the king and queen walk in the garden at night while the river sings of old days "
          "and every bird of the forest answers with a song of spring").split()
@@ -110,6 +111,11 @@ def test_generate_streams_the_same_text_as_the_python_api(workspace):
     expected = model.generate("The king", max_new_tokens=20, temperature=0)[0]
     assert r.stdout == "The king" + expected + "\n"
     assert len(expected) > 0
+    r = lmforge("generate", "run", "--prompt", "The king", "--max-new-tokens", "20", "--temperature", "0",
+                "--dtype", "bf16", cwd=workspace)
+    assert r.returncode == 0, r.stderr
+    expected = lf.load(workspace / "run", dtype=torch.bfloat16).generate("The king", max_new_tokens=20, temperature=0)
+    assert r.stdout == "The king" + expected[0] + "\n"
 
 
 def test_generate_reads_the_prompt_from_stdin_and_samples_reproducibly(workspace):
