@@ -233,6 +233,21 @@ def test_remade_activations_give_the_same_gradients_and_are_not_kept(make_model,
         assert torch.equal(p.grad, remade[name]), name
 
 
+def test_rope_attention_does_not_keep_the_whole_qkv_output(make_model) -> None:
+    """With RoPE, q and k are new tensors; v is copied out so that the backward pass does not keep
+    the whole q/k/v projection's output alive through a view of it."""
+    model = make_model("llama", dropout=0.0).train()
+    made = []
+    hooks = [m.register_forward_hook(lambda m, i, out: made.append(weakref.ref(out)))
+             for name, m in model.named_modules() if name.endswith("attn.qkv")]
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(6))
+    loss = model(ids, ids)
+    assert len(made) == model.config.n_layer and all(ref() is None for ref in made)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+
+
 def test_flops_per_token_counts_the_model_matmuls(make_model) -> None:
     for style in STYLES:
         model = make_model(style, tie_embeddings=False)

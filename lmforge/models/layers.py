@@ -177,6 +177,8 @@ class Attention(nn.Module):
             if rope is not None:
                 cos, sin = rope
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                if torch.is_grad_enabled():  # v alone, or its view would keep all of qkv for the backward pass
+                    v = v.contiguous()
             if cache is not None:
                 k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
         y = F.scaled_dot_product_attention(
