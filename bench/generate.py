@@ -100,7 +100,8 @@ def main() -> None:
     prompts = {batch: torch.randint(0, model.config.vocab_size, (batch, PROMPT_LEN), generator=generator)
                for batch in args.batch}
     for dtype in args.dtypes:
-        model.to(DTYPES[dtype]), hf.to(DTYPES[dtype])
+        model.to(DTYPES[dtype])
+        hf.to(DTYPES[dtype])
         for batch in args.batch:
             measure_batch(model, hf, prompts[batch], n, rounds, args.retries, deadline, args.no_packing_side, dtype)
 

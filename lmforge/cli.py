@@ -343,8 +343,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, tempera
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(GENERATION_DTYPES), default="fp32",
-                   help="the weights' dtype while generating: fp32 (default) or bf16 (half the memory; "
-                        "faster on CPUs with avx512_bf16 or AMX; slightly different numbers)")
+                   help="the weights' dtype while generating: fp32 (default) or bf16 (weights in half the "
+                        "memory, faster on CPUs with avx512_bf16 or AMX; numbers differ by bf16 rounding)")
 
 
 GENERATION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
