@@ -317,6 +317,30 @@ def test_gguf_import_matches_transformers(chat_tokenizer, tmp_path) -> None:
     assert json.loads((out / "lmforge.json").read_text())["source"]["gguf_file"] == "tiny.gguf"
 
 
+def test_gguf_conversion_is_cached_until_the_file_changes(chat_tokenizer, tmp_path, lmforge_cache) -> None:
+    """The second load of a GGUF file reads the cached conversion (the same model and tokenizer); a
+    changed file is converted again."""
+    pytest.importorskip("gguf")
+    config = transformers.LlamaConfig(**LLAMA_SHAPE, tie_word_embeddings=False)
+    file = tmp_path / "cached-model.gguf"
+    write_tiny_gguf(file, randomize(transformers.LlamaForCausalLM(config), seed=8), chat_tokenizer)
+    first = lmforge.load(file)
+    entries = sorted((lmforge_cache / "converted").glob("cached-model-*"))
+    assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
+    second = lmforge.load(file)
+    ids = random_ids(2, 20, first.config.vocab_size, seed=3)
+    with torch.no_grad():
+        assert torch.equal(first(ids), second(ids))
+    assert second.tokenizer.chat_template == CHAT_TEMPLATE and second.tokenizer.eos_token == "<|im_end|>"
+    written = file.stat().st_mtime_ns
+    write_tiny_gguf(file, randomize(transformers.LlamaForCausalLM(config), seed=9), chat_tokenizer)
+    os.utime(file, ns=(written + 10**9, written + 10**9))  # a later write, even where mtimes are coarse
+    third = lmforge.load(file)
+    assert len(list((lmforge_cache / "converted").glob("cached-model-*"))) == 2
+    with torch.no_grad():
+        assert not torch.allclose(first(ids), third(ids))
+
+
 def test_library_maps_agree_with_the_hand_written_ones_in_conftest(gpt2_pair, llama_pair) -> None:
     """conftest.py maps transformers' GPT-2 and Llama weights by hand, independently of lmforge.models.convert."""
     from lmforge.models.convert import config_from_hf, state_dict_from_hf, state_dict_to_hf

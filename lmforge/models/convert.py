@@ -25,6 +25,7 @@ package, and dequantized to fp32), a hub id (where the hub can be reached) or a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -514,7 +515,7 @@ def load_model(source: Source) -> tuple[Decoder, dict[str, Any]]:
     if source.kind == "hf":
         return _load_hf_directory(source)
     if source.kind == "gguf":
-        return _load_gguf(source)
+        return _load_gguf_cached(source)
     raise ValueError(f"load_model reads hf and gguf sources, not {source.kind}")
 
 
@@ -536,6 +537,29 @@ def _load_hf_directory(source: Source) -> tuple[Decoder, dict[str, Any]]:
     model.tokenizer = tokenizer
     return model, {**source.origin, "model_type": hf_config["model_type"],
                    "architectures": hf_config.get("architectures")}
+
+
+def _load_gguf_cached(source: Source) -> tuple[Decoder, dict[str, Any]]:
+    """`_load_gguf`, once per file: converting takes ~30 s for SmolLM2-135M (transformers parses the
+    file four times and dequantizes it), so the result is kept as a native checkpoint under
+    `$LMFORGE_CACHE/converted/`, keyed by the file's path, size and modification time and lmforge's
+    version; later loads read that checkpoint (a second or two)."""
+    from lmforge import __version__
+    from lmforge.data.readers import default_cache_dir
+    from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
+
+    file = (source.path / source.gguf_file).resolve()
+    stat = file.stat()
+    key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}".encode()).hexdigest()[:16]
+    cached = default_cache_dir() / "converted" / f"{file.stem}-{key}"
+    if (cached / "config.json").is_file():
+        return load_checkpoint(cached), read_info(cached)["source"]
+    model, origin = _load_gguf(source)
+    try:
+        save_checkpoint(cached, model, info={"source": origin})
+    except (OSError, UserError):
+        pass  # a cache that cannot be written: the file is converted again next time
+    return model, origin
 
 
 def _load_gguf(source: Source) -> tuple[Decoder, dict[str, Any]]:
