@@ -121,7 +121,8 @@ def load(
 
     `src` is a checkpoint or run directory, a Hugging Face model directory (GPT-2, Llama, Qwen2 or
     Mistral), a .gguf file, a catalog model (`smollm2-135m-instruct`) or a hub id (where the hub can be
-    reached). Sources other than native checkpoints are converted in memory; nothing is written.
+    reached). Sources other than native checkpoints are converted in memory; nothing is written but the
+    cache of GGUF conversions (`$LMFORGE_CACHE/converted/`).
     """
     from lmforge.models.convert import load_model, resolve_source
     from lmforge.train.checkpoint import load_checkpoint, resolve_checkpoint
