@@ -93,7 +93,8 @@ def _mkl_packing_available() -> bool:
 
 def _onednn_packing_available() -> bool:
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())  # the CPU has bf16 instructions (AVX-512 on)
     except (AttributeError, RuntimeError):
         return False
 
