@@ -3,10 +3,13 @@ transformers, the sliding window, sampling options, stop strings, streaming and 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
+import lmforge.models.linear as linear_module
 from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.infer.generate import apply_repetition_penalty, generate, generate_ids, sample_next
@@ -343,3 +346,17 @@ def test_packed_weights_give_the_same_logits_and_are_undone(lively_model, dtype,
     assert not is_packed(model.head_weight) and not any(is_packed(m.weight) for m in layers)  # even after the error
     with packed_weights(model, rows=1):  # one row: fp32 is not worth packing (bound by reading the weights)
         assert is_packed(model.head_weight) == (dtype == torch.bfloat16)
+
+
+@pytest.mark.skipif(not MKL_PACKING, reason="needs PyTorch built with MKL (x86 CPU)")
+def test_weights_are_not_packed_where_the_copies_would_crowd_memory(lively_model, monkeypatch) -> None:
+    """Packing is skipped when the copies would take more than half the memory still available."""
+    assert 0 < linear_module.available_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    model = lively_model("llama")
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    weights[id(model.head_weight)] = model.head_weight
+    size = sum(w.nbytes for w in weights.values())
+    for available, packed in ((2 * size - 1, False), (2 * size, True)):
+        monkeypatch.setattr(linear_module, "available_memory", lambda available=available: available)
+        with packed_weights(model, rows=3):
+            assert is_packed(model.head_weight) == packed

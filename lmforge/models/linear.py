@@ -158,21 +158,34 @@ def worth_packing(model: nn.Module, rows: int) -> bool:
     return packing_for(model.head_weight, rows) is not None
 
 
+def available_memory() -> int:
+    """Bytes of memory the system can still give (Linux's MemAvailable); unbounded where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2**63
+
+
 @contextmanager
 def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
     """Inside the block, the model's `Linear` layers and output head multiply through packed weights.
 
-    Does nothing where it would not pay (`worth_packing`). Weights already packed (by an enclosing
-    `packed_weights`) are left to it. The packed copies are made from the weights as they are on
-    entry: the weights must not change inside the block (generation does not change them).
+    Does nothing where it would not pay (`worth_packing`) or where the copies would take more than
+    half the memory still available. Weights already packed (by an enclosing `packed_weights`) are
+    left to it. The packed copies are made from the weights as they are on entry: the weights must
+    not change inside the block (generation does not change them).
     """
     kind = packing_for(model.head_weight, rows)
-    if kind is None:
-        yield
-        return
     dtype = model.head_weight.dtype
     weights = [m.weight for m in model.modules() if isinstance(m, Linear) and m.weight.dtype == dtype]
     mine = {id(w): w for w in [*weights, model.head_weight] if id(w) not in _packed}.values()
+    if kind is None or 2 * sum(w.nbytes for w in mine) > available_memory():
+        yield
+        return
     with torch.no_grad():
         for w in mine:
             _packed[id(w)] = (w, _pack(w.detach(), rows, kind), rows, kind)
