@@ -24,7 +24,8 @@ by reading the weights either way (no gain measured), so fp32 is packed from two
 weights are packed for oneDNN (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`,
 the same numbers up to bf16 rounding), which reads them ~1.3x faster than PyTorch's own bf16
 kernel even at one row. The packed copies live only inside the `with` block and cost as much
-memory as the weights.
+memory as the weights; they are not made where they would take more than half the memory still
+available.
 """
 
 from __future__ import annotations
