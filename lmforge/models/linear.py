@@ -159,6 +159,14 @@ def worth_packing(model: nn.Module, rows: int) -> bool:
     return packing_for(model.head_weight, rows) is not None
 
 
+def _weights_to_pack(model: nn.Module) -> list[torch.Tensor]:
+    """The weights of the model's `Linear` layers and its head (in the head's dtype), each once,
+    that are not packed yet."""
+    dtype = model.head_weight.dtype
+    weights = [m.weight for m in model.modules() if isinstance(m, Linear) and m.weight.dtype == dtype]
+    return list({id(w): w for w in [*weights, model.head_weight] if id(w) not in _packed}.values())
+
+
 def available_memory() -> int:
     """Bytes of memory the system can still give (Linux's MemAvailable); unbounded where unknown."""
     try:
@@ -181,10 +189,8 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
     not change inside the block (generation does not change them).
     """
     kind = packing_for(model.head_weight, rows)
-    dtype = model.head_weight.dtype
-    weights = [m.weight for m in model.modules() if isinstance(m, Linear) and m.weight.dtype == dtype]
-    mine = {id(w): w for w in [*weights, model.head_weight] if id(w) not in _packed}.values()
-    if kind is None or 2 * sum(w.nbytes for w in mine) > available_memory():
+    mine = _weights_to_pack(model) if kind is not None else []
+    if not mine or 2 * sum(w.nbytes for w in mine) > available_memory():
         yield
         return
     with torch.no_grad():
