@@ -332,6 +332,10 @@ def test_gguf_conversion_is_cached_until_the_file_changes(chat_tokenizer, tmp_pa
     with torch.no_grad():
         assert torch.equal(first(ids), second(ids))
     assert second.tokenizer.chat_template == CHAT_TEMPLATE and second.tokenizer.eos_token == "<|im_end|>"
+    (entries[0] / "config.json").write_text("{")  # a cache entry that no longer loads is made again
+    with torch.no_grad():
+        assert torch.equal(first(ids), lmforge.load(file)(ids))
+    assert json.loads((entries[0] / "config.json").read_text())["n_layer"] == first.config.n_layer
     written = file.stat().st_mtime_ns
     write_tiny_gguf(file, randomize(transformers.LlamaForCausalLM(config), seed=9), chat_tokenizer)
     os.utime(file, ns=(written + 10**9, written + 10**9))  # a later write, even where mtimes are coarse

@@ -542,18 +542,23 @@ def _load_hf_directory(source: Source) -> tuple[Decoder, dict[str, Any]]:
 def _load_gguf_cached(source: Source) -> tuple[Decoder, dict[str, Any]]:
     """`_load_gguf`, once per file: converting takes ~30 s for SmolLM2-135M (transformers parses the
     file four times and dequantizes it), so the result is kept as a native checkpoint under
-    `$LMFORGE_CACHE/converted/`, keyed by the file's path, size and modification time and lmforge's
-    version; later loads read that checkpoint (a second or two)."""
+    `$LMFORGE_CACHE/converted/`, keyed by the file's path, size and modification time, lmforge's
+    version and this module's code; later loads read that checkpoint (a second or two). A cached
+    checkpoint that no longer loads (written by other model code) is converted again over."""
     from lmforge import __version__
     from lmforge.data.readers import default_cache_dir
     from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
 
     file = (source.path / source.gguf_file).resolve()
     stat = file.stat()
-    key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}".encode()).hexdigest()[:16]
-    cached = default_cache_dir() / "converted" / f"{file.stem}-{key}"
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}|{code}".encode()).hexdigest()
+    cached = default_cache_dir() / "converted" / f"{file.stem}-{key[:16]}"
     if (cached / "config.json").is_file():
-        return load_checkpoint(cached), read_info(cached)["source"]
+        try:
+            return load_checkpoint(cached), read_info(cached)["source"]
+        except Exception:  # a cache entry that does not load, whatever the reason, is made again
+            pass
     model, origin = _load_gguf(source)
     try:
         save_checkpoint(cached, model, info={"source": origin})
