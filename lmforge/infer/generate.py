@@ -123,7 +123,9 @@ def generate_ids(
     if condition:
         cache.condition = dict(condition)
     step_input = tokens
-    with packed_weights(model, rows=B):  # fp32 CPU batches: the weights packed once for MKL
+    is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]
+    prompt_text = torch.where(is_pad, tokens[:, -1:], tokens)  # for the repetition penalty: padding is not text
+    with packed_weights(model, rows=B):  # on a CPU: the weights packed once (lmforge.models.linear)
         for _ in range(max_new_tokens):
             if cache.length + step_input.shape[1] > cache.max_len:  # context full: slide the window
                 keep = block_size // 2
@@ -135,9 +137,7 @@ def generate_ids(
                     cache.condition = dict(condition)
             logits = model(step_input, cache=cache, last_only=True)[:, -1]  # (B, V)
             if repetition_penalty != 1.0:
-                is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]
-                text = torch.where(is_pad, tokens[:, -1:], tokens)  # padding is not text
-                seen = torch.cat([text, new[:, :n]], dim=1)
+                seen = torch.cat([prompt_text, new[:, :n]], dim=1)
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
