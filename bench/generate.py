@@ -150,7 +150,7 @@ def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int
                   "rounds_tokens_per_s": [round(batch * n / s, 1) for s in seconds[name]],
                   "rounds_disturbed_by_other_processes": disturbed}
         if name == "lmforge":
-            record["packed_weights"] = packing.worth_packing(model, batch)
+            record["packed_weights"] = packing.packing_for(model.head_weight, batch) is not None
         if name != "transformers":
             record["ratio_vs_transformers"] = round(tok_s[name] / tok_s["transformers"], 3)
         emit(record)

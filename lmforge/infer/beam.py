@@ -64,7 +64,7 @@ def beam_search_ids(
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
     step_input = tokens.repeat_interleave(K, dim=0)
-    with packed_weights(model, rows=B * K):  # fp32 CPU batches: the weights packed once for MKL
+    with packed_weights(model, rows=B * K):  # on a CPU: the weights packed once (lmforge.models.linear)
         for step in range(steps):
             logits = model(step_input, cache=cache, last_only=True)[:, -1].float()  # (B*K, V)
             V = logits.shape[-1]

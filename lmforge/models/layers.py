@@ -426,7 +426,7 @@ def output_head(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
     if targets is not None:
         return fused_linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten(), ignore_index=ignore_index)
     if last_only:
-        if is_packed(weight):  # generating a batch (lmforge.models.linear)
+        if is_packed(weight):  # generating, through packed weights (lmforge.models.linear)
             return linear(h[:, -1], weight)[:, None]
         # (W @ h.T).T rather than h @ W.T: for a few rows (generation) CPU BLAS runs the head's
         # matmul ~1.5x faster in this orientation (measured at 8 rows; the same at 1)

@@ -154,11 +154,6 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def worth_packing(model: nn.Module, rows: int) -> bool:
-    """Whether packing pays for `rows` sequences of `model` (`packing_for` its weights)."""
-    return packing_for(model.head_weight, rows) is not None
-
-
 def _weights_to_pack(model: nn.Module) -> list[torch.Tensor]:
     """The weights of the model's `Linear` layers and its head (in the head's dtype), each once,
     that are not packed yet."""
@@ -183,7 +178,7 @@ def available_memory() -> int:
 def packed_weights(model: nn.Module, rows: int) -> Iterator[None]:
     """Inside the block, the model's `Linear` layers and output head multiply through packed weights.
 
-    Does nothing where it would not pay (`worth_packing`) or where the copies would take more than
+    Does nothing where it would not pay (`packing_for`) or where the copies would take more than
     half the memory still available. Weights already packed (by an enclosing `packed_weights`) are
     left to it. The packed copies are made from the weights as they are on entry: the weights must
     not change inside the block (generation does not change them).
