@@ -342,9 +342,13 @@ BROKEN_CHECKPOINTS = {
 
 @pytest.mark.parametrize("case", BROKEN_CHECKPOINTS)
 def test_broken_checkpoints_are_user_errors(small_checkpoint, tmp_path, case: str) -> None:
+    """What a checkpoint's files say is checked too: here without lmforge.json's record of the files
+    (which would refuse any edit; see test_checkpoint.py), as in checkpoints written before it."""
     load_checkpoint(small_checkpoint)  # the original is fine
     broken = tmp_path / "checkpoint"
     shutil.copytree(small_checkpoint, broken)
+    info = json.loads((broken / "lmforge.json").read_text())
+    (broken / "lmforge.json").write_text(json.dumps({k: v for k, v in info.items() if k != "files"}))
     damage, message = BROKEN_CHECKPOINTS[case]
     damage(broken)
     with pytest.raises(UserError, match=message):

@@ -11,19 +11,34 @@
 A LoRA fine-tuning checkpoint holds `adapter_model.safetensors` and `adapter_config.json` (peft's
 format) instead of the weights, and names its base model in lmforge.json (`base`).
 
-A checkpoint is written to a temporary directory beside its destination and renamed into place,
-so a crash never leaves a half-written checkpoint. Loading reads safetensors and JSON, and
-`torch.load(weights_only=True)`: no pickled code is ever run.
+A checkpoint is written to a temporary directory beside its destination, fsynced and renamed into
+place, so a crash never leaves a half-written checkpoint. lmforge.json records every other file
+(`files`: name -> bytes and sha256), and every load first checks the checkpoint
+(`verify_checkpoint`): a missing, truncated or altered file, an unreadable safetensors header or
+invalid JSON is a one-line `UserError` naming the file. Checkpoints written before the record
+existed get the structural checks only. A checkpoint verified once is not hashed again by the same
+process while its files keep their sizes and modification times.
+
+The Trainer keeps the checkpoint before the last one in `checkpoint.prev/` (`previous_of`): the new
+one replaces `checkpoint/` only once written, fsynced and verified, the old one then moves to
+`checkpoint.prev/`, so a crash at any moment leaves a complete checkpoint under one of the two names
+(`resolve_checkpoint` looks at both; temporary directories are hidden and never picked).
+
+Loading reads safetensors and JSON, and `torch.load(weights_only=True)`: no pickled code is ever run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import platform
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import MODEL_KINDS, ModelConfig, from_dict, to_dict
@@ -36,12 +51,20 @@ CONFIG, WEIGHTS, TOKENIZER, INFO, TRAINER_STATE = (
     "config.json", "model.safetensors", "tokenizer.json", "lmforge.json", "trainer_state.pt"
 )
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+FILES = "files"  # the key of lmforge.json that records the checkpoint's other files
+
+_verified: set[tuple] = set()  # signatures (names, sizes, mtimes, inodes) of checkpoints found whole
 
 
 def versions() -> dict[str, str]:
     from lmforge import __version__
 
     return {"lmforge": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def previous_of(directory: Path) -> Path:
+    """Where the Trainer keeps the checkpoint before `directory`'s current one: `checkpoint.prev/`."""
+    return directory.with_name(directory.name + ".prev")
 
 
 def save_checkpoint(
@@ -51,10 +74,15 @@ def save_checkpoint(
     info: dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    keep_previous: bool = False,
 ) -> Path:
-    """Write `model` (or `state_dict`, e.g. fp32 master weights) and friends to `directory`, atomically."""
+    """Write `model` (or `state_dict`, e.g. fp32 master weights) and friends to `directory`, atomically.
+
+    The files are recorded in lmforge.json and verified before the checkpoint takes `directory`'s
+    place; with `keep_previous` the checkpoint it replaces moves to `previous_of(directory)`.
+    """
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, previous_of(directory) if keep_previous else None) as tmp:
         weights = state_dict if state_dict is not None else model.state_dict()
         weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
         if hasattr(model, "save_head"):  # a task head on a backbone (a classifier): the head writes its own files
@@ -74,32 +102,131 @@ def save_checkpoint(
         tokenizer = tokenizer or getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)  # and tokenizer_config.json beside it when there is metadata
-        (tmp / INFO).write_text(json.dumps({"versions": versions(), **(info or {})}, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+        record = {"versions": versions(), **(info or {}), FILES: _describe_files(tmp)}
+        (tmp / INFO).write_text(json.dumps(record, indent=2) + "\n")
+        verify_checkpoint(tmp)
     return directory
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory for `path`: itself, or inside a run directory the `best/` checkpoint
-    (kept by fine-tuning) or else the last one, `checkpoint/`."""
+    (kept by fine-tuning) or else the last one, `checkpoint/` (or `checkpoint.prev/` where a crash
+    while replacing it left only that)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such checkpoint: {path}")
     if (path / CONFIG).is_file():
         return path
-    for inner in ("best", "checkpoint"):
+    for inner in ("best", "checkpoint", previous_of(Path("checkpoint")).name):
         if (path / inner / CONFIG).is_file():
             return path / inner
     raise UserError(f"{path} is not an lmforge checkpoint (no {CONFIG}; expected a directory written by "
                     f"lmforge pretrain or lmforge import)")
 
 
-def read_model_config(directory: Path) -> ModelConfig:
+def verified_checkpoint(path: str | Path) -> Path:
+    """`resolve_checkpoint(path)`, verified whole (`verify_checkpoint`): what every loader starts with."""
+    directory = resolve_checkpoint(path)
+    verify_checkpoint(directory)
+    return directory
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Check that the checkpoint in `directory` is whole; return its lmforge.json (empty without one).
+
+    Every file lmforge.json records must be there with its size and sha256, every JSON file must
+    parse, every safetensors file must have a readable header describing exactly its size, and
+    trainer_state.pt must be a readable archive. A problem is a one-line UserError naming the file.
+    """
+    directory = Path(directory)
+    info = _read_json(directory / INFO) if (directory / INFO).is_file() else {}
+    files = info.get(FILES, {}) if isinstance(info, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise UserError(f"damaged checkpoint: {directory / INFO} is not an lmforge record "
+                        f"(expected a JSON object with a {FILES!r} object)")
+    signature = _signature(directory)
+    if signature not in _verified:
+        for name, expected in files.items():
+            _check_recorded(directory / name, expected)
+        for path in sorted(directory.iterdir()):
+            _check_readable(path)
+        _verified.add(signature)
+    return info
+
+
+def _describe_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """{relative name: {"bytes": size, "sha256": digest}} for every file under `directory`."""
+    return {path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _signature(directory: Path) -> tuple:
+    """What changes when any file of `directory` is replaced, resized or written to."""
+    stats = [(p.relative_to(directory).as_posix(), p.stat()) for p in sorted(directory.rglob("*")) if p.is_file()]
+    return tuple((name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) for name, st in stats)
+
+
+def _check_recorded(path: Path, expected: dict[str, Any]) -> None:
+    """The file lmforge.json describes: present, of its recorded size and sha256."""
+    if not path.is_file():
+        raise UserError(f"damaged checkpoint: {path} is missing (lmforge.json lists it)")
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        raise UserError(f"damaged checkpoint: {path} has {size} bytes, lmforge.json records {expected.get('bytes')} "
+                        f"(truncated or overwritten)")
+    if _sha256(path) != expected.get("sha256"):
+        raise UserError(f"damaged checkpoint: {path} does not match the sha256 in lmforge.json (changed since "
+                        f"it was saved; remove {FILES!r} from lmforge.json to accept deliberate edits)")
+
+
+def _check_readable(path: Path) -> None:
+    """The structure of one file, by its kind: JSON parses, safetensors and torch archives are whole."""
+    if path.suffix == ".json":
+        _read_json(path)
+    elif path.suffix == ".safetensors":
+        _check_safetensors(path)
+    elif path.suffix == ".pt" and not zipfile.is_zipfile(path):
+        raise UserError(f"damaged checkpoint: {path} is not a readable torch archive (truncated or overwritten)")
+
+
+def _check_safetensors(path: Path) -> None:
+    """An 8-byte header length, a JSON header, and tensor data ending exactly at the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = f.read(length) if size >= 8 and length <= size - 8 else None
     try:
-        values = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+        entries = json.loads(header)
+        end = max((e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__"), default=0)
+        if not isinstance(end, int):
+            raise TypeError(end)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+        raise UserError(f"damaged checkpoint: {path} has no readable safetensors header "
+                        f"(truncated or overwritten)") from None
+    if 8 + length + end != size:
+        raise UserError(f"damaged checkpoint: {path} has {size} bytes but its header describes "
+                        f"{8 + length + end} (truncated or overwritten)")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{directory / CONFIG} is not valid JSON: {e}") from None
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_model_config(directory: Path) -> ModelConfig:
+    values = _read_json(directory / CONFIG)
     kind = values.get("kind", "decoder")
     if kind not in MODEL_KINDS:
         raise UserError(f"{directory / CONFIG}: model kind {kind!r} is not supported; "
@@ -107,18 +234,27 @@ def read_model_config(directory: Path) -> ModelConfig:
     return from_dict(ModelConfig, values, str(directory / CONFIG)).validate()
 
 
+def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of `directory`'s model.safetensors, once the checkpoint is verified."""
+    verify_checkpoint(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise UserError(f"{directory} has no {WEIGHTS}")
+    try:
+        return load_file(directory / WEIGHTS, device=str(device))
+    except SafetensorError as e:
+        raise UserError(f"damaged checkpoint: {directory / WEIGHTS} cannot be read ({_first_line(e)})") from None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load the model of a checkpoint directory (or run directory), with its tokenizer attached.
 
     The class follows the config's `kind`: a Decoder, a Seq2Seq or a VAE (`lmforge.models.build_model`).
     """
-    directory = resolve_checkpoint(path)
+    directory = verified_checkpoint(path)
     config = read_model_config(directory)
-    if not (directory / WEIGHTS).is_file():
-        raise UserError(f"{directory} has no {WEIGHTS}")
+    state = load_weights(directory, device)
     with torch.device("meta"):
         model = build_model(config)
-    state = load_file(directory / WEIGHTS, device=str(device))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -138,9 +274,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 
 
 def read_info(path: str | Path) -> dict[str, Any]:
-    directory = resolve_checkpoint(path)
-    return json.loads((directory / INFO).read_text()) if (directory / INFO).is_file() else {}
+    """lmforge.json of a checkpoint (or run directory), verified, without its record of the files."""
+    info = verify_checkpoint(resolve_checkpoint(path))
+    return {k: v for k, v in info.items() if k != FILES}
 
 
 def load_trainer_state(directory: Path) -> dict[str, Any]:
-    return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    """trainer_state.pt of a verified checkpoint: step, optimizer and scaler states (no code is run)."""
+    verify_checkpoint(directory)
+    try:
+        return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise UserError(f"damaged checkpoint: {directory / TRAINER_STATE} cannot be read ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -14,7 +14,13 @@ memory traffic) while AdamW updates fp32 master copies; `fp16` uses autocast wit
 The run directory holds `run.yaml`, `metrics.jsonl` (one JSON line per log or eval), `loss.png` and
 `checkpoint/` (with `trainer_state.pt`, so `fit(resume=True)` continues exactly: the batches depend
 only on the step number, weights and AdamW moments are restored, and the random state of a
-step is seeded from the step).
+step is seeded from the step). The checkpoint before it stays in `checkpoint.prev/` until the new
+one is written, fsynced and verified (lmforge.train.checkpoint), so a crash at any moment leaves
+one; resuming takes the newest that verifies, and says which one it skipped and why.
+
+SIGTERM and SIGINT during `fit` stop the run at the end of the current optimizer step (all
+processes agree): the checkpoint is saved, one line says where, and `Interrupted` is raised (the
+CLI exits with 128 + the signal's number); `fit(resume=True)` then continues exactly.
 Under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU); each
 process takes its share of the same global batch, so the result matches a single process.
 """
@@ -25,10 +31,13 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -36,9 +45,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmforge.config import TrainConfig, to_dict
-from lmforge.errors import UserError
+from lmforge.errors import Interrupted, UserError
+from lmforge.files import remove_leftovers
 from lmforge.perf import matmul_peak
-from lmforge.train.checkpoint import TRAINER_STATE, load_trainer_state, save_checkpoint
+from lmforge.train.checkpoint import (
+    TRAINER_STATE,
+    load_trainer_state,
+    load_weights,
+    previous_of,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from lmforge.train.objectives import causal_lm_loss
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,15 +116,51 @@ class Distributed:
 
     def any(self, flag: bool) -> bool:
         """True on every process if it is True on any (so all processes stop together)."""
+        return self.max(float(flag)) > 0
+
+    def max(self, value: float) -> float:
+        """The largest `value` of all processes, on every process."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t)
-        return t.item() > 0
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
 
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only record `signum` (the first one received), for the Trainer
+    to stop at the end of its step; a second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint).
+
+    Python runs signal handlers in the main thread only: elsewhere this does nothing. The previous
+    handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = signum
+            if signum == signal.SIGINT:  # os.write: print() may be in the middle of writing to stderr
+                os.write(2, b"\nSIGINT: saving a checkpoint after this step (Ctrl-C again stops at once without it)\n")
 
 
 class Trainer:
@@ -169,6 +222,7 @@ class Trainer:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
         self.best_val, self.bad_evals = math.inf, 0  # for early stopping and `best/`
+        self.running_loss, self.running_steps = 0.0, 0  # training loss since the last evaluation
 
     # ------------------------------------------------------------------------------------------
     # state: checkpoints and resume
@@ -190,22 +244,21 @@ class Trainer:
             "world": self.dist.world,
             "best_val": self.best_val,
             "bad_evals": self.bad_evals,
+            "running_loss": self.running_loss,
+            "running_steps": self.running_steps,
         }
         weights = self.weights()
         if hasattr(self.model, "peft_config"):  # only adapters are saved: their fp32 values travel here too
             trainer_state["trainable"] = {name: weights[name].float() for name in self.trainable_names}
         info = {**self.info, "train": to_dict(self.config), "precision": self.precision, "step": self.step, **metrics}
         save_checkpoint(self.out / directory, self.model, self.tokenizer, info,
-                        trainer_state if resumable else None, weights)
+                        trainer_state if resumable else None, weights, keep_previous=resumable)
 
     def load(self) -> None:
-        from safetensors.torch import load_file
-
-        directory = self.out / "checkpoint"
-        if not (directory / TRAINER_STATE).is_file():
-            raise UserError(f"{self.out} has no resumable checkpoint ({directory / TRAINER_STATE} is missing)")
+        """Restore the run from its newest checkpoint that verifies (see `_checkpoint_to_resume`)."""
+        directory, skipped = self._checkpoint_to_resume()
         state = load_trainer_state(directory)
-        weights = state["trainable"] if "trainable" in state else load_file(directory / "model.safetensors")
+        weights = state["trainable"] if "trainable" in state else load_weights(directory)
         parameters = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in weights.items():
@@ -217,13 +270,49 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.best_val, self.bad_evals = state.get("best_val", math.inf), state.get("bad_evals", 0)
+        self.running_loss, self.running_steps = state.get("running_loss", 0.0), state.get("running_steps", 0)
+        if skipped and self.dist.main:
+            tqdm.write(f"{skipped}; resuming from {directory} (step {self.step}) instead")
         _truncate_metrics(self.out / "metrics.jsonl", self.step)
+
+    def _checkpoint_to_resume(self) -> tuple[Path, str | None]:
+        """`checkpoint/`, or `checkpoint.prev/` where that one is missing or damaged; and what was wrong.
+
+        A skipped `checkpoint/` moves to `checkpoint.damaged/`, so that the next save keeps the good
+        one as its spare; hidden copies a killed save left behind are deleted.
+        """
+        newest = self.out / "checkpoint"
+        previous = previous_of(newest)
+        problems = []
+        for directory in [newest] + ([previous] if previous.exists() else []):
+            problem = _resume_problem(directory)
+            if problem is None:
+                break
+            problems.append(problem)
+        else:
+            raise UserError(f"{self.out} has no resumable checkpoint ({'; '.join(problems)})")
+        self.dist.barrier()  # every process has chosen before the main one moves anything
+        if self.dist.main:
+            if problems and newest.exists():
+                damaged = newest.with_name(newest.name + ".damaged")
+                shutil.rmtree(damaged, ignore_errors=True)
+                newest.rename(damaged)
+                problems[0] += f"; {newest.name}/ moved to {damaged.name}/"
+            for target in (newest, self.out / "best"):
+                remove_leftovers(target)
+        return directory, (problems[0] if problems else None)
 
     # ------------------------------------------------------------------------------------------
     # the loop
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to `max_steps` (or `max_minutes`); return the summary of the final evaluation."""
+        """Train to `max_steps` (or `max_minutes`); return the summary of the final evaluation.
+
+        SIGTERM or SIGINT stops the run after the current step with a checkpoint: `Interrupted`."""
+        with StopSignals() as signals:
+            return self._fit(resume, signals)
+
+    def _fit(self, resume: bool, signals: StopSignals) -> dict[str, Any]:
         config, main = self.config, self.dist.main
         if resume:
             self.load()
@@ -233,10 +322,9 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         start_time, last_time, last_step, metrics = time.perf_counter(), time.perf_counter(), self.step, {}
         saved_at, stopped_early, patience_out = None, False, False
-        running_loss, running_steps = 0.0, 0  # training loss since the last evaluation
         while self.step < config.max_steps:
             loss = self.train_step()
-            running_loss, running_steps = running_loss + loss, running_steps + 1
+            self.running_loss, self.running_steps = self.running_loss + loss, self.running_steps + 1
             self.step += 1
             bar.update(1)
             if self.step % config.log_interval == 0 or self.step == config.max_steps:
@@ -255,10 +343,15 @@ class Trainer:
             out_of_time = config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes
             stopped_early = self.dist.any(out_of_time) and self.step < config.max_steps
             if self.step % config.eval_interval == 0 or self.step == config.max_steps or stopped_early:
-                train_loss = self.dist.mean(running_loss / running_steps)
+                train_loss = self.dist.mean(self.running_loss / self.running_steps)
+                self.running_loss, self.running_steps = 0.0, 0  # before the save: a resume starts afresh
                 metrics, patience_out = self.eval_and_save(train_loss)
-                saved_at, running_loss, running_steps = self.step, 0.0, 0
+                saved_at = self.step
                 last_time = time.perf_counter()  # tokens/s counts training time only
+            signum = int(self.dist.max(signals.signum))  # every process stops at the same step
+            if signum and self.step < config.max_steps:
+                bar.close()
+                self._stop(signum, saved=saved_at == self.step)
             if stopped_early or (patience_out and self.step < config.max_steps):
                 break
         bar.close()
@@ -274,6 +367,19 @@ class Trainer:
         if self.best_val < math.inf:
             summary["best_val_loss"] = round(self.best_val, 6)
         return summary
+
+    def _stop(self, signum: int, saved: bool) -> NoReturn:
+        """Save a resumable checkpoint (unless this step's evaluation just did), say so, raise `Interrupted`."""
+        # the running loss of the main process is saved: make it the mean, as the next evaluation reports it
+        self.running_loss = self.dist.mean(self.running_loss)
+        if not saved and self.dist.main:
+            self.save({})
+        self.dist.barrier()
+        message = (f"stopped by {signal.Signals(signum).name} at step {self.step} of {self.config.max_steps}; "
+                   f"checkpoint saved in {self.out / 'checkpoint'}; run the same command with --resume to continue")
+        if self.dist.main:
+            tqdm.write(message)
+        raise Interrupted(signum, message)
 
     def train_step(self) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss of this process."""
@@ -374,6 +480,19 @@ def describe(record: dict[str, Any]) -> str:
     head = f"Epoch {record['epoch']:g}" if "epoch" in record else f"step {record['step']}"
     parts = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch")]
     return f"{head}: " + ", ".join(parts)
+
+
+def _resume_problem(directory: Path) -> str | None:
+    """Why `directory` cannot be resumed from (missing, not resumable, damaged), or None."""
+    if not directory.is_dir():
+        return f"{directory} is missing"
+    if not (directory / TRAINER_STATE).is_file():
+        return f"{directory / TRAINER_STATE} is missing"
+    try:
+        verify_checkpoint(directory)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
