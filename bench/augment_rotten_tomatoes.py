@@ -24,7 +24,8 @@ import torch
 
 from lmforge.data.augment import Augmenter, augment_records
 from lmforge.eval.metrics import classification_scores
-from lmforge.tasks.classify import predict, tfidf_baseline, train_classifier
+from lmforge.recipes.classify import train_classifier
+from lmforge.tasks.classify import predict, tfidf_baseline
 
 
 def load_split(split: str) -> list[dict]:

@@ -2,7 +2,7 @@
 
     python bench/classify_rotten_tomatoes.py --out runs/rt-bench [--minutes 13] [--max-steps 160] [--threads 1]
 
-Trains a LoRA classifier (lmforge.tasks.classify.train_classifier, the one Trainer) on the train
+Trains a LoRA classifier (lmforge.recipes.classify.train_classifier, the one Trainer) on the train
 split within a time budget, then writes one report (`OUT/eval/classify.{json,md}`, a confusion PNG
 per system) with the fine-tuned classifier, zero-shot label words (fresh=positive, rotten=negative)
 with the same LM, and a TF-IDF + logistic-regression baseline trained on the same train split, all
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from lmforge.data import load
-from lmforge.tasks.classify import evaluate_classifier, train_classifier
+from lmforge.recipes.classify import train_classifier
+from lmforge.tasks.classify import evaluate_classifier
 
 # chosen on 200 validation texts (0.755) over the default "Text: {text}\nLabel:" (0.67) and three others
 SENTIMENT_TEMPLATE = "Review: {text}\nSentiment:"

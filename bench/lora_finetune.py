@@ -13,7 +13,7 @@ token ids and targets, step by step.
 One training step = forward + backward + grad clip (1.0) + AdamW (lr 5e-4, betas 0.9/0.95, no weight decay),
 fp32, 2 threads, LoRA rank 8, alpha 16, dropout 0.05 (`--lora-dropout`) on the attention and MLP projections:
 
-- lmforge: `lmforge.finetune.apply_lora` (peft on the native Decoder's `qkv`, `proj`, `up`, `down`)
+- lmforge: `lmforge.recipes.finetune.apply_lora` (peft on the native Decoder's `qkv`, `proj`, `up`, `down`)
   and `Trainer.train_step`, as `lmforge finetune --method lora` runs them;
 - transformers + peft: `LlamaForCausalLM` (SDPA attention) loaded from the same weights (written by
   `lmforge.models.convert.export_hf`), peft `LoraConfig` on `q_proj k_proj v_proj o_proj gate_proj up_proj
@@ -78,13 +78,13 @@ def prepare(workdir: Path, n_steps: int) -> dict:
     """Write lmforge weights, a Hugging Face export of them and the first `n_steps` batches; return facts."""
     import lmforge
     from lmforge.config import to_dict
-    from lmforge.data.catalog import chat_dataset_file
-    from lmforge.data.sft import ExampleBatches, load_examples
-    from lmforge.models.convert import export_hf
+    from lmforge.data.datasets import chat_dataset_file
+    from lmforge.data.sft import example_batches, load_examples
+    from lmforge.interop import export_hf
 
     model = lmforge.load(MODEL)
     examples = load_examples(chat_dataset_file(DATASET), model.tokenizer, MAX_LENGTH, "chat")
-    batches = ExampleBatches(examples, BATCH, seed=0, pad_id=model.tokenizer.eos_id)
+    batches = example_batches(examples, BATCH, seed=0, pad_id=model.tokenizer.eos_id)
     steps = [batches(step, 0, BATCH) for step in range(max(n_steps, batches.steps_per_epoch))]
     by_length = sorted(range(len(steps)), key=lambda s: steps[s]["ids"].shape[1])
     typical, longest = by_length[len(by_length) // 2], by_length[-1]
@@ -112,8 +112,8 @@ def rss_mb() -> dict[str, float]:
 def lmforge_step(workdir: Path, method: str, batches: list[dict], dropout: float, checkpointing: bool):
     """The step function of lmforge's Trainer (LoRA or full fine-tuning), fp32."""
     from lmforge.config import ModelConfig, TrainConfig, from_dict
-    from lmforge.finetune import apply_lora
-    from lmforge.models.convert import build_decoder
+    from lmforge.interop import build_decoder
+    from lmforge.recipes.finetune import apply_lora
     from lmforge.train.trainer import Trainer
 
     config = from_dict(ModelConfig, json.loads((workdir / "config.json").read_text()), "model")

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-_HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.finetune", "chat": "lmforge.tasks.chat",
+_HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.recipes.finetune", "chat": "lmforge.tasks.chat",
           "evaluate": "lmforge.tasks.evaluate"}
 
 

@@ -21,38 +21,23 @@ from typing import Any
 
 import torch
 
-from lmforge.config import PRESET_NOTES, PRESETS, ModelConfig, load_run_config, save_yaml
-from lmforge.data import CATALOG, Document, TokenShards, catalog_documents, read_documents
+from lmforge.config import PRESET_NOTES, PRESETS, ModelConfig
+from lmforge.data import Document
 from lmforge.data import prepare as prepare_shards
 from lmforge.data.quality import CleanConfig, summary_line
 from lmforge.data.quality import clean as clean_records
+from lmforge.data.sources import read_source
 from lmforge.errors import UserError
 from lmforge.files import check_new_directory
+from lmforge.recipes.finetune import finetune
+from lmforge.recipes.pretrain import pretrain
+from lmforge.sources import load, load_adapter
 from lmforge.tokenizer import DEFAULT_EOS, Tokenizer
 from lmforge.tokenizer import train_tokenizer as train_bpe
 from lmforge.train.checkpoint import ADAPTER_CONFIG
 
-
-def read_source(data: str | Path | Sequence[Document], text_field: str = "text") -> list[Document]:
-    """Documents from a catalog name, a path (file, folder, glob), or a list of Documents.
-
-    `shakespeare` gives its 42 works whole; another catalog dataset (`lmforge data list`) gives the
-    `text_field` of each record of its train split (its validation and test splits stay unseen).
-    """
-    from lmforge.data.datasets import DATASETS, load
-
-    if not isinstance(data, (str, Path)):
-        return list(data)
-    name = str(data)
-    if Path(data).exists() or (name not in CATALOG and name not in DATASETS):
-        return read_documents(data, text_field=text_field)
-    if name in CATALOG:
-        return catalog_documents(name)
-    records = load(name, "train")
-    if text_field not in records[0]:
-        raise UserError(f"dataset {name} has no field {text_field!r}; its fields are {', '.join(records[0])} "
-                        f"(choose one with --text-field)")
-    return [Document(f"{name}:{i + 1}", str(r[text_field])) for i, r in enumerate(records) if str(r[text_field])]
+__all__ = ["export", "finetune", "generate", "import_model", "load", "merge", "model_table", "prepare", "pretrain",
+           "read_source", "train_tokenizer"]
 
 
 def train_tokenizer(
@@ -111,48 +96,6 @@ def prepare(
                           quality=report)
 
 
-def load(
-    src: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    gguf_file: str | None = None,
-):
-    """A model with `model.tokenizer` attached, from any source `lmforge import` takes.
-
-    `src` is a checkpoint or run directory, a Hugging Face model directory (GPT-2, Llama, Qwen2 or
-    Mistral), a .gguf file, a catalog model (`smollm2-135m-instruct`) or a hub id (where the hub can be
-    reached). Sources other than native checkpoints are converted in memory; nothing is written but the
-    cache of GGUF conversions (`$LMFORGE_CACHE/converted/`).
-    """
-    from lmforge.models.convert import load_model, resolve_source
-    from lmforge.train.checkpoint import load_checkpoint, resolve_checkpoint
-
-    source = resolve_source(src, gguf_file)
-    if source.kind == "lmforge":
-        directory = resolve_checkpoint(source.path)
-        if (directory / ADAPTER_CONFIG).is_file():
-            return load_adapter(directory).to(device=device, dtype=dtype)
-        return load_checkpoint(directory, device=device, dtype=dtype)
-    model, _ = load_model(source)
-    return model.to(device=device, dtype=dtype)
-
-
-def load_adapter(directory: Path):
-    """A LoRA checkpoint: its base model (any source `load` takes) with the adapters folded in."""
-    from peft import PeftModel
-
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import read_info
-
-    base_source = read_info(directory).get("base")
-    if not base_source:
-        raise UserError(f"{directory} holds LoRA adapters but its lmforge.json names no base model")
-    base = load(base_source)
-    model = PeftModel.from_pretrained(base, directory).merge_and_unload()
-    model.tokenizer = Tokenizer.load(directory)
-    return model.eval()
-
-
 def merge(checkpoint: str | Path, out: str | Path) -> Path:
     """Fold a LoRA checkpoint's adapters into its base weights: a plain native checkpoint in `out`."""
     from lmforge.train.checkpoint import read_info, resolve_checkpoint, save_checkpoint
@@ -176,7 +119,7 @@ def import_model(src: str | Path, out: str | Path, gguf_file: str | None = None)
     `out` must not exist (nothing is ever written over); the checkpoint is written atomically and its
     lmforge.json records where the model came from.
     """
-    from lmforge.models.convert import load_model, resolve_source
+    from lmforge.interop import load_model, resolve_source
     from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
 
     out = Path(out)
@@ -195,7 +138,7 @@ def import_model(src: str | Path, out: str | Path, gguf_file: str | None = None)
 def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
     """Write a model (a checkpoint, or any source `load` takes) in another format; `hf`: a Hugging Face
     directory (config.json, model.safetensors, tokenizer files) that transformers' Auto classes load."""
-    from lmforge.models.convert import export_hf
+    from lmforge.interop import export_hf
 
     if format != "hf":
         raise UserError(f"--format {format!r} is not supported; supported: hf")
@@ -212,86 +155,6 @@ def generate(model: Any, prompt: str | Sequence[str] = "", **options: Any) -> li
     if isinstance(model, (str, Path)):
         model = load(model)
     return model.generate(prompt, **options)
-
-
-def pretrain(
-    data: str | Path,
-    out: str | Path,
-    preset: str | None = None,
-    config: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    resume: bool = False,
-) -> dict[str, Any]:
-    """Pretrain a decoder on prepared token shards (`lmforge prepare`); return the run's summary.
-
-    The model and training settings merge, in order: the preset, the YAML `config`, `overrides`
-    (`{"model.n_layer": 4, "train.lr": 3e-4}`). `resume=True` continues the run in `out` exactly
-    where its last checkpoint left it (train.* overrides may extend it, e.g. more steps).
-    """
-    from lmforge.models.decoder import Decoder, flops_per_token
-    from lmforge.train.objectives import RandomWindows, bits_per_byte, evaluate_tokens
-    from lmforge.train.trainer import Trainer
-
-    out = Path(out)
-    run_file = out / "run.yaml"
-    shards = open_shards(data)
-    if resume:
-        if not run_file.is_file():
-            raise UserError(f"cannot resume: {out} holds no run ({run_file} is missing)")
-        model_overrides = [k for k in overrides or {} if not k.startswith("train.")]
-        if preset or model_overrides:
-            raise UserError("a resumed run keeps its model; only train.* settings may change")
-        model_config, train_config = load_run_config(None, run_file, overrides)
-    else:
-        if (out / "checkpoint").exists() or run_file.exists():
-            raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        model_config, train_config = load_run_config(preset, config, overrides)
-        model_config.vocab_size = shards.vocab_size
-    if model_config.vocab_size < shards.vocab_size:
-        raise UserError(f"the model's vocab_size ({model_config.vocab_size}) is smaller than the data's "
-                        f"tokenizer ({shards.vocab_size} tokens)")
-    block = model_config.block_size
-    for split in ("train", "val"):
-        shards.check_length(split, block)
-
-    torch.manual_seed(train_config.seed)
-    model = Decoder(model_config)
-    val_tokens = shards.split("val")
-    meta = shards.meta
-
-    def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        result = evaluate_tokens(m, val_tokens, block, batch_size=train_config.batch_size,
-                                 max_windows=train_config.eval_batches * train_config.batch_size,
-                                 device=next(m.parameters()).device)
-        return {"val_loss": result["loss"],
-                "val_bpb": bits_per_byte(result["loss"], meta["val_tokens"], meta["val_bytes"])}
-
-    trainer = Trainer(
-        model, train_config, out,
-        batches=RandomWindows(shards.split("train"), block, train_config.batch_size, train_config.seed),
-        evaluate=evaluate,
-        tokenizer=shards.tokenizer,
-        info={"data": {"path": str(data), "fingerprint": meta["fingerprint"], "source": meta.get("source")},
-              "parameters": model.num_parameters()},
-        tokens_per_row=block,
-        flops_per_token=flops_per_token(model_config, block),
-    )
-    if trainer.dist.main and not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(run_file, model_config, train_config)
-    summary = trainer.fit(resume=resume)
-    trainer.finish(summary, title=f"{out.name}: {model.num_parameters():,} params")
-    return {**summary, "out": str(out), "checkpoint": str(out / "checkpoint"), "loss_png": str(out / "loss.png")}
-
-
-def open_shards(data: str | Path) -> TokenShards:
-    path = Path(data)
-    if not path.exists():
-        raise UserError(f"no such data directory: {path} (make one with: lmforge prepare --data TEXT --out {path})")
-    if not (path / "meta.json").is_file():
-        raise UserError(f"{path} holds no prepared token shards (no meta.json); "
-                        f"make them with: lmforge prepare --data {path} --out DIR")
-    return TokenShards(path)
 
 
 def model_table() -> list[dict[str, Any]]:

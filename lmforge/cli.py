@@ -435,8 +435,9 @@ def _run_classify(args: argparse.Namespace) -> None:
 
     if args.action == "train":
         from lmforge.data.augment import Augmenter
+        from lmforge.recipes.classify import train_classifier
 
-        summary = classify.train_classifier(
+        summary = train_classifier(
             args.model, args.data, args.out, args.method, args.epochs, args.val_data, args.val_fraction,
             args.text_field, args.label_field, args.max_length, args.lora_rank, args.lora_alpha, args.lora_dropout,
             args.lora_targets, args.lora_layers, args.patience, overrides=_config_overrides(args),
@@ -512,7 +513,7 @@ def run(args: argparse.Namespace) -> None:
         out = api.export(args.checkpoint, args.out, args.format)
         print(f"exported {args.checkpoint} as a Hugging Face ({args.format}) checkpoint to {out}")
     elif args.verb == "finetune":
-        from lmforge.finetune import finetune
+        from lmforge.recipes.finetune import finetune
 
         summary = finetune(args.model, args.data, args.out, args.method, args.epochs, args.val_data,
                            args.val_fraction, args.data_format, args.text_field, args.max_length, args.lora_rank,
@@ -623,7 +624,9 @@ def _run_vae(args: argparse.Namespace) -> None:
 
     if args.action == "train":
         elbo = ElboConfig(**{k.removeprefix("elbo."): v for k, v in vars(args).items() if k.startswith("elbo.")})
-        s = vae.train_vae_from_data(args.data, args.out, args.preset, args.config, _config_overrides(args),
+        from lmforge.recipes.vae import train_vae_from_data
+
+        s = train_vae_from_data(args.data, args.out, args.preset, args.config, _config_overrides(args),
                                     elbo.validate(), args.tokenizer, args.vocab_size, args.unit, args.val_fraction,
                                     text_field=args.text_field, too_long=args.too_long)
         print(f"step {s['step']}: -ELBO {s['val_loss']:.4f} nats/token (reconstruction {s['val_recon']:.4f}), "

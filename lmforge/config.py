@@ -149,6 +149,103 @@ class TrainConfig:
         return self
 
 
+# ----------------------------------------------------------------------------------------------
+# each training verb's own defaults: the same fields as TrainConfig, other default values, shown
+# by that verb's --help. A None here is filled in by the recipe from the data (see `resolve_train`).
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """Fine-tuning's defaults: a low, constant-then-decaying lr, no weight decay, one evaluation per epoch."""
+
+    max_steps: int | None = param(None, "optimizer steps (default: --epochs passes over the training examples)")
+    lr: float | None = param(None, "peak learning rate (default: 2e-4 with LoRA, 5e-5 for full fine-tuning)")
+    min_lr: float = param(0.0, "learning rate at the end of the cosine decay")
+    warmup_steps: int | None = param(0, "steps of linear warmup")
+    weight_decay: float = param(0.0, "AdamW weight decay, applied to matrices only")
+    eval_interval: int | None = param(None, "evaluate (and save) every this many steps (default: once per epoch)")
+    eval_batches: int = param(1, "batches per evaluation")
+    log_interval: int = param(1, "write metrics every this many steps")
+    keep_best: bool = param(True, "also keep the checkpoint of the best validation loss in OUT/best")
+
+
+@dataclass
+class ClassifyTrainConfig(FinetuneTrainConfig):
+    """Classifier training's defaults: a higher lr for the new head and the adapters, batches of 16, fp32."""
+
+    batch_size: int = param(16, "sequences per optimizer step, over all processes and accumulation steps")
+    lr: float | None = param(None, "peak learning rate (default: 5e-4 with LoRA, 5e-5 for full training)")
+    warmup_steps: int | None = param(None, "steps of linear warmup (default: a tenth of the run, at most 50)")
+    log_interval: int = param(10, "write metrics every this many steps")
+    precision: str = param("fp32", "fp32 (the classifier's default: its reported accuracy was measured so), auto, "
+                                   "bf16 or fp16")
+
+
+@dataclass
+class ScratchTrainConfig(TrainConfig):
+    """Training a task model from scratch (seq2seq, cvae, a decoder of --preset): a pretraining lr,
+    batches of 16, one evaluation per epoch, the best checkpoint kept."""
+
+    max_steps: int | None = param(None, "optimizer steps (default: --epochs passes over the training pairs)")
+    batch_size: int = param(16, "sequences per optimizer step, over all processes and accumulation steps")
+    warmup_steps: int | None = param(None, "steps of linear warmup (default: a tenth of the run)")
+    eval_interval: int | None = param(None, "evaluate (and save) every this many steps (default: once per epoch)")
+    keep_best: bool = param(True, "also keep the checkpoint of the best validation loss in OUT/best")
+
+
+def resolve_train(config: TrainConfig, n_examples: int, epochs: float | None = None,
+                  lr: float | None = None) -> tuple[TrainConfig, int]:
+    """A plain, validated TrainConfig from a verb's config whose None fields follow the data: `max_steps`
+    from `epochs` passes over `n_examples`, `eval_interval` one epoch, `lr` the recipe's default, and
+    `warmup_steps` a tenth of the run (at most 50 for a classifier). Returns it and the steps per epoch."""
+    if epochs is not None and epochs <= 0:
+        raise UserError(f"--epochs = {epochs}; expected a positive number")
+    values = to_dict(config)
+    steps_per_epoch = max(1, n_examples // values["batch_size"])
+    if values["max_steps"] is None:
+        values["max_steps"] = max(1, math.ceil((epochs or 1) * steps_per_epoch))
+    if values["eval_interval"] is None:
+        values["eval_interval"] = steps_per_epoch
+    if values["lr"] is None:
+        values["lr"] = lr if lr is not None else TrainConfig.lr
+    if values["warmup_steps"] is None:
+        tenth = values["max_steps"] // 10
+        values["warmup_steps"] = min(50, tenth) if isinstance(config, ClassifyTrainConfig) else max(1, tenth)
+    return from_dict(TrainConfig, values, "train").validate(), steps_per_epoch
+
+
+def merge_settings(cls: type, overrides: dict[str, Any] | None, section: str = "train", base: Any = None) -> Any:
+    """`cls` (a config dataclass) from `base` (an instance, or the class defaults) and the `section.FIELD`
+    entries of `overrides`; any other key is an error naming it."""
+    values = to_dict(base) if base is not None else {}
+    return from_dict(cls, {**values, **split_overrides(overrides, (section,))[section]}, section)
+
+
+def split_overrides(overrides: dict[str, Any] | None, sections: tuple[str, ...] = ("model", "train")
+                    ) -> dict[str, dict[str, Any]]:
+    """`{"train.lr": 1e-3, "model.n_layer": 2}` -> `{"train": {"lr": 1e-3}, "model": {"n_layer": 2}}`; any
+    other key is an error naming it."""
+    parts: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for dotted, value in (overrides or {}).items():
+        name, _, key = dotted.partition(".")
+        if name not in parts or not key:
+            raise UserError(f"unknown setting {dotted!r}; expected {' or '.join(f'{n}.FIELD' for n in sections)}")
+        parts[name][key] = value
+    return parts
+
+
+def settings(**sections: type):
+    """Declare the config dataclass of each settings section a verb's `overrides` take, e.g.
+    `@settings(train=FinetuneTrainConfig)`: the CLI makes `--train.FIELD` flags of its fields (help text
+    and default from the dataclass)."""
+
+    def declare(function):
+        function.settings = sections
+        return function
+
+    return declare
+
+
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 
 
@@ -321,9 +418,13 @@ def load_run_config(
     preset_name: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    base: tuple[ModelConfig, TrainConfig] | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Merge a preset, a YAML file (`preset:`, `model:`, `train:` sections) and `section.key` overrides."""
+    """Merge a preset, a YAML file (`preset:`, `model:`, `train:` sections) and `section.key` overrides,
+    over the defaults or over `base` (the configs of a run being resumed: only what is given changes)."""
     sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    if base is not None:
+        sections = {"model": {}, "train": to_dict(base[1])}
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -350,8 +451,9 @@ def load_run_config(
         sections[section][key] = value
     if preset_name and preset_name not in PRESETS:
         raise UserError(f"unknown preset {preset_name!r}; known presets: {', '.join(PRESETS)}")
-    base = dict(PRESETS[preset_name]) if preset_name else {}
-    model = from_dict(ModelConfig, {**base, **sections["model"]}, "model").validate()
+    model_values = to_dict(base[0]) if base is not None else {}
+    model_values.update(PRESETS[preset_name] if preset_name else {})
+    model = from_dict(ModelConfig, {**model_values, **sections["model"]}, "model").validate()
     train = from_dict(TrainConfig, sections["train"], "train").validate()
     return model, train
 

@@ -18,16 +18,14 @@ import torch
 from lmforge.cli import main
 from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
-from lmforge.finetune import LORA_TARGETS, apply_lora
 from lmforge.models.decoder import Decoder
+from lmforge.recipes.classify import Classifier, read_labelled, train_classifier
+from lmforge.recipes.finetune import LORA_TARGETS, apply_lora
 from lmforge.tasks.classify import (
-    Classifier,
     label_word_scores,
     load_classifier,
     predict,
-    read_labelled,
     tfidf_baseline,
-    train_classifier,
     zero_shot,
 )
 from lmforge.train.checkpoint import read_model_config, save_checkpoint
@@ -292,13 +290,13 @@ def test_bad_input_is_one_line_and_exit_code_2(base, tmp_path, capsys):
 
 def test_on_the_fly_augmentation_is_fixed_by_the_step_and_changes_between_epochs(base, tokenizer):
     from lmforge.data.augment import Augmenter
-    from lmforge.tasks.classify import LabelledBatches
+    from lmforge.recipes.classify import labelled_batches
 
     records = reviews(8)
     swap = Augmenter(synonym_rate=0, insert_rate=0, swap_rate=0.5, delete_rate=0, seed=0)  # no thesaurus needed
-    batches = LabelledBatches([r["text"] for r in records], [i % 2 for i in range(8)], tokenizer, batch_size=8,
+    batches = labelled_batches([r["text"] for r in records], [i % 2 for i in range(8)], tokenizer, batch_size=8,
                               seed=0, max_length=32, augment=swap)
-    plain = LabelledBatches([r["text"] for r in records], [i % 2 for i in range(8)], tokenizer, batch_size=8,
+    plain = labelled_batches([r["text"] for r in records], [i % 2 for i in range(8)], tokenizer, batch_size=8,
                             seed=0, max_length=32)
     first, again, next_epoch, unaugmented = batches(0, 0, 8), batches(0, 0, 8), batches(1, 0, 8), plain(0, 0, 8)
     assert all(torch.equal(first[k], again[k]) for k in first)  # a resumed run sees the same batch
@@ -308,7 +306,7 @@ def test_on_the_fly_augmentation_is_fixed_by_the_step_and_changes_between_epochs
 
 
 def test_lora_layers_keeps_only_the_last_blocks_adapters_trainable(make_model):
-    from lmforge.tasks.classify import freeze_lower_adapters
+    from lmforge.recipes.classify import freeze_lower_adapters
 
     model = apply_lora(make_model("llama"), rank=2, alpha=4, dropout=0.0)
     freeze_lower_adapters(model, 1)

@@ -223,7 +223,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_existing_run_is_not_overwritten(workspace):
     before = tree_digest(workspace / "run")
     r = lmforge("pretrain", "--data", "data", "--out", "run", "--preset", "tiny", cwd=workspace)
-    assert_user_error(r, "already holds a run", "--resume")
+    assert_user_error(r, "already exists and holds a run", "--resume")
     assert tree_digest(workspace / "run") == before
 
 

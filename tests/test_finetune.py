@@ -14,7 +14,7 @@ import torch
 
 import lmforge
 from lmforge.errors import UserError
-from lmforge.finetune import finetune
+from lmforge.recipes.finetune import finetune
 
 WORDS = "king queen river garden night song bird forest".split()
 

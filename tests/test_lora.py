@@ -12,8 +12,8 @@ from torch import nn
 
 import lmforge.train.lora as lora
 from lmforge.config import TrainConfig
-from lmforge.finetune import apply_lora
 from lmforge.models.decoder import Decoder
+from lmforge.recipes.finetune import apply_lora
 from lmforge.train.objectives import RandomWindows, causal_lm_loss
 from lmforge.train.trainer import Trainer
 

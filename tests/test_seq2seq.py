@@ -20,7 +20,8 @@ from lmforge.infer.generate import generate_ids
 from lmforge.models import build_model
 from lmforge.models.layers import Block, key_padding_mask
 from lmforge.models.seq2seq import Seq2Seq, pad_right
-from lmforge.tasks.seq2seq import predict, train_seq2seq
+from lmforge.recipes.seq2seq import train_seq2seq
+from lmforge.tasks.seq2seq import predict
 from lmforge.train.checkpoint import save_checkpoint
 
 STYLES = {

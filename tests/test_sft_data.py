@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lmforge.data.sft import DEFAULT_CHAT_TEMPLATE, IGNORE, ExampleBatches, chat_example, collate, load_examples
+from lmforge.data.sft import DEFAULT_CHAT_TEMPLATE, IGNORE, chat_example, collate, example_batches, load_examples
 from lmforge.errors import UserError
 from lmforge.tokenizer import train_tokenizer
 
@@ -94,9 +94,9 @@ def test_batches_depend_only_on_the_step_and_cover_an_epoch(chat_tokenizer, tmp_
     path = tmp_path / "t.txt"
     path.write_text(" ".join(str(i) for i in range(400)))  # every window differs
     examples = load_examples(path, chat_tokenizer, max_length=8)
-    batches = ExampleBatches(examples, batch_size=4, seed=3, pad_id=0)
+    batches = example_batches(examples, batch_size=4, seed=3, pad_id=0)
     first = batches(0, 0, 4)
-    assert torch.equal(first["ids"], ExampleBatches(examples, 4, 3, 0)(0, 0, 4)["ids"])
+    assert torch.equal(first["ids"], example_batches(examples, 4, 3, 0)(0, 0, 4)["ids"])
     # two parts of 2 rows are the two halves of the batch of 4
     halves = [batches(0, part, 2)["ids"] for part in (0, 1)]
     assert torch.equal(torch.cat(halves), first["ids"])

@@ -106,7 +106,7 @@ def test_cli_summarize_train_predict_eval(news_data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "known tasks: classify, summarize" in err[0]
     assert main(["summarize", "train", "--preset", "tiny", str(news_data), "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_multitask_mixture_and_per_task_scores(news_data, tmp_path):

@@ -18,10 +18,12 @@ from lmforge.config import ElboConfig, ModelConfig, TrainConfig
 from lmforge.errors import UserError
 from lmforge.models import build_model
 from lmforge.models.vae import VAE, ConditionalVAE
+from lmforge.recipes import vae as vae_recipe
+from lmforge.recipes.seq2seq import train_seq2seq
 from lmforge.tasks import vae as vae_task
-from lmforge.tasks.seq2seq import predict, train_seq2seq
+from lmforge.tasks.seq2seq import predict
 from lmforge.train.checkpoint import save_checkpoint
-from lmforge.train.objectives import ConditionalElboLoss, ElboLoss, Pair, PairBatches, free_bits_kl, gaussian_kl
+from lmforge.train.objectives import ConditionalElboLoss, ElboLoss, Pair, free_bits_kl, gaussian_kl, pair_batches
 
 
 def vae_config(**overrides) -> ModelConfig:
@@ -82,7 +84,7 @@ def test_free_bits_floor_per_dimension() -> None:
 def test_elbo_loss_is_reconstruction_plus_beta_kl_per_token() -> None:
     model = make_vae().train()
     pairs = [Pair(ids, ids) for ids in ([5, 6, 7, 8], [9, 10], [11, 12, 13])]
-    batch = PairBatches(pairs, 3, seed=0, eos_id=0)(step=30, part=0, rows=3)
+    batch = pair_batches(pairs, 3, seed=0, eos_id=0)(step=30, part=0, rows=3)
     config = ElboConfig(beta=0.5, beta_schedule="linear", beta_warmup_steps=60)
     torch.manual_seed(1)
     loss = ElboLoss(config, max_steps=100)(model, batch)
@@ -101,7 +103,7 @@ def test_elbo_loss_is_reconstruction_plus_beta_kl_per_token() -> None:
 def test_word_dropout_hides_decoder_inputs_but_not_the_start() -> None:
     model = make_vae().train()
     pairs = [Pair(ids, ids) for ids in ([5, 6, 7, 8, 9, 10], [11, 12, 13, 14])]
-    batch = PairBatches(pairs, 2, seed=0, eos_id=0)(step=0, part=0, rows=2)
+    batch = pair_batches(pairs, 2, seed=0, eos_id=0)(step=0, part=0, rows=2)
     config = ElboConfig(beta_schedule="constant", beta=0.0, word_dropout=0.5)
     torch.manual_seed(3)
     loss = ElboLoss(config, max_steps=10)(model, batch)
@@ -142,12 +144,12 @@ def test_bad_beta_settings_are_rejected(settings, message) -> None:
 def test_active_units_and_mutual_information() -> None:
     g = torch.Generator().manual_seed(0)
     collapsed_mu, collapsed_logvar = torch.zeros(100, 4), torch.zeros(100, 4)
-    assert vae_task.active_units(collapsed_mu) == 0
-    assert abs(vae_task.mutual_information(collapsed_mu, collapsed_logvar, g)) < 0.05
+    assert vae_recipe.active_units(collapsed_mu) == 0
+    assert abs(vae_recipe.mutual_information(collapsed_mu, collapsed_logvar, g)) < 0.05
     mu = torch.zeros(100, 4)
     mu[:, 1] = 100 * torch.randn(100, generator=g)  # only dimension 1 carries information
-    assert vae_task.active_units(mu) == 1
-    informative = vae_task.mutual_information(mu, torch.full((100, 4), -6.0), g)
+    assert vae_recipe.active_units(mu) == 1
+    informative = vae_recipe.mutual_information(mu, torch.full((100, 4), -6.0), g)
     assert math.log(100) - 0.3 < informative <= math.log(100) + 0.05  # posteriors far apart: I = log N
 
 
@@ -200,7 +202,7 @@ def trained(tmp_path_factory, tokenizer):
     train_config = TrainConfig(batch_size=14, max_steps=90, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=30,
                                log_interval=10, precision="fp32")
     elbo = ElboConfig(beta_schedule="cyclical", beta_cycles=2, free_bits=0.05, iw_samples=4)
-    summary = vae_task.train_vae(LINES, LINES[:5], tokenizer, config, train_config, out, elbo)
+    summary = vae_recipe.train_vae(LINES, LINES[:5], tokenizer, config, train_config, out, elbo)
     return out, summary
 
 
@@ -385,7 +387,7 @@ def test_elbo_losses_run_through_distributed_data_parallel(tmp_path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         pairs = [Pair(ids, ids) for ids in ([5, 6, 7, 8], [9, 10], [11, 12, 13])]
-        batch = PairBatches(pairs, 3, seed=0, eos_id=0)(step=5, part=0, rows=3)
+        batch = pair_batches(pairs, 3, seed=0, eos_id=0)(step=5, part=0, rows=3)
         for model, loss_fn in ((make_vae().train(), ElboLoss(ElboConfig(word_dropout=0.2), 10)),
                                (make_cvae().train(), ConditionalElboLoss(ElboConfig(free_bits=0.1), 10))):
             wrapped = torch.nn.parallel.DistributedDataParallel(model)

@@ -10,7 +10,7 @@ Three shapes of data, detected from the first record (or forced with `data_forma
   tokenizer's chat template; loss on the assistant turns only (their text and end-of-turn token).
 
     examples = load_examples("chats.jsonl", tokenizer, max_length=512)
-    batches = ExampleBatches(examples, batch_size=8, seed=0, pad_id=tokenizer.eos_id)
+    batches = example_batches(examples, batch_size=8, seed=0, pad_id=tokenizer.eos_id)
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from lmforge.data.batches import EpochBatches
 from lmforge.data.readers import read_documents, read_jsonl_records
 from lmforge.errors import UserError
 
@@ -160,26 +160,9 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
-class ExampleBatches:
-    """Shuffled epochs of padded examples; the batch of a step depends only on (seed, step).
-
-    Step s belongs to epoch s // steps_per_epoch; each epoch is a new permutation, and the last
-    incomplete batch of an epoch is dropped (it is drawn in other epochs).
-    """
-
-    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, pad_id: int, device="cpu"):
-        if not examples:
-            raise UserError("no training examples")
-        self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
-        self.device = torch.device(device)
-        self.steps_per_epoch = max(1, len(self.examples) // batch_size)
-
-    def __call__(self, step: int, part: int, rows: int) -> dict[str, torch.Tensor]:
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        start = index * self.batch_size + part * rows
-        picks = [order[i % len(order)] for i in range(start, start + rows)]
-        return collate([self.examples[i] for i in picks], self.pad_id, self.device)
+def example_batches(examples: Sequence[Example], batch_size: int, seed: int, pad_id: int) -> EpochBatches:
+    """Shuffled epochs of padded examples (`collate`); the batch of a step depends only on (seed, step)."""
+    return EpochBatches(examples, batch_size, seed, lambda items, step, part: collate(items, pad_id))
 
 
 def collate(examples: Sequence[Example], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ a prompt template, the metric it is judged by and how many tokens an answer may 
 learns a task as prompt/completion pairs: the prompt is the template around the source, the
 completion is the target, and the loss counts on the completion only (`lmforge.data.sft`); the
 source is cut (in tokens) so that prompt and target always fit the model's context. A decoder is
-either a pretrained model (fine-tuned fully or with LoRA, through `lmforge.finetune`) or a preset
+either a pretrained model (fine-tuned fully or with LoRA, through `lmforge.recipes.finetune`) or a preset
 trained from scratch here, with a tokenizer trained on the task's own training text. With
 `model_kind="seq2seq"` the pairs train an encoder-decoder instead, and with `"cvae"` the conditional
 VAE of the article (`lmforge.tasks.seq2seq`).
@@ -143,10 +143,12 @@ def train_text_task(
     limit: int | None = None,
     vocab_size: int = 8192,
     overrides: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train `model` (a pretrained model), or a `preset` from scratch, on the task's pairs of `data`."""
+    """Train `model` (a pretrained model), or a `preset` from scratch, on the task's pairs of `data`;
+    `resume=True` continues the run in `out` after a stop or a kill."""
     from lmforge.data.quality import clean_training_records
-    from lmforge.finetune import finetune, load_trainable
+    from lmforge.recipes.finetune import finetune, load_trainable
 
     task = get_task(task, direction) if isinstance(task, str) else task
     if (model is None) == (preset is None):
@@ -161,12 +163,12 @@ def train_text_task(
         if preset is None:
             raise UserError(f"--model-kind {model_kind} trains from scratch: give --preset, not a pretrained MODEL")
         from lmforge.config import ElboConfig
-        from lmforge.tasks.seq2seq import train_seq2seq
+        from lmforge.recipes.seq2seq import train_seq2seq
 
         tokenizer = task_tokenizer(train_pairs, vocab_size)
         summary = train_seq2seq(train_pairs, val_pairs, tokenizer, preset, out, epochs=epochs, max_length=max_length,
                                 overrides=overrides, info={"task": task.name, "data": str(data)},
-                                elbo=ElboConfig() if model_kind == "cvae" else None)
+                                elbo=ElboConfig() if model_kind == "cvae" else None, resume=resume)
         _write_task_file(out, task)
         return summary
     if preset is not None:
@@ -180,7 +182,8 @@ def train_text_task(
     context = min(max_length, getattr(config, "block_size", None) or config.max_position_embeddings)
     summary = finetune(module, prompt_records(task, train_pairs, tokenizer, context), out, method=method,
                        epochs=epochs, val_data=prompt_records(task, val_pairs, tokenizer, context),
-                       data_format="prompt_completion", max_length=context, overrides=overrides, base=base)
+                       data_format="prompt_completion", max_length=context, overrides=overrides, base=base,
+                       resume=resume)
     _write_task_file(out, replace(task, context=context))
     return {**summary, "task": task.name, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
             "quality": quality}
@@ -366,6 +369,7 @@ def train_multitask(
     limit: int | None = None,
     eval_limit: int | None = 50,
     overrides: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune `model` once on a weighted mixture of tasks, then evaluate it on each task.
 
@@ -380,7 +384,7 @@ def train_multitask(
     from lmforge.api import load
     from lmforge.data.quality import clean_training_records
     from lmforge.eval.report import write_report
-    from lmforge.finetune import finetune, load_trainable
+    from lmforge.recipes.finetune import finetune, load_trainable
 
     mixture = parse_mixture(mixture) if mixture and isinstance(mixture[0], str) else mixture
     module, _ = load_trainable(model)
@@ -406,7 +410,7 @@ def train_multitask(
     print(f"multi-task mixture (examples per epoch): {shares}", file=sys.stderr)
     summary = finetune(module, [train_records[i] for i in order], out, method=method, epochs=epochs,
                        val_data=val_records, data_format="prompt_completion", max_length=context,
-                       overrides=overrides, base=str(model))
+                       overrides=overrides, base=str(model), resume=resume)
     trained = load(out)
     rows = []
     for task, data, _, _, _ in per_task:

@@ -7,8 +7,8 @@ alone, and split into `parts` (micro-batches x processes) of `rows` rows. This i
 resumed run continue exactly and a multi-process run see the same data as a single process.
 
     trainer = Trainer(model, config, out, batches=RandomWindows(tokens, 256, 8, seed=0))   # causal LM
-    trainer = Trainer(s2s, config, out, batches=PairBatches(pairs, 8, 0, eos), loss_fn=seq2seq_loss)
-    trainer = Trainer(vae, config, out, batches=PairBatches(texts, 8, 0, eos), loss_fn=ElboLoss(elbo_config))
+    trainer = Trainer(s2s, config, out, batches=pair_batches(pairs, 8, 0, eos), loss_fn=seq2seq_loss)
+    trainer = Trainer(vae, config, out, batches=pair_batches(texts, 8, 0, eos), loss_fn=ElboLoss(elbo_config))
 
 Objectives: `causal_lm_loss` (and `logits_causal_lm_loss` for Hugging Face models), `seq2seq_loss`
 (targets given sources), `ElboLoss` (the VAE's negative ELBO with beta annealing and free bits) and
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.batches import EpochBatches
 from lmforge.data.sft import IGNORE, Example, collate
-from lmforge.errors import UserError
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -131,25 +131,11 @@ def collate_pairs(pairs: Sequence[Pair], eos_id: int, device="cpu") -> dict[str,
     return {"source": source, "source_mask": source_mask, "ids": ids.to(device), "targets": targets.to(device)}
 
 
-class PairBatches:
-    """Shuffled epochs of pairs, like `ExampleBatches`: the batch of a step depends only on (seed, step).
-
-    Each batch also carries its `step` (the VAE objective anneals beta by it).
-    """
-
-    def __init__(self, pairs: Sequence[Pair], batch_size: int, seed: int, eos_id: int, device="cpu"):
-        if not pairs:
-            raise UserError("no training examples")
-        self.pairs, self.batch_size, self.seed, self.eos_id = list(pairs), batch_size, seed, eos_id
-        self.device = torch.device(device)
-        self.steps_per_epoch = max(1, len(self.pairs) // batch_size)
-
-    def __call__(self, step: int, part: int, rows: int) -> dict[str, Any]:
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-        start = index * self.batch_size + part * rows
-        picks = [order[i % len(order)] for i in range(start, start + rows)]
-        return {**collate_pairs([self.pairs[i] for i in picks], self.eos_id, self.device), "step": step}
+def pair_batches(pairs: Sequence[Pair], batch_size: int, seed: int, eos_id: int) -> EpochBatches:
+    """Shuffled epochs of pairs (`collate_pairs`); each batch also carries its `step` (the VAE objective
+    anneals beta by it)."""
+    return EpochBatches(pairs, batch_size, seed,
+                        lambda items, step, part: {**collate_pairs(items, eos_id), "step": step})
 
 
 def seq2seq_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -393,7 +393,7 @@ class Trainer:
         total = 0.0
         for micro in range(config.grad_accum):
             part = micro * self.dist.world + self.dist.rank
-            batch = self.batches(self.step, part, self.rows)
+            batch = to_device(self.batches(self.step, part, self.rows), self.dist.device)
             sync = micro == config.grad_accum - 1 or not self.dist.enabled
             with (contextlib.nullcontext() if sync else self.forward_model.no_sync()), self._autocast():
                 loss = self.loss_fn(self.forward_model, batch) / config.grad_accum
@@ -473,6 +473,11 @@ class Trainer:
             partial.write_text(json.dumps(summary, indent=2, default=str) + "\n")
             partial.replace(self.out / "summary.json")
         return summary
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device` (batches are made on the CPU)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -1,0 +1,208 @@
+"""The fine-tuning recipe: adapt a pretrained model to your data, fully or with LoRA.
+
+    summary = finetune("smollm2-135m-instruct", "chats.jsonl", "runs/smol-lora", method="lora")
+    finetune("smollm2-135m-instruct", "chats.jsonl", "runs/smol-lora", method="lora", resume=True)
+
+The model is anything `lmforge.load` takes (a native checkpoint, a Hugging Face directory or hub id,
+a GGUF file, a catalog name), or a model already in memory. The data is plain text, prompt/completion
+JSONL or chat JSONL (`lmforge.data.sft`), records in memory, or a chat dataset of the catalog
+(`chatterbot`: its train split, validated on its held-out split unless `val_data` is given); chat is
+rendered with the model's chat template and only the assistant turns are learned. Validation loss
+is measured before training and every epoch (or `train.eval_interval` steps), training stops early
+when it stops improving (`patience`), and the best checkpoint is kept in `OUT/best`.
+LoRA (through `peft`) trains small adapters and saves only them; `lmforge merge` folds them into
+the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import FinetuneTrainConfig, merge_settings, resolve_train, settings
+from lmforge.data.batches import hold_out
+from lmforge.data.datasets import CHAT_DATASETS, chat_dataset_file
+from lmforge.data.sft import example_batches, load_examples
+from lmforge.errors import UserError
+from lmforge.train.objectives import causal_lm_loss, evaluate_examples, logits_causal_lm_loss
+from lmforge.train.recipe import Job, Recipe, run_recipe, say
+
+LORA_TARGETS = {"decoder": ["qkv", "proj", "up", "down"]}
+DEFAULT_LR = {"lora": 2e-4, "full": 5e-5}
+
+
+def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float,
+               target_modules: Sequence[str] | None = None) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft) on the named linear layers; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    from lmforge.train.lora import fuse_lora_dropout
+
+    if rank < 1:
+        raise UserError(f"--lora-rank = {rank}; expected a positive integer")
+    if not 0 <= dropout < 1:
+        raise UserError(f"--lora-dropout = {dropout}; expected a value in [0, 1)")
+    kind = getattr(getattr(model, "config", None), "kind", None)
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                           if isinstance(m, torch.nn.Linear)})
+    heads = ("lm_head", "embed_out", "head")
+    targets = list(target_modules or LORA_TARGETS.get(kind) or [n for n in linear_names if n not in heads])
+    unknown = [t for t in targets if t not in linear_names]
+    if unknown:
+        raise UserError(f"LoRA target modules {', '.join(unknown)} do not exist in this model; "
+                        f"its linear layers are: {', '.join(linear_names)}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    peft_model = get_peft_model(model, config)
+    # the same dropout, but its mask is drawn again in the backward pass instead of kept with a copy
+    # of each adapted layer's input (lmforge.train.lora)
+    fuse_lora_dropout(peft_model)
+    return peft_model
+
+
+def load_trainable(source: str | Path) -> tuple[torch.nn.Module, Any]:
+    """The model to fine-tune and its loss: a native model, or a Hugging Face causal LM that has no
+    native port (trained through transformers by the same Trainer; it is saved in its own format)."""
+    from lmforge.interop import resolve_source
+    from lmforge.models.hf import config_from_hf
+    from lmforge.sources import load
+    from lmforge.tokenizer import Tokenizer
+
+    resolved = resolve_source(source)
+    if resolved.kind == "hf":
+        hf_config = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
+        try:
+            config_from_hf(hf_config)
+        except UserError as why:
+            from transformers import AutoModelForCausalLM
+
+            say(f"note: {why}; fine-tuning it as a transformers model")
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32)
+            model.tokenizer = Tokenizer.from_hf(resolved.path)
+            return model, logits_causal_lm_loss
+    model = load(source)
+    kind = getattr(model.config, "kind", "decoder")
+    if kind != "decoder":
+        raise UserError(f"{source} is a {kind} model; fine-tuning takes a decoder (causal LM)")
+    return model, causal_lm_loss
+
+
+def describe_source(source: Any) -> str:
+    """How a run records where its model or data came from: an absolute path, a name, or a count."""
+    if isinstance(source, (str, Path)):
+        return str(Path(source).resolve()) if Path(source).exists() else str(source)
+    return f"{len(source)} records" if isinstance(source, Sequence) else type(source).__name__
+
+
+class Finetune(Recipe):
+    name = "finetune"
+
+    def __init__(self, model: Any, data: Any, method: str = "full", epochs: float | None = 3, val_data: Any = None,
+                 val_fraction: float = 0.1, data_format: str = "auto", text_field: str = "text",
+                 max_length: int | None = None, lora: dict[str, Any] | None = None, patience: int | None = None,
+                 overrides: dict[str, Any] | None = None, base: str | None = None):
+        super().__init__()
+        if method not in ("full", "lora"):
+            raise UserError(f"--method = {method!r}; expected full or lora")
+        self.model, self.data, self.method, self.epochs = model, data, method, epochs
+        self.val_data, self.val_fraction, self.data_format, self.text_field = val_data, val_fraction, data_format, \
+            text_field
+        self.max_length, self.patience, self.base = max_length, patience, base
+        self.lora = {"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": None, **(lora or {})}
+        self.train_settings = merge_settings(FinetuneTrainConfig, overrides)
+        if patience is not None:
+            self.train_settings.patience = patience
+        self.name_of_model = describe_source(base if base is not None else model)
+
+    def settings(self) -> dict[str, Any]:
+        return {"model": self.name_of_model, "data": describe_source(self.data), "method": self.method,
+                "val_data": None if self.val_data is None else describe_source(self.val_data),
+                "val_fraction": self.val_fraction, "data_format": self.data_format, "text_field": self.text_field,
+                "max_length": self.max_length, "lora": self.lora if self.method == "lora" else None}
+
+    def build(self) -> Job:
+        data, val_data = self.data, self.val_data
+        if isinstance(data, (str, Path)) and str(data) in CHAT_DATASETS and not Path(data).exists():
+            val_data = val_data if val_data is not None else chat_dataset_file(str(data), "validation")
+            data = chat_dataset_file(str(data), "train")
+        if isinstance(self.model, torch.nn.Module):
+            from lmforge.models.decoder import Decoder
+
+            model, loss_fn = self.model, causal_lm_loss if isinstance(self.model, Decoder) else logits_causal_lm_loss
+        else:
+            model, loss_fn = load_trainable(self.model)
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise UserError(f"{self.name_of_model} has no tokenizer")
+        context = getattr(model.config, "block_size", None) or getattr(model.config, "max_position_embeddings", None)
+        max_length = min(self.max_length or context or 2048, context or 2048)
+        examples = load_examples(data, tokenizer, max_length, self.data_format, self.text_field)
+        if val_data is not None:
+            train, val = examples, load_examples(val_data, tokenizer, max_length, self.data_format, self.text_field)
+        else:
+            train, val = hold_out(examples, self.val_fraction, seed=0)
+        self.train, steps_per_epoch = resolve_train(self.train_settings, len(train), self.epochs,
+                                                    DEFAULT_LR[self.method])
+        if self.method == "lora":
+            lora = self.lora
+            model = apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+        batch_size, pad_id = self.train.batch_size, tokenizer.eos_id
+
+        def evaluate(m: torch.nn.Module) -> dict[str, float]:
+            return {"val_loss": evaluate_examples(m, val, batch_size, pad_id, next(m.parameters()).device, loss_fn)}
+
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(f"fine-tuning {self.name_of_model} ({self.method}: {trainable:,} of "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters train) on {len(train)} examples, "
+            f"{len(val)} held out; {steps_per_epoch} steps per epoch")
+        return Job(model, example_batches(train, batch_size, self.train.seed, pad_id), loss_fn=loss_fn,
+                   evaluate=evaluate, tokenizer=tokenizer,
+                   info={"base": self.name_of_model, "method": self.method, "data": describe_source(self.data),
+                         "lora": self.settings()["lora"]},
+                   tokens_per_row=sum(len(e.ids) for e in train) / len(train), steps_per_epoch=steps_per_epoch)
+
+    def before(self, trainer) -> dict[str, Any]:
+        loss = trainer.evaluate(trainer.model)["val_loss"]
+        say(f"validation loss before: {loss:.4f}")
+        return {"val_loss_before": round(loss, 6)}
+
+    def title(self, job: Job, out: Path) -> str:
+        return f"{Path(self.name_of_model).name} {self.method} fine-tuning"
+
+
+@settings(train=FinetuneTrainConfig)
+def finetune(
+    model: str | Path | torch.nn.Module,
+    data: str | Path | Sequence[dict],
+    out: str | Path,
+    method: str = "full",
+    epochs: float | None = 3,
+    val_data: str | Path | Sequence[dict] | None = None,
+    val_fraction: float = 0.1,
+    data_format: str = "auto",
+    text_field: str = "text",
+    max_length: int | None = None,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    lora_targets: Sequence[str] | None = None,
+    patience: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune `model` on `data` into `out`; return the summary (best and final validation loss).
+
+    `model` may also be a model already in memory (with its `tokenizer`), with `base` naming where it
+    came from (LoRA adapters are loaded onto it), or a fresh Decoder to train from scratch. `data` and
+    `val_data` may be records already in memory (dicts of one shape). `resume=True` continues the run
+    in `out` after a stop or a kill (the same arguments; train.* overrides may change).
+    """
+    lora = {"rank": lora_rank, "alpha": float(lora_alpha), "dropout": lora_dropout,
+            "targets": list(lora_targets) if lora_targets else None}
+    recipe = Finetune(model, data, method, epochs, val_data, val_fraction, data_format, text_field, max_length,
+                      lora, patience, overrides, base)
+    return run_recipe(recipe, out, resume)

@@ -1,0 +1,103 @@
+"""The pretraining recipe: a decoder from scratch on prepared token shards (`lmforge prepare`).
+
+    summary = pretrain("runs/data", "runs/mini", preset="gpt-mini", overrides={"train.max_steps": 200})
+    pretrain("runs/data", "runs/mini", resume=True, overrides={"train.max_steps": 400})   # continue it
+
+Settings merge in order: the preset, the YAML `config` (`preset:`, `model:`, `train:`), the dotted
+`overrides`. A resumed run starts from its own `run.yaml`, so the same command plus `resume=True`
+continues it; only a model setting that differs from the run's is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import ModelConfig, TrainConfig, from_dict, load_run_config, settings
+from lmforge.data import TokenShards
+from lmforge.errors import UserError
+from lmforge.models.decoder import Decoder, flops_per_token
+from lmforge.train.objectives import RandomWindows, bits_per_byte, evaluate_tokens
+from lmforge.train.recipe import Job, Recipe, run_recipe
+
+
+class Pretrain(Recipe):
+    name = "pretrain"
+
+    def __init__(self, data: str | Path, preset: str | None = None, config: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None):
+        super().__init__()
+        self.data, self.preset, self.config, self.overrides = data, preset, config, dict(overrides or {})
+
+    def settings(self) -> dict[str, Any]:
+        return {"data": str(Path(self.data).resolve())}
+
+    def build(self) -> Job:
+        shards = open_shards(self.data)
+        base = None
+        if self.resumed is not None and "model" in self.resumed:
+            base = (from_dict(ModelConfig, self.resumed["model"], "run.yaml: model"),
+                    from_dict(TrainConfig, self.resumed.get("train") or {}, "run.yaml: train"))
+        model_config, self.train = load_run_config(self.preset, self.config, self.overrides, base)
+        if base is None or self.preset or any(k.startswith("model.") for k in self.overrides):
+            model_config.vocab_size = shards.vocab_size
+        if model_config.vocab_size < shards.vocab_size:
+            raise UserError(f"the model's vocab_size ({model_config.vocab_size}) is smaller than the data's "
+                            f"tokenizer ({shards.vocab_size} tokens)")
+        self.model_config = model_config.validate()
+        block, train = model_config.block_size, self.train
+        for split in ("train", "val"):
+            shards.check_length(split, block)
+        torch.manual_seed(train.seed)
+        model = Decoder(model_config)
+        val_tokens, meta = shards.split("val"), shards.meta
+
+        def evaluate(m: torch.nn.Module) -> dict[str, float]:
+            result = evaluate_tokens(m, val_tokens, block, batch_size=train.batch_size,
+                                     max_windows=train.eval_batches * train.batch_size,
+                                     device=next(m.parameters()).device)
+            return {"val_loss": result["loss"],
+                    "val_bpb": bits_per_byte(result["loss"], meta["val_tokens"], meta["val_bytes"])}
+
+        return Job(model, RandomWindows(shards.split("train"), block, train.batch_size, train.seed),
+                   evaluate=evaluate, tokenizer=shards.tokenizer,
+                   info={"data": {"path": str(self.data), "fingerprint": meta["fingerprint"],
+                                  "source": meta.get("source")}, "parameters": model.num_parameters()},
+                   tokens_per_row=block, flops_per_token=flops_per_token(model_config, block))
+
+    def report(self, trainer, summary: dict[str, Any]) -> dict[str, Any]:
+        out = Path(summary["out"])
+        return {**summary, "checkpoint": str(out / "checkpoint"), "loss_png": str(out / "loss.png")}
+
+    def title(self, job: Job, out: Path) -> str:
+        return f"{out.name}: {job.model.num_parameters():,} params"
+
+
+@settings(model=ModelConfig, train=TrainConfig)
+def pretrain(
+    data: str | Path,
+    out: str | Path,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Pretrain a decoder on prepared token shards (`lmforge prepare`); return the run's summary.
+
+    The model and training settings merge, in order: the preset, the YAML `config`, `overrides`
+    (`{"model.n_layer": 4, "train.lr": 3e-4}`). `resume=True` continues the run in `out` exactly
+    where its last checkpoint left it (train.* overrides may extend it, e.g. more steps).
+    """
+    return run_recipe(Pretrain(data, preset, config, overrides), out, resume)
+
+
+def open_shards(data: str | Path) -> TokenShards:
+    path = Path(data)
+    if not path.exists():
+        raise UserError(f"no such data directory: {path} (make one with: lmforge prepare --data TEXT --out {path})")
+    if not (path / "meta.json").is_file():
+        raise UserError(f"{path} holds no prepared token shards (no meta.json); "
+                        f"make them with: lmforge prepare --data {path} --out DIR")
+    return TokenShards(path)

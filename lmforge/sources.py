@@ -1,0 +1,59 @@
+"""Every source a model is loaded from, behind one function: `load(src)`.
+
+    model = load("runs/x")                      # a checkpoint or run directory (LoRA runs: base + adapters)
+    model = load("smollm2-135m-instruct")       # a catalog model, a Hugging Face directory, a .gguf, a hub id
+
+Native checkpoints are read by `lmforge.train.checkpoint`; every other source is converted in memory
+by `lmforge.models.convert` (only the GGUF conversion cache is written, under `$LMFORGE_CACHE`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import UserError
+from lmforge.train.checkpoint import ADAPTER_CONFIG
+
+
+def load(
+    src: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    gguf_file: str | None = None,
+):
+    """A model with `model.tokenizer` attached, from any source `lmforge import` takes.
+
+    `src` is a checkpoint or run directory, a Hugging Face model directory (GPT-2, Llama, Qwen2 or
+    Mistral), a .gguf file, a catalog model (`smollm2-135m-instruct`) or a hub id (where the hub can be
+    reached). Sources other than native checkpoints are converted in memory; nothing is written but the
+    cache of GGUF conversions (`$LMFORGE_CACHE/converted/`).
+    """
+    from lmforge.interop import load_model, resolve_source
+    from lmforge.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    source = resolve_source(src, gguf_file)
+    if source.kind == "lmforge":
+        directory = resolve_checkpoint(source.path)
+        if (directory / ADAPTER_CONFIG).is_file():
+            return load_adapter(directory).to(device=device, dtype=dtype)
+        return load_checkpoint(directory, device=device, dtype=dtype)
+    model, _ = load_model(source)
+    return model.to(device=device, dtype=dtype)
+
+
+def load_adapter(directory: Path):
+    """A LoRA checkpoint: its base model (any source `load` takes) with the adapters folded in."""
+    from peft import PeftModel
+
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import read_info
+
+    base_source = read_info(directory).get("base")
+    if not base_source:
+        raise UserError(f"{directory} holds LoRA adapters but its lmforge.json names no base model")
+    base = load(base_source)
+    model = PeftModel.from_pretrained(base, directory).merge_and_unload()
+    model.tokenizer = Tokenizer.load(directory)
+    return model.eval()
