@@ -18,6 +18,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.models.decoder import Decoder
+from lmforge.models.hf import hf_family, state_dict_to_hf, to_hf_config
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -80,44 +81,29 @@ def _version(package: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# lmforge GPT-2 style weights -> Hugging Face GPT2LMHeadModel
+# lmforge GPT-2 style weights -> Hugging Face GPT2LMHeadModel, through lmforge.models.hf's tables
 
 def gpt2_config(c: ModelConfig):
-    """The transformers GPT2Config of the same shape as a GPT-2 style lmforge ModelConfig."""
+    """The transformers GPT2Config of the same shape as a GPT-2 style lmforge ModelConfig (`to_hf_config`),
+    with dropout as in `c` and PyTorch's scaled_dot_product_attention, as lmforge uses."""
     from transformers import GPT2Config
 
-    if c.norm != "layernorm" or c.mlp != "gelu" or c.position != "learned" or not c.tie_embeddings:
-        raise ValueError("only GPT-2 style decoders map onto GPT2LMHeadModel")
-    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.d_model, n_layer=c.n_layer,
-                      n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new",
-                      resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-                      layer_norm_epsilon=c.norm_eps, tie_word_embeddings=True,
-                      bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, pad_token_id=c.vocab_size - 1)
-    config._attn_implementation = "sdpa"  # PyTorch's scaled_dot_product_attention, as lmforge uses
+    if hf_family(c) != "gpt2" or not c.tie_embeddings:
+        raise ValueError("only GPT-2 style decoders with tied embeddings map onto GPT2LMHeadModel here")
+    last = c.vocab_size - 1
+    config = GPT2Config(**{**to_hf_config(c, bos_id=last, eos_id=last), "pad_token_id": last})
+    config._attn_implementation = "sdpa"
     return config
 
 
-def to_gpt2_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """lmforge weights under GPT2LMHeadModel's names. HF's Conv1D stores (in, out): transpose Linear weights."""
-    sd = {k: v.detach().float() for k, v in state.items()}
-    out = {
-        "transformer.wte.weight": sd["tok_emb.weight"],
-        "transformer.wpe.weight": sd["pos_emb.weight"],
-        "transformer.ln_f.weight": sd["norm.weight"],
-        "transformer.ln_f.bias": sd["norm.bias"],
-        "lm_head.weight": sd["tok_emb.weight"],  # tied
-    }
-    for i in range(n_layer):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            out[theirs + b + ".weight"] = sd[ours + a + ".weight"]
-            out[theirs + b + ".bias"] = sd[ours + a + ".bias"]
-        # Attention.qkv rows are [q; k; v], as c_attn's columns are
-        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                     ("mlp.down", "mlp.c_proj")):
-            out[theirs + b + ".weight"] = sd[ours + a + ".weight"].t().contiguous()
-            out[theirs + b + ".bias"] = sd[ours + a + ".bias"]
-    return out
+def load_hf_weights(hf, state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Copy lmforge weights `state` into transformers model `hf` by the key table `lmforge export --format hf`
+    uses (`state_dict_to_hf`); a tied head is the embedding in transformers too."""
+    missing, unexpected = hf.load_state_dict(state_dict_to_hf(state, config), strict=False)
+    tied = ("lm_head.weight",) if config.tie_embeddings else ()
+    missing = [k for k in missing if k not in tied and not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise RuntimeError(f"weight map mismatch: missing {missing}, unexpected {unexpected}")
 
 
 def hf_gpt2(model: Decoder):
@@ -125,10 +111,7 @@ def hf_gpt2(model: Decoder):
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel(gpt2_config(model.config))
-    missing, unexpected = hf.load_state_dict(to_gpt2_state_dict(model.state_dict(), model.config.n_layer), strict=False)
-    missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".attn.masked_bias")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight map mismatch: missing {missing}, unexpected {unexpected}")
+    load_hf_weights(hf, model.state_dict(), model.config)
     return hf
 
 

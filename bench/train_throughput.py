@@ -42,11 +42,11 @@ from common import (  # noqa: E402
     emit,
     gpt2_config,
     hf_gpt2,
+    load_hf_weights,
     machine_state,
     max_logit_difference,
     measure_quietly,
     median,
-    to_gpt2_state_dict,
 )
 
 from lmforge.config import TrainConfig, preset  # noqa: E402
@@ -102,7 +102,7 @@ def worker(side: str, precision: str, compiled: bool, weights: str, threads: int
         from transformers import GPT2LMHeadModel
 
         hf = GPT2LMHeadModel(gpt2_config(config))
-        hf.load_state_dict(to_gpt2_state_dict(state, config.n_layer), strict=False)
+        load_hf_weights(hf, state, config)
         hf.train()
         optimizer = torch.optim.AdamW(hf.parameters())
         forward = torch.compile(hf) if compiled else hf

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.data import catalog
-from lmforge.data.catalog import chat_dataset_file, chatterbot_conversations, is_validation
+from lmforge.data.catalog import COMPLETE_MARKER
+from lmforge.data.datasets import DATASETS, chat_dataset, chat_dataset_file, is_validation
+from lmforge.data.parsers import chatterbot_conversations
 from lmforge.data.sft import DEFAULT_CHAT_TEMPLATE, load_examples
 from lmforge.errors import UserError
 
@@ -85,7 +86,7 @@ def tiny_catalog(monkeypatch):
         chats = chatterbot_conversations("\n".join(lines) + "\n", "tiny.yml")
         return [(f"tiny.yml#{i}", m) for i, m in enumerate(chats, start=1)]
 
-    monkeypatch.setitem(catalog.CHAT_CATALOG, "tinychat", tinychat)
+    monkeypatch.setitem(DATASETS, "tinychat", chat_dataset("tinychat", tinychat))
     return calls
 
 
@@ -107,7 +108,7 @@ def test_chat_dataset_file_writes_a_fixed_split_once(tiny_catalog, tmp_path):
     assert not [p.name for p in train.parent.parent.iterdir() if p.name != "tinychat"]  # no temporary left
 
     # a cache made by other rules is made again; an intact one is not
-    marker = train.parent / catalog.COMPLETE_MARKER
+    marker = train.parent / COMPLETE_MARKER
     marker.write_text("older rules\n")
     assert chat_dataset_file("tinychat", cache_dir=tmp_path) == train and len(tiny_catalog) == 2
     assert read_jsonl(train) == train_records
@@ -124,7 +125,7 @@ def test_chat_dataset_file_refuses_unknown_names(tmp_path):
 
 def test_finetune_takes_a_catalog_chat_dataset_and_its_validation_split(tiny_catalog, tmp_path, capsys):
     import lmforge
-    from lmforge.finetune import finetune
+    from lmforge.recipes.finetune import finetune
 
     docs = " ".join(f"What is {i} plus {i}? It is {2 * i}." for i in range(60))
     (tmp_path / "text.txt").write_text(docs * 3)

