@@ -118,12 +118,14 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def remove_leftovers(target: Path) -> None:
+def remove_leftovers(target: Path, previous: Path | None = None) -> None:
     """Delete the hidden copies of `target` that a killed process left beside it: temporary ones, and
-    old ones once `target` exists (without it, a hidden old copy may be the only one: it is kept).
+    old ones once `target` or `previous` exists (else a hidden old copy may be the only one: it is kept).
 
     Only where no other process is writing `target` (the Trainer calls it when resuming a run)."""
-    patterns = [f".{target.name}.tmp-*"] + ([f".{target.name}.old-*"] if target.exists() else [])
+    patterns = [f".{target.name}.tmp-*"]
+    if target.exists() or (previous is not None and previous.exists()):
+        patterns.append(f".{target.name}.old-*")
     for pattern in patterns:
         for path in target.parent.glob(pattern):
             shutil.rmtree(path, ignore_errors=True)

@@ -1,9 +1,11 @@
 """Tests of lmforge.train: the real Trainer on tiny models and tiny data.
 
 Loss goes down; a run killed with SIGKILL and resumed equals an uninterrupted run exactly (fp32 and
-bf16); two processes under torchrun equal one; gradient accumulation equals one big batch; the run
-directory and checkpoint hold what they promise; a crash while saving keeps the last checkpoint.
-The runs that must be separate processes use tests/scripts/train_tiny.py.
+bf16), and so does a run stopped by SIGTERM (which saves a checkpoint first); two processes under
+torchrun equal one; gradient accumulation equals one big batch; the run directory and checkpoint hold
+what they promise; a crash while saving (even between the two renames of a swap) keeps a checkpoint
+to resume from, and so does a damaged newest checkpoint. The runs that must be separate processes use
+tests/scripts/train_tiny.py (and train_tiny_cli.py, which exits as the CLI does when interrupted).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.config import TrainConfig
-from lmforge.errors import UserError
+from lmforge.errors import Interrupted, UserError
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
@@ -33,6 +35,7 @@ from lmforge.train.objectives import RandomWindows, evaluate_tokens
 from lmforge.train.trainer import Trainer
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+CLI_SCRIPT = SCRIPT.with_name("train_tiny_cli.py")
 TIMING_KEYS = ("tokens_per_s", "mfu")
 
 
@@ -58,10 +61,10 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start(args: list[str], log: Path, launcher: list[str] | None = None) -> subprocess.Popen:
+def start(args: list[str], log: Path, launcher: list[str] | None = None, script: Path = SCRIPT) -> subprocess.Popen:
     """Start the script in its own process group (so torchrun's workers can be stopped with it)."""
     with open(log, "wb") as f:
-        return subprocess.Popen([*(launcher or [sys.executable]), str(SCRIPT), *args], stdout=f,
+        return subprocess.Popen([*(launcher or [sys.executable]), str(script), *args], stdout=f,
                                 stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
 
 
@@ -101,6 +104,22 @@ def checkpoint_step(run: Path) -> int | None:
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoint" / "model.safetensors")
+
+
+def assert_same_run(expected: Path, got: Path, steps: int) -> None:
+    """Two runs with the same metrics (timing aside), every step logged once, the same weights and AdamW state."""
+    assert [r["step"] for r in read_metrics(got) if "loss" in r] == list(range(1, steps + 1))
+    assert without_timing(read_metrics(got)) == without_timing(read_metrics(expected))  # losses, lrs, evals
+    a, b = weights(expected), weights(got)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    state_a = torch.load(expected / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    state_b = torch.load(got / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        for key in state_a[i]:
+            assert torch.equal(state_a[i][key], state_b[i][key]), (i, key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,20 +172,7 @@ def test_resume_after_kill_equals_uninterrupted(shards, tmp_path, train_tiny, pr
 
     assert train_tiny.main(argv(shards, killed, resume=True, **options))["step"] == 10
     train_tiny.main(argv(shards, full, **options))
-
-    expected, got = without_timing(read_metrics(full)), without_timing(read_metrics(killed))
-    assert [r["step"] for r in got if "loss" in r] == list(range(1, 11))  # every step logged once
-    assert got == expected  # losses, learning rates and evaluations, step for step
-    a, b = weights(full), weights(killed)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    state_a = torch.load(full / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
-    state_b = torch.load(killed / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
-    assert state_a.keys() == state_b.keys()
-    for i in state_a:
-        for key in state_a[i]:
-            assert torch.equal(state_a[i][key], state_b[i][key]), (i, key)
+    assert_same_run(full, killed, 10)
 
 
 def test_ddp_two_processes_equal_one(shards, tmp_path, train_tiny) -> None:
@@ -274,6 +280,124 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(shards, tmp_path, trai
     resumed = train_tiny.build(argv(shards, run, max_steps=6, eval_interval=3))
     assert resumed.fit(resume=True)["step"] == 6
     assert checkpoint_step(run) == 6
+
+
+def test_a_crash_between_the_two_renames_of_a_save_resumes_from_the_previous_checkpoint(
+        shards, tmp_path, train_tiny, monkeypatch, capsys) -> None:
+    """Without RENAME_EXCHANGE a save takes two renames; a crash between them leaves no `checkpoint/`,
+    only `checkpoint.prev/`: resuming from there says so and ends as the run that never crashed."""
+    import lmforge.files
+
+    run = tmp_path / "run"
+    options = dict(max_steps=6, eval_interval=2)
+    monkeypatch.setattr(lmforge.files, "_exchange", lambda a, b: False)
+    rename, crashes = os.replace, []
+
+    def rename_and_copy_the_run(a, b) -> None:
+        rename(a, b)
+        if Path(a) == run / "checkpoint":  # the first of the two renames: the disk as a crash would leave it
+            crashes.append(tmp_path / f"crash-{len(crashes)}")
+            shutil.copytree(run, crashes[-1])
+
+    monkeypatch.setattr(os, "replace", rename_and_copy_the_run)
+    train_tiny.main(argv(shards, run, **options))
+    monkeypatch.setattr(os, "replace", rename)
+    assert len(crashes) == 2  # the saves at steps 4 and 6 replaced a checkpoint
+    for crash, step in zip(crashes, (2, 4)):
+        assert not (crash / "checkpoint").exists() and read_info(crash / "checkpoint.prev")["step"] == step
+        capsys.readouterr()
+        assert train_tiny.main(argv(shards, crash, resume=True, **options))["step"] == 6
+        said = capsys.readouterr().out
+        assert f"{crash / 'checkpoint'} is missing; resuming from {crash / 'checkpoint.prev'} (step {step})" in said
+        assert_same_run(run, crash, 6)
+        assert sorted(p.name for p in crash.iterdir()) == ["checkpoint", "checkpoint.prev", "metrics.jsonl"]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(shards, tmp_path, train_tiny, capsys) -> None:
+    run, full = tmp_path / "run", tmp_path / "full"
+    options = dict(max_steps=6, eval_interval=3)
+    train_tiny.main(argv(shards, full, **options))
+    shutil.copytree(full, run)
+    assert read_info(run / "checkpoint.prev")["step"] == 3  # the checkpoint before the last is kept
+    weights_file = run / "checkpoint" / "model.safetensors"
+    os.truncate(weights_file, weights_file.stat().st_size // 2)
+    with pytest.raises(UserError, match="damaged checkpoint"):
+        load_checkpoint(run)
+    capsys.readouterr()
+    assert train_tiny.main(argv(shards, run, resume=True, **options))["step"] == 6
+    said = [line for line in capsys.readouterr().out.splitlines() if "resuming" in line]
+    assert len(said) == 1 and said[0].startswith(f"damaged checkpoint: {weights_file} has "), said
+    assert said[0].endswith(f"checkpoint/ moved to checkpoint.damaged/; resuming from {run / 'checkpoint.prev'} "
+                            f"(step 3) instead")
+    assert_same_run(full, run, 6)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "checkpoint.damaged", "checkpoint.prev",
+                                                     "metrics.jsonl"]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(
+        shards, tmp_path, train_tiny) -> None:
+    """SIGTERM in the middle of a run (not at an evaluation): the step finishes, a checkpoint is saved,
+    one line says so and the process exits with 128 + 15, without a traceback; resuming ends as a run
+    never stopped (the training loss since the last evaluation travels in the checkpoint)."""
+    options = dict(max_steps=10, eval_interval=4, dropout=0.1, log_interval=1)
+    stopped, full, log = tmp_path / "stopped", tmp_path / "full", tmp_path / "stopped.log"
+    process = start(argv(shards, stopped, step_sleep=0.3, **options), log, script=CLI_SCRIPT)
+    try:
+        deadline = time.monotonic() + 90
+        while max(train_losses(stopped), default=0) < 5:  # past the checkpoint of step 4
+            assert process.poll() is None, "the run ended before the signal:\n" + log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run never reached step 5:\n" + log.read_text()[-4000:]
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        stop(process)
+    output = log.read_text()
+    assert process.returncode == 128 + signal.SIGTERM, output[-4000:]
+    assert "Traceback" not in output
+    step = max(train_losses(stopped))
+    assert 5 <= step < 10
+    assert (f"stopped by SIGTERM at step {step} of 10; checkpoint saved in {stopped / 'checkpoint'}; "
+            f"run the same command with --resume to continue") in output
+    assert checkpoint_step(stopped) == step
+    assert torch.load(stopped / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == step
+
+    assert train_tiny.main(argv(shards, stopped, resume=True, **options))["step"] == 10
+    train_tiny.main(argv(shards, full, **options))
+    assert_same_run(full, stopped, 10)
+
+
+def signal_at(trainer, step: int, *signums: int) -> None:
+    """Make `trainer` send itself `signums` while it makes the batch of `step`."""
+    batches = trainer.batches
+
+    def batches_then_signal(at: int, part: int, rows: int):
+        if at == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return batches(at, part, rows)
+
+    trainer.batches = batches_then_signal
+
+
+def test_a_signal_stops_fit_after_its_step_and_the_handlers_come_back(shards, tmp_path, train_tiny, capsys) -> None:
+    run = tmp_path / "run"
+    trainer = train_tiny.build(argv(shards, run, max_steps=10, eval_interval=5))
+    signal_at(trainer, 2, signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as caught:
+        trainer.fit()
+    assert caught.value.signum == signal.SIGINT and trainer.step == 3 and checkpoint_step(run) == 3
+    assert not isinstance(caught.value, UserError)
+    assert str(caught.value) in capsys.readouterr().out
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+    twice = train_tiny.build(argv(shards, tmp_path / "twice", max_steps=10, eval_interval=5))
+    signal_at(twice, 1, signal.SIGINT, signal.SIGINT)  # Ctrl-C twice: stop at once, without a checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        twice.fit()
+    assert checkpoint_step(tmp_path / "twice") is None
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_resume_tolerates_a_torn_metrics_line(shards, tmp_path, train_tiny) -> None:

@@ -248,7 +248,9 @@ class Trainer:
             "running_steps": self.running_steps,
         }
         weights = self.weights()
-        if hasattr(self.model, "peft_config"):  # only adapters are saved: their fp32 values travel here too
+        if any(hasattr(m, "peft_config") for m in self.model.modules()):
+            # only adapters are saved (of a LoRA model, or a LoRA backbone under a task head): the fp32
+            # values of everything that trains travel here too
             trainer_state["trainable"] = {name: weights[name].float() for name in self.trainable_names}
         info = {**self.info, "train": to_dict(self.config), "precision": self.precision, "step": self.step, **metrics}
         save_checkpoint(self.out / directory, self.model, self.tokenizer, info,
@@ -298,8 +300,8 @@ class Trainer:
                 shutil.rmtree(damaged, ignore_errors=True)
                 newest.rename(damaged)
                 problems[0] += f"; {newest.name}/ moved to {damaged.name}/"
-            for target in (newest, self.out / "best"):
-                remove_leftovers(target)
+            remove_leftovers(newest, previous)
+            remove_leftovers(self.out / "best")
         return directory, (problems[0] if problems else None)
 
     # ------------------------------------------------------------------------------------------
