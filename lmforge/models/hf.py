@@ -7,7 +7,8 @@ declarative and pure (PyTorch only, no files, no transformers), like torchtune's
     hf_config = to_hf_config(config, bos_id=0, eos_id=0)            # the config.json that goes with it
 
 Import and export (`lmforge.interop`, which reads and writes the files) and the benchmarks' transformers
-twins of lmforge models all use these tables; nothing else spells a Hugging Face weight name.
+twins of lmforge models (bench/common.py) all map weights with these tables; only the tests keep an
+independent map, written by hand, to check them (tests/conftest.py).
 
 Supported families (`SUPPORTED`): GPT-2 (GPT2LMHeadModel) and the Llama family: Llama (SmolLM2 is
 one), Qwen2 (biases on q/k/v only) and Mistral (a sliding window: the imported model's context is
@@ -317,7 +318,8 @@ def state_dict_from_hf(
                 raise UserError(f"the checkpoint has no tensor {name!r}; it does not match its {model_type} "
                                 "config.json")
         used.update(theirs)
-        tensor = torch.cat([src[name].float() for name in theirs])
+        parts = [src[name].float() for name in theirs]  # fp32 sources: the same tensors, not copies
+        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
         out[ours] = (tensor.T if pattern in table.transposed else tensor).contiguous()
     if config.tie_embeddings and "lm_head.weight" in src:
         used.add("lm_head.weight")  # a tied head saved anyway (transformers ties it to the embedding on load too)
