@@ -147,6 +147,7 @@ class Finetune(Recipe):
         self.train, steps_per_epoch = resolve_train(self.train_settings, len(train), self.epochs,
                                                     DEFAULT_LR[self.method])
         if self.method == "lora":
+            torch.manual_seed(self.train.seed)  # the adapters' initial values: the same command, the same run
             lora = self.lora
             model = apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
         batch_size, pad_id = self.train.batch_size, tokenizer.eos_id
