@@ -249,18 +249,6 @@ def settings(**sections: type):
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 
 
-def fill_epoch_settings(settings: dict[str, Any], n_examples: int, epochs: float | None) -> int:
-    """Steps per epoch of `n_examples` at `settings`' batch size; fills in `max_steps` (from `epochs`) and
-    `eval_interval` (one epoch) where `settings` (train.FIELD values) does not give them."""
-    if epochs is not None and epochs <= 0:
-        raise UserError(f"--epochs = {epochs}; expected a positive number")
-    steps_per_epoch = max(1, n_examples // settings.get("batch_size", TrainConfig.batch_size))
-    if epochs is not None:
-        settings.setdefault("max_steps", max(1, math.ceil(epochs * steps_per_epoch)))
-    settings.setdefault("eval_interval", steps_per_epoch)
-    return steps_per_epoch
-
-
 @dataclass
 class ElboConfig:
     """The VAE objective: reconstruction cross-entropy + beta * KL, with beta annealing and free bits."""

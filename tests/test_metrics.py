@@ -7,7 +7,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from lmforge.errors import UserError
 from lmforge.eval.metrics import classification_scores, perplexity, rouge, translation_scores
-from lmforge.eval.plots import plot_confusion
+from lmforge.plots import plot_confusion
 
 
 def test_classification_scores_match_scikit_learn():

@@ -468,7 +468,7 @@ class Trainer:
     def finish(self, summary: dict[str, Any], title: str) -> dict[str, Any]:
         """Close a run: draw `loss.png` from metrics.jsonl and write `summary.json` (main process only)."""
         if self.dist.main:
-            from lmforge.eval.plots import plot_metrics
+            from lmforge.plots import plot_metrics
 
             plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png", title=title)
             partial = self.out / ".summary.json.partial"
