@@ -170,6 +170,16 @@ class FinetuneTrainConfig(TrainConfig):
 
 
 @dataclass
+class TaskFromScratchTrainConfig(FinetuneTrainConfig):
+    """A task decoder trained from scratch (`summarize/translate train --preset`): fine-tuning's loop at a
+    pretraining learning rate (fine-tuning's is far lower), batches of 16."""
+
+    batch_size: int = param(16, "sequences per optimizer step, over all processes and accumulation steps")
+    lr: float | None = param(1e-3, "peak learning rate")
+    min_lr: float = param(1e-4, "learning rate at the end of the cosine decay")
+
+
+@dataclass
 class ClassifyTrainConfig(FinetuneTrainConfig):
     """Classifier training's defaults: a higher lr for the new head and the adapters, batches of 16, fp32."""
 

@@ -103,7 +103,8 @@ class Finetune(Recipe):
     def __init__(self, model: Any, data: Any, method: str = "full", epochs: float | None = 3, val_data: Any = None,
                  val_fraction: float = 0.1, data_format: str = "auto", text_field: str = "text",
                  max_length: int | None = None, lora: dict[str, Any] | None = None, patience: int | None = None,
-                 overrides: dict[str, Any] | None = None, base: str | None = None):
+                 overrides: dict[str, Any] | None = None, base: str | None = None,
+                 defaults: type[FinetuneTrainConfig] = FinetuneTrainConfig):
         super().__init__()
         if method not in ("full", "lora"):
             raise UserError(f"--method = {method!r}; expected full or lora")
@@ -112,7 +113,7 @@ class Finetune(Recipe):
             text_field
         self.max_length, self.patience, self.base = max_length, patience, base
         self.lora = {"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": None, **(lora or {})}
-        self.train_settings = merge_settings(FinetuneTrainConfig, overrides)
+        self.train_settings = merge_settings(defaults, overrides)
         if patience is not None:
             self.train_settings.patience = patience
         self.name_of_model = describe_source(base if base is not None else model)
@@ -194,16 +195,18 @@ def finetune(
     overrides: dict[str, Any] | None = None,
     base: str | None = None,
     resume: bool = False,
+    defaults: type[FinetuneTrainConfig] = FinetuneTrainConfig,
 ) -> dict[str, Any]:
     """Fine-tune `model` on `data` into `out`; return the summary (best and final validation loss).
 
     `model` may also be a model already in memory (with its `tokenizer`), with `base` naming where it
     came from (LoRA adapters are loaded onto it), or a fresh Decoder to train from scratch. `data` and
     `val_data` may be records already in memory (dicts of one shape). `resume=True` continues the run
-    in `out` after a stop or a kill (the same arguments; train.* overrides may change).
+    in `out` after a stop or a kill (the same arguments; train.* overrides may change). `defaults`: the
+    train settings' dataclass (another verb's defaults, e.g. `TaskFromScratchTrainConfig`).
     """
     lora = {"rank": lora_rank, "alpha": float(lora_alpha), "dropout": lora_dropout,
             "targets": list(lora_targets) if lora_targets else None}
     recipe = Finetune(model, data, method, epochs, val_data, val_fraction, data_format, text_field, max_length,
-                      lora, patience, overrides, base)
+                      lora, patience, overrides, base, defaults)
     return run_recipe(recipe, out, resume)
