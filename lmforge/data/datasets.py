@@ -430,7 +430,11 @@ def chat_dataset_file(name: str, split: str = "train", cache_dir: Path | None = 
 
 
 def print_catalog(cache_dir: Path | None = None) -> None:
-    """A table of every dataset: name, task, records per split (or "not downloaded"), licence, description."""
+    """Every catalog dataset: task, records per split (or "not downloaded"), licence, description.
+
+    Args:
+        cache_dir: where datasets are kept (default: ~/.cache/lmforge, or $LMFORGE_CACHE)
+    """
     rows = []
     for d in DATASETS.values():
         sizes = d.cached_sizes(cache_dir)
@@ -443,7 +447,17 @@ def print_catalog(cache_dir: Path | None = None) -> None:
 
 
 def print_dataset(name_or_path: str, split: str = "train", n: int = 3, cache_dir: Path | None = None) -> None:
-    """The description of a catalog dataset (or the path of local data) and its first `n` records, shortened."""
+    """A dataset's description and first records, shortened.
+
+    Describes a catalog dataset (downloading it once) and prints its first records; a local file or
+    folder is shown the same way.
+
+    Args:
+        name_or_path: a catalog name (see lmforge data list), or a local file or folder
+        split: train, validation or test
+        n: records to print
+        cache_dir: where datasets are kept (default: ~/.cache/lmforge, or $LMFORGE_CACHE)
+    """
     records = load(name_or_path, split, cache_dir)
     if name_or_path in DATASETS and not Path(name_or_path).exists():
         for key, value in describe(name_or_path, cache_dir).items():

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
 
@@ -25,8 +26,44 @@ def reply(model: Any, messages: list[dict], stream: Callable[[str], None] | bool
     return model.generate(prompt, stop=stops + list(options.pop("stop", [])), stream=stream, **options)[0].strip()
 
 
-def chat(model: Any, system: str | None = None, message: str | None = None, **options: Any) -> list[dict]:
-    """Answer `message` once, or talk until /exit (or end of input); return the conversation."""
+def chat(
+    model: str | Path | Any,
+    system: str | None = None,
+    message: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    dtype: Literal["fp32", "bf16"] = "fp32",
+) -> list[dict]:
+    """Chat with a model in the terminal, by its chat template, streaming the answers.
+
+    Multi-turn until /exit (or the end of the input); /reset starts over, /system TEXT sets the system
+    prompt. With a message: answer it once and return. Returns the conversation.
+
+    Args:
+        model: a checkpoint, run directory, Hugging Face directory, .gguf file or catalog model (in
+            Python also a loaded model)
+        system: the system prompt
+        message: answer this one message and exit
+        max_new_tokens: the most tokens of an answer
+        temperature: 0 = greedy
+        top_k: sample from the k most likely tokens
+        top_p: sample from the smallest set of tokens with this probability
+        repetition_penalty: above 1 discourages repeats
+        stop: also stop an answer when this text appears (repeatable)
+        seed: the seed of the sampling (default: a fresh one)
+        dtype: the weights' dtype when the model is loaded here: fp32, or bf16 (half the memory)
+    """
+    if isinstance(model, (str, Path)):
+        from lmforge.api import GENERATION_DTYPES, load
+
+        model = load(model, dtype=GENERATION_DTYPES[dtype])
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     if message is not None:

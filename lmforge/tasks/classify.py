@@ -70,7 +70,7 @@ def read_texts(source: str | Path, text_field: str = "text") -> list[str]:
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """A trained classifier from its checkpoint directory, or the `best/` checkpoint of its run directory."""
-    import lmforge.api
+    import lmforge.sources
     from lmforge.train.checkpoint import resolve_checkpoint
 
     directory = resolve_checkpoint(path)
@@ -78,7 +78,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
         raise UserError(f"{directory} is not a classifier ({HEAD_CONFIG} or {HEAD_WEIGHTS} is missing); "
                         f"train one with: lmforge classify train MODEL DATA --out DIR")
     config = json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8"))
-    classifier = Classifier(lmforge.api.load(directory), config["labels"], config.get("max_length", DEFAULT_MAX_LENGTH))
+    classifier = Classifier(lmforge.sources.load(directory), config["labels"],
+                            config.get("max_length", DEFAULT_MAX_LENGTH))
     head = load_file(directory / HEAD_WEIGHTS)
     classifier.head.load_state_dict(head)
     return classifier.to(device).eval()
@@ -96,6 +97,26 @@ def predict(classifier: Classifier | str | Path, texts: Sequence[str], batch_siz
     return [{"label": classifier.labels[int(p.argmax())],
              "probabilities": {label: round(float(v), 6) for label, v in zip(classifier.labels, p)}}
             for p in probabilities]
+
+
+def print_predictions(classifier: str | Path, text: list[str] | None = None, data: str | Path | None = None,
+                      text_field: str = "text") -> None:
+    """Label texts, with probabilities: one JSON line per text.
+
+    Each line: {"text", "label", "probabilities": {label: p}}. Give the texts with --text or --data,
+    one of the two.
+
+    Args:
+        classifier: a classifier run or checkpoint directory
+        text: a text to classify (repeatable)
+        data: a .txt (one text a line), .jsonl or .csv file of texts
+        text_field: the field / column of the text in data
+    """
+    if bool(text) == bool(data):
+        raise UserError("give the texts to classify with --text (repeatable) or --data FILE, one of the two")
+    texts = text or read_texts(data, text_field)
+    for one, prediction in zip(texts, predict(classifier, texts, progress=bool(data))):
+        print(json.dumps({"text": one, **prediction}, ensure_ascii=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,11 +188,11 @@ def label_word_scores(model: Any, texts: Sequence[str], label_words: dict[str, s
 def zero_shot(model: Any, texts: Sequence[str], label_words: str | dict[str, str],
               template: str = DEFAULT_TEMPLATE, batch_size: int = 16, progress: bool = False) -> list[dict[str, Any]]:
     """`{"label", "probabilities"}` for each text: the label whose word the LM prefers after the prompt."""
-    import lmforge.api
+    import lmforge.sources
 
     pairs = parse_label_words(label_words)
     if isinstance(model, (str, Path)):
-        model = lmforge.api.load(model)
+        model = lmforge.sources.load(model)
     empty = [i for i, t in enumerate(texts) if not str(t).strip()]
     if empty:
         raise UserError(f"text {empty[0] + 1} is empty; every text to classify needs some words")
@@ -179,6 +200,48 @@ def zero_shot(model: Any, texts: Sequence[str], label_words: str | dict[str, str
     probabilities = label_word_scores(model.eval(), texts, pairs, template, batch_size, progress).softmax(-1)
     return [{"label": labels[int(p.argmax())],
              "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}} for p in probabilities]
+
+
+def run_zero_shot(
+    model: str | Path,
+    labels: str,
+    data: str | Path | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    text: list[str] | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+    train_data: str | Path | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+) -> dict[str, Any] | None:
+    """Classify by the LM's likelihood of each label's word: texts, or a report on labelled data.
+
+    Scores each label's word after a prompt with a plain LM; the likeliest wins. With labelled DATA:
+    a report with accuracy, macro-F1 and a confusion matrix (and the TF-IDF baseline, for a catalog
+    dataset or with --train-data), returned. With --text: predictions as JSON lines.
+
+    Args:
+        model: a language model (checkpoint, Hugging Face directory, .gguf file or catalog model)
+        labels: LABEL=WORD pairs, e.g. fresh=positive,rotten=negative
+        data: labelled texts: a catalog dataset (rotten_tomatoes) or a .jsonl/.csv file with text and
+            label columns
+        template: the prompt, with {text} and optionally {choices} (the words, comma-separated)
+        text: a text to classify (repeatable), instead of data
+        split: the split of a catalog dataset
+        out: the directory for the report (needed with data)
+        train_data: training data for the TF-IDF baseline in the same report
+        text_field: the field / column of the text
+        label_field: the field / column of the label
+    """
+    if bool(text) == bool(data):
+        raise UserError("give DATA (labelled texts to score) or --text (texts to classify), one of the two")
+    if text:
+        for one, prediction in zip(text, zero_shot(model, text, labels, template)):
+            print(json.dumps({"text": one, **prediction}, ensure_ascii=False))
+        return None
+    if out is None:
+        raise UserError("zero-shot on DATA writes a report: give --out DIR")
+    return evaluate_classifier(None, data, out, split, train_data, text_field, label_field, model, labels, template)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,16 +279,32 @@ def evaluate_classifier(
     template: str = DEFAULT_TEMPLATE,
     name: str = "classify",
 ) -> dict[str, Any]:
-    """Score a classifier on `data` (a catalog dataset's `split`, a file, records) next to a TF-IDF + LR
-    baseline trained on `train_data` (default: the catalog's train split, or the data the classifier
-    was trained on), and, with `zero_shot_model` and `label_words`, zero-shot label words.
+    """Accuracy, macro-F1 and confusion PNGs of a classifier, next to a TF-IDF + LR baseline.
 
-    Writes `OUT/NAME.json` and `OUT/NAME.md` (one row per system: accuracy, macro-F1, seconds) and a
-    confusion-matrix PNG per system; returns the report.
+    Scores the classifier on the data next to a TF-IDF + logistic-regression baseline and, with a
+    zero-shot model and label words, zero-shot label words. Writes OUT/NAME.json and OUT/NAME.md
+    (one row per system: accuracy, macro-F1, seconds) and a confusion-matrix PNG per system; returns
+    the report.
+
+    Args:
+        classifier: a classifier run or checkpoint directory (in Python also a Classifier, or None
+            for the other systems only)
+        data: labelled texts: a catalog dataset (rotten_tomatoes) or a .jsonl/.csv file with text and
+            label columns (in Python also records)
+        out: the directory for classify.json, classify.md and the confusion PNGs
+        split: the split of a catalog dataset
+        train_data: what the baseline trains on (default: the catalog's train split, or the
+            classifier's training file)
+        text_field: the field / column of the text
+        label_field: the field / column of the label
+        zero_shot_model: also score zero-shot label words with this LM (needs label words)
+        label_words: LABEL=WORD pairs for the zero-shot model, e.g. fresh=positive,rotten=negative
+        template: the zero-shot prompt, with {text} and optionally {choices}
+        name: the report's file name (NAME.json, NAME.md)
     """
     from lmforge.eval.metrics import classification_scores
-    from lmforge.eval.plots import plot_confusion
     from lmforge.eval.report import check_new_report, write_report
+    from lmforge.plots import plot_confusion
     from lmforge.train.checkpoint import read_info
 
     out = Path(out)

@@ -17,27 +17,46 @@ label: rotten_tomatoes, chat: chatterbot, lm: shakespeare).
 from __future__ import annotations
 
 import time
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmforge.errors import UserError
 
-TASK_NAMES = ("classify", "summarize", "translate", "label", "chat", "lm")
+Task = Literal["classify", "summarize", "translate", "label", "chat", "lm"]
+TASK_NAMES = typing.get_args(Task)
 DEFAULT_DATA = {"classify": "rotten_tomatoes", "chat": "chatterbot", "lm": "shakespeare"}
 
 
 def evaluate(
     model: str | Path,
-    task: str,
+    task: Task,
     data: str | Path | None = None,
     split: str = "test",
     out: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 8,
-    direction: str | None = None,
-    context: int | None = None,
+    direction: Literal["en-ja", "ja-en"] | None = None,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `model` on `task`; see the module docstring."""
+    """Measure a model on a task: the task's metric, a JSON report and a table.
+
+    classify: accuracy, macro-F1 and a confusion matrix; summarize: ROUGE-1/2/L next to lead-1;
+    translate: BLEU and chrF; label: accuracy of labels written as words; chat: the loss on held-out
+    conversations; lm: perplexity and bits per byte on any text. Writes OUT/TASK.json and OUT/TASK.md;
+    returns the report.
+
+    Args:
+        model: a checkpoint or run directory, or any model lmforge.load takes
+        task: what to measure
+        data: a catalog dataset or a local file or folder (default: the task's catalog dataset)
+        split: the split of the data to score
+        out: the directory to write the report into (JSON + table)
+        limit: score only the first N examples
+        batch_size: examples per forward pass
+        direction: translate: the direction (default: what the model was trained on)
+        max_length: text tasks: tokens of prompt + answer (default: as the model was trained)
+    """
     from lmforge.tasks import text2text
 
     if task not in TASK_NAMES:
@@ -45,7 +64,7 @@ def evaluate(
     if task in text2text.TASKS:
         data = data or text2text.TASKS[task].default_data
         return text2text.evaluate_text_task(task, model, data, split, out, limit, batch_size, direction,
-                                            context=context)
+                                            max_length=max_length)
     data = data or DEFAULT_DATA[task]
     out = Path(out) if out is not None else None
     if task == "classify":
@@ -116,7 +135,7 @@ def evaluate_lm(model: str | Path, data: str | Path, split: str = "test", out: s
 
 def load_decoder(model: str | Path, task: str):
     """`lmforge.load(model)`, which must be a causal LM (the chat and lm tasks score next tokens)."""
-    from lmforge.api import load
+    from lmforge.sources import load
 
     loaded = load(model)
     kind = getattr(loaded.config, "kind", "decoder")

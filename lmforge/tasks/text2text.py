@@ -29,13 +29,12 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmforge.errors import UserError
 
 LANGUAGES = {"en": "English", "ja": "Japanese"}
 MAX_VAL_PAIRS = 400  # validation loss on the first 400 pairs of the split: every epoch, so keep it quick
-FROM_SCRATCH = {"train.lr": 1e-3, "train.min_lr": 1e-4, "train.batch_size": 16}  # fine-tuning's lr is far lower
 
 
 @dataclass(frozen=True)
@@ -147,6 +146,7 @@ def train_text_task(
 ) -> dict[str, Any]:
     """Train `model` (a pretrained model), or a `preset` from scratch, on the task's pairs of `data`;
     `resume=True` continues the run in `out` after a stop or a kill."""
+    from lmforge.config import FinetuneTrainConfig, TaskFromScratchTrainConfig
     from lmforge.data.quality import clean_training_records
     from lmforge.recipes.finetune import finetune, load_trainable
 
@@ -175,15 +175,16 @@ def train_text_task(
         base, method = None, "full"
         model_overrides = {k: v for k, v in (overrides or {}).items() if k.startswith("model.")}
         module = from_scratch(preset, task_tokenizer(train_pairs, vocab_size), max_length, model_overrides)
-        overrides = {**FROM_SCRATCH, **{k: v for k, v in (overrides or {}).items() if k not in model_overrides}}
+        overrides = {k: v for k, v in (overrides or {}).items() if k not in model_overrides}
+        defaults = TaskFromScratchTrainConfig
     else:
-        base, (module, _) = str(model), load_trainable(model)
+        base, (module, _), defaults = str(model), load_trainable(model), FinetuneTrainConfig
     tokenizer, config = module.tokenizer, module.config
     context = min(max_length, getattr(config, "block_size", None) or config.max_position_embeddings)
     summary = finetune(module, prompt_records(task, train_pairs, tokenizer, context), out, method=method,
                        epochs=epochs, val_data=prompt_records(task, val_pairs, tokenizer, context),
                        data_format="prompt_completion", max_length=context, overrides=overrides, base=base,
-                       resume=resume)
+                       resume=resume, defaults=defaults)
     _write_task_file(out, replace(task, context=context))
     return {**summary, "task": task.name, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
             "quality": quality}
@@ -259,6 +260,29 @@ def predict_text_task(task: TextTask, model, sources: list[str], batch_size: int
     return [answer.strip() for answer in answers]
 
 
+def print_predictions(task: str, model: str | Path, text: list[str] | None = None, beam_size: int = 1,
+                      direction: Literal["en-ja", "ja-en"] | None = None) -> None:
+    """Answer texts with a model trained for the task (summaries, translations), one line each.
+
+    The model answers with the prompt it was trained with (its run's task.json); greedy, or beam
+    search for an encoder-decoder.
+
+    Args:
+        task: summarize or translate
+        model: a model trained with `lmforge summarize train` / `lmforge translate train` (or any model)
+        text: a text to answer (repeatable; default: each non-empty line of standard input)
+        beam_size: beam search width (encoder-decoder models)
+        direction: translate: en-ja or ja-en (default: what the model was trained on)
+    """
+    from lmforge.sources import load
+
+    texts = text or [line for line in sys.stdin.read().splitlines() if line.strip()]
+    trained = task_of(model, get_task(task, direction))
+    for answer in predict_text_task(get_task(task, direction) if direction else trained, load(model), texts,
+                                    beam_size=beam_size):
+        print(answer)
+
+
 def lead_sentence(document: str) -> str:
     """The first sentence of a document: the lead-1 baseline of news summarization."""
     first = re.split(r"(?<=[.!?])\s+", document.strip(), maxsplit=1)[0]
@@ -281,21 +305,38 @@ def score(task: TextTask, predictions: list[str], references: list[str]) -> dict
 def evaluate_text_task(
     task: str | TextTask,
     model: Any,
-    data: str | Path,
+    data: str | Path | None = None,
     split: str = "test",
     out: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 8,
-    direction: str | None = None,
+    direction: Literal["en-ja", "ja-en"] | None = None,
     beam_size: int = 1,
-    context: int | None = None,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
-    """Predict the `split` of `data` with `model` (a path or a loaded model), score it, compare with
-    the task's baselines, and write `OUT/TASK.json` + `OUT/TASK.md` (+ predictions) when `out` is given."""
-    from lmforge.api import load
+    """Measure a model on a split: the task's metric next to its baselines.
+
+    Summarize: ROUGE-1/2/L next to the lead-1 baseline; translate: BLEU and chrF. Writes
+    OUT/TASK.json, OUT/TASK.md, the predictions and a length histogram when an output directory is
+    given. Returns the report.
+
+    Args:
+        task: summarize, translate or label (or a TextTask)
+        model: a model trained for the task (or any model lmforge.load takes; in Python also a loaded model)
+        data: a catalog dataset or a local file or folder (default: the task's catalog dataset)
+        split: the split to score
+        out: the directory to write the report into (JSON + table)
+        limit: score only the first N examples
+        batch_size: sources per generation batch
+        direction: translate: en-ja or ja-en (default: what the model was trained on)
+        beam_size: beam search width (encoder-decoder models)
+        max_length: tokens of prompt + answer (default: what the model was trained with)
+    """
     from lmforge.eval.report import check_new_report, write_report
+    from lmforge.sources import load
 
     task = get_task(task, direction) if isinstance(task, str) else task
+    data = data or task.default_data
     model_name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
         task = task_of(model, task)
@@ -305,7 +346,7 @@ def evaluate_text_task(
     pairs = task_pairs(task, data, split, limit)
     sources, references = [p["source"] for p in pairs], [p["target"] for p in pairs]
     start = time.perf_counter()
-    predictions = predict_text_task(task, model, sources, batch_size, beam_size=beam_size, context=context)
+    predictions = predict_text_task(task, model, sources, batch_size, beam_size=beam_size, context=max_length)
     seconds = time.perf_counter() - start
     rows = [{"system": model_name, **_numbers(score(task, predictions, references))}]
     if task.metric == "rouge":
@@ -319,7 +360,7 @@ def evaluate_text_task(
         lines = [json.dumps({"prediction": p, "reference": r}, ensure_ascii=False) for p, r in zip(predictions,
                                                                                                  references)]
         write_report(out, task.name, report, rows, extra={f"{task.name}_predictions.jsonl": "\n".join(lines) + "\n"})
-        from lmforge.eval.plots import plot_lengths
+        from lmforge.plots import plot_lengths
 
         by_characters = task.target_language in ("ja", "zh")  # no spaces between words
         unit, size = ("characters", len) if by_characters else ("words", lambda t: len(t.split()))
@@ -381,10 +422,10 @@ def train_multitask(
     """
     import numpy as np
 
-    from lmforge.api import load
     from lmforge.data.quality import clean_training_records
     from lmforge.eval.report import write_report
     from lmforge.recipes.finetune import finetune, load_trainable
+    from lmforge.sources import load
 
     mixture = parse_mixture(mixture) if mixture and isinstance(mixture[0], str) else mixture
     module, _ = load_trainable(model)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -124,3 +124,70 @@ def save_latents(texts: Sequence[str], mu: np.ndarray, logvar: np.ndarray, out: 
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# the verbs: `lmforge vae sample / reconstruct / interpolate / encode CHECKPOINT ...`
+
+
+def _load_vae(checkpoint: str | Path) -> VAE:
+    import lmforge.sources
+
+    return require_vae(lmforge.sources.load(checkpoint))
+
+
+def print_samples(checkpoint: str | Path, num_samples: int = 5, max_new_tokens: int = 50, temperature: float = 0.0,
+                  seed: int = 0) -> None:
+    """Texts decoded from latents drawn from the prior, one per line.
+
+    Args:
+        checkpoint: a vae checkpoint or run directory
+        num_samples: texts to draw
+        max_new_tokens: the most tokens of a text
+        temperature: 0 = greedy given z
+        seed: the seed of the prior draws
+    """
+    for text in sample(_load_vae(checkpoint), num_samples, max_new_tokens, temperature, seed):
+        print(text)
+
+
+def print_reconstruction(checkpoint: str | Path, text: str, max_new_tokens: int = 50) -> None:
+    """A text decoded from its posterior mean.
+
+    Args:
+        checkpoint: a vae checkpoint or run directory
+        text: the text to encode and decode
+        max_new_tokens: the most tokens of the decoded text
+    """
+    print(reconstruct(_load_vae(checkpoint), [text], max_new_tokens)[0])
+
+
+def print_interpolation(checkpoint: str | Path, a: str, b: str, steps: int = 5, max_new_tokens: int = 50) -> None:
+    """Texts along the line between the latent codes of A and B: `t  text` per line.
+
+    Args:
+        checkpoint: a vae checkpoint or run directory
+        a: the first text
+        b: the second text
+        steps: points along the line, ends included
+        max_new_tokens: the most tokens of a decoded text
+    """
+    for t, text in interpolate(_load_vae(checkpoint), a, b, steps, max_new_tokens):
+        print(f"{t:.2f}  {text}")
+
+
+def encode_file(checkpoint: str | Path, data: str | Path, out: str | Path, unit: Literal["line", "document"] = "line",
+                text_field: str = "text") -> dict[str, Any]:
+    """Write the latent means of the texts of a file as .npy or .json.
+
+    Returns the counts and the path.
+
+    Args:
+        checkpoint: a vae checkpoint or run directory
+        data: the texts: a file, folder or glob of txt/jsonl/csv/parquet files, or a catalog name
+        out: FILE.npy (the means, N x latent_dim) or FILE.json (text, mu and logvar per text)
+        unit: one text per line, or per document
+        text_field: the jsonl field / csv or parquet column of the text
+    """
+    model = _load_vae(checkpoint)
+    texts = read_texts(data, unit, text_field)
+    mu, logvar = encode(model, texts)
+    return {"texts": len(texts), "dimensions": mu.shape[1], "out": save_latents(texts, mu, logvar, out)}
