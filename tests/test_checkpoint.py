@@ -180,3 +180,6 @@ def test_a_run_directory_resolves_to_its_checkpoint_or_else_the_previous_one(sav
     assert resolve_checkpoint(run) == run / "checkpoint.prev"
     shutil.copytree(saved, run / "checkpoint")
     assert resolve_checkpoint(run) == run / "checkpoint"
+    (run / "checkpoint" / "config.json").unlink()  # a broken `checkpoint/` is not passed over for an older one
+    with pytest.raises(UserError, match="not an lmforge checkpoint"):
+        resolve_checkpoint(run)

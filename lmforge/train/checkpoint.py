@@ -22,9 +22,12 @@ process while its files keep their sizes and modification times.
 The Trainer keeps the checkpoint before the last one in `checkpoint.prev/` (`previous_of`): the new
 one replaces `checkpoint/` only once written, fsynced and verified, the old one then moves to
 `checkpoint.prev/`, so a crash at any moment leaves a complete checkpoint under one of the two names
-(`resolve_checkpoint` looks at both; temporary directories are hidden and never picked).
+(`resolve_checkpoint` looks at both; temporary directories are hidden and never picked). A run
+directory thus takes up to twice the space of one checkpoint.
 
-Loading reads safetensors and JSON, and `torch.load(weights_only=True)`: no pickled code is ever run.
+Loaders start with `verified_checkpoint(path)` (resolve, then verify), or use `load_checkpoint`,
+`load_weights`, `read_info` or `load_trainer_state`, which verify. They read safetensors and JSON,
+and `torch.load(weights_only=True)`: no pickled code is ever run.
 """
 
 from __future__ import annotations
@@ -112,16 +115,17 @@ def save_checkpoint(
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory for `path`: itself, or inside a run directory the `best/` checkpoint
-    (kept by fine-tuning) or else the last one, `checkpoint/` (or `checkpoint.prev/` where a crash
-    while replacing it left only that)."""
+    (kept by fine-tuning) or else the last one, `checkpoint/` (or, where a crash while replacing it
+    left no `checkpoint/`, `checkpoint.prev/`)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such checkpoint: {path}")
     if (path / CONFIG).is_file():
         return path
-    for inner in ("best", "checkpoint", previous_of(Path("checkpoint")).name):
-        if (path / inner / CONFIG).is_file():
-            return path / inner
+    last = path / "checkpoint"
+    for directory in (path / "best", last if last.exists() else previous_of(last)):
+        if (directory / CONFIG).is_file():
+            return directory
     raise UserError(f"{path} is not an lmforge checkpoint (no {CONFIG}; expected a directory written by "
                     f"lmforge pretrain or lmforge import)")
 
