@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -399,12 +400,13 @@ def parse_command(argv: list[str]) -> Call:
     config, or a one-line error (code 2)."""
     top = Parser(prog="lmforge", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
-        sys.stdout.write(top_help()) if argv else sys.stderr.write(top_help())
+        (sys.stdout if argv else sys.stderr).write(top_help())
         top.exit(0 if argv else 2)
     if argv[0] == "--version":
         from lmforge import __version__
 
-        top.exit(0, f"lmforge {__version__}\n")
+        sys.stdout.write(f"lmforge {__version__}\n")
+        top.exit(0)
     for words in (2, 1):
         name = " ".join(argv[:words])
         if len(argv) >= words and name in VERBS:
@@ -413,7 +415,8 @@ def parse_command(argv: list[str]) -> Call:
     if word in GROUPS:
         rest = argv[1:2]
         if rest and rest[0] in ("-h", "--help"):
-            top.exit(0, group_help(word))
+            sys.stdout.write(group_help(word))
+            top.exit(0)
         actions = [name.split()[1] for name in VERBS if name.split()[0] == word]
         got = f"unknown action {rest[0]!r}" if rest else "no action"
         Parser(label=f"lmforge {word}").error(f"{got}; choose one of {', '.join(actions)}")
@@ -435,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{call.verb.label}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except INTERRUPTED as e:  # stopped by a signal after saving a checkpoint: resumable
-        print(f"{call.verb.label}: {' '.join(str(e).split())}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per torchrun process
+            print(f"{call.verb.label}: {' '.join(str(e).split())}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

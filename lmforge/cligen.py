@@ -58,13 +58,13 @@ class Verb:
     """One `lmforge` verb: a function made into a parser (or, for now, a hand-written parser).
 
     `name` is the words after `lmforge` ("classify predict"); `function` is "module:function",
-    imported only when this verb is parsed. `done` is printed after the call returns: a format
+    imported only when this verb is parsed (or the function itself). `done` is printed after the call returns: a format
     string of the result (`{result}`) and the arguments by name, or a function (result, arguments)
     -> text. A hand-written verb gives `help`, `build(parser)` and `run(namespace)` instead.
     """
 
     name: str
-    function: str = ""
+    function: str | Callable[..., Any] = ""
     required: tuple[str, ...] = ()  # parameters given as required --flags rather than positionally
     positional: tuple[str, ...] = ()  # parameters with a default, given as optional positional arguments
     hide: tuple[str, ...] = ()  # parameters the command line does not offer (Python callers only)
@@ -82,6 +82,8 @@ class Verb:
         return f"lmforge {self.name.split()[0]}"
 
     def load(self) -> Callable[..., Any]:
+        if callable(self.function):
+            return self.function
         module, _, name = self.function.partition(":")
         return getattr(importlib.import_module(module), name)
 
@@ -193,6 +195,8 @@ def summary(verb: Verb) -> str:
     read from the source without importing the module (which would import torch)."""
     if verb.help or not verb.function:
         return verb.help
+    if callable(verb.function):
+        return first_line(parse_docstring(verb.function.__doc__)[0])
     module, _, name = verb.function.partition(":")
     package = Path(__file__).parent
     tree = _module_tree(package.joinpath(*module.split(".")[1:]).with_suffix(".py"))
@@ -595,8 +599,9 @@ def _resolve_section(p: Param, from_file: Any, given: dict[str, Any]) -> Any:
     return dataclasses.replace(value, **fields) if fields else value
 
 
-def printable(kwargs: dict[str, Any], verb: Verb) -> dict[str, Any]:
-    """The resolved arguments as a YAML-ready mapping, sections nested (what --print-config prints)."""
+def printable(kwargs: dict[str, Any], verb: Verb, sections: Sequence[str] = ()) -> dict[str, Any]:
+    """The resolved arguments as a YAML-ready mapping, the overrides nested by section, in the order of
+    `sections` (what --print-config prints)."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -608,9 +613,11 @@ def printable(kwargs: dict[str, Any], verb: Verb) -> dict[str, Any]:
         return str(value) if isinstance(value, Path) else value
 
     out = {k: plain(v) for k, v in kwargs.items() if k != "overrides" and k not in verb.fixed}
-    for dotted, value in (kwargs.get("overrides") or {}).items():
-        section, _, name = dotted.partition(".")
-        out.setdefault(section, {})[name] = plain(value)
+    overrides = kwargs.get("overrides") or {}
+    for section in [*sections, *(dotted.partition(".")[0] for dotted in overrides)]:
+        for dotted, value in overrides.items():
+            if dotted.partition(".")[0] == section:
+                out.setdefault(section, {})[dotted.partition(".")[2]] = plain(value)
     return out
 
 
@@ -636,6 +643,7 @@ def parse(verb: Verb, args: Sequence[str]) -> Call:
     if namespace.print_config:
         import yaml
 
-        sys.stdout.write(yaml.safe_dump(printable(kwargs, verb), sort_keys=False, allow_unicode=True))
+        sections = list(getattr(fn, "settings", None) or {})
+        sys.stdout.write(yaml.safe_dump(printable(kwargs, verb, sections), sort_keys=False, allow_unicode=True))
         parser.exit(0)
     return Call(verb, {**verb.fixed, **kwargs})

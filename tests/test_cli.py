@@ -232,3 +232,211 @@ def test_existing_shards_are_not_overwritten(workspace):
     r = lmforge("prepare", "--data", "corpus", "--out", "data", "--tokenizer", "tok", cwd=workspace)
     assert_user_error(r, "--overwrite")
     assert tree_digest(workspace / "data") == before
+
+
+# ------------------------------------------------------------------------------------------------
+# the generated parsers: every verb's help, --print-config / --config, one-line mistakes, the README
+
+
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """`lmforge ARGS` through `main` in this process: exit code, stdout, stderr."""
+    from lmforge.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_every_verb_has_help_from_its_function(capsys):
+    from lmforge.cli import GROUPS, VERBS
+    from lmforge.cligen import verb_params
+
+    code, listing, _ = in_process(capsys, "--help")
+    assert code == 0
+    for name, verb in VERBS.items():
+        line = next(line for line in listing.splitlines() if line.startswith(f"  {name} "))
+        assert len(line[len(name) + 2:].strip()) > 10, line  # a summary: the docstring's first line
+        code, out, err = in_process(capsys, *name.split(), "--help")
+        assert code == 0 and out.startswith(f"usage: lmforge {name} "), (name, err)
+        if verb.function:  # generated: every parameter is offered, with its docstring's help
+            assert "--config FILE" in out and "--print-config" in out
+            for p in verb_params(verb, verb.load()):
+                assert (p.name.upper() if p.positional else p.flag) in out, (name, p.name)
+    for group in GROUPS:
+        code, out, _ = in_process(capsys, group, "--help")
+        assert code == 0 and all(f"  {name} " in out for name in VERBS if name.split()[0] == group)
+    code, out, _ = in_process(capsys, "pretrain", "--help")
+    assert "--train.lr VALUE" in out and "peak learning rate" in out and "[--model.FIELD VALUE ...]" in out
+
+
+def test_help_and_version_import_nothing_heavy(tmp_path):
+    script = ("import sys\nfrom lmforge.cli import main\n"
+              "assert main(['--help']) == 0 and main(['--version']) == 0 and main(['vae', '--help']) == 0\n"
+              "heavy = [m for m in ('torch', 'numpy', 'transformers') if m in sys.modules]\n"
+              "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "verbs:" in r.stdout and "vae sample" in r.stdout
+    r = lmforge("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("lmforge ")
+
+
+@pytest.mark.parametrize("args", [
+    ["prepare", "--data", "corpus", "--out", "d", "--no-clean"],
+    ["prepare", "--data", "corpus", "--out", "d", "--clean.near_threshold", "0.9", "--clean.normalize", "none"],
+    ["generate", "run", "--stop", "a", "--stop", "b b", "--top-k", "5", "--dtype", "bf16"],
+    ["classify", "zero-shot", "m", "--labels", "a=b,c=d", "--text", "x", "--template", "Q: {text}\nA:"],
+    ["eval", "m", "--task", "lm", "--limit", "3"],
+    ["tokenizer", "train", "--data", "c", "--out", "t", "--special-tokens", "<a>", "<b>"],
+    ["summarize", "eval", "m", "--beam-size", "2"],
+    ["vae", "encode", "run", "--data", "lines.txt", "--out", "z.npy", "--unit", "document"],
+], ids=lambda args: " ".join(args[:2]))
+def test_print_config_is_read_back_by_config(args, tmp_path, capsys):
+    from lmforge.cli import parse_command
+
+    verb = args[:2] if args[0] in ("classify", "tokenizer", "summarize", "vae") else args[:1]
+    code, printed, err = in_process(capsys, *args, "--print-config")
+    assert code == 0, err
+    (tmp_path / "run.yaml").write_text(printed)
+    from_file = [*verb, "--config", str(tmp_path / "run.yaml")]
+    code, again, err = in_process(capsys, *from_file, "--print-config")
+    assert code == 0, err
+    assert again == printed
+    assert parse_command(from_file).kwargs == parse_command(args).kwargs
+    # flags override the file
+    if args[0] == "generate":
+        assert parse_command([*from_file, "--top-k", "7"]).kwargs["top_k"] == 7
+        assert parse_command(args).kwargs["stop"] == ["a", "b b"]
+    if "--no-clean" in args:
+        assert parse_command(from_file).kwargs["clean"] is False
+
+
+def toy_recipe(data: str, out: str, preset: str | None = None, method: str = "full",
+               overrides: dict | None = None, resume: bool = False) -> dict:
+    """Train a toy (what a recipe's signature and docstring look like to the generator).
+
+    Args:
+        data: the training data
+        out: the run directory
+        preset: the model preset
+        method: full or lora
+        resume: continue the run in out
+    """
+    return {"data": data, "out": out, "preset": preset, "overrides": overrides, "resume": resume}
+
+
+def test_settings_sections_become_flags_config_sections_and_overrides(tmp_path, capsys):
+    """`fn.settings = {"model": ModelConfig, "train": TrainConfig}` (the training functions' `@settings`):
+    `--model.FIELD` / `--train.FIELD` flags and `model:` / `train:` sections in --config, passed to the
+    function as dotted `overrides`; --print-config holds what was given (a preset fills in the rest)."""
+    from lmforge.cligen import Verb, parse
+    from lmforge.config import ModelConfig, TrainConfig, settings
+
+    verb = Verb("toy", settings(model=ModelConfig, train=TrainConfig)(toy_recipe), required=("data", "out"))
+    args = ["--data", "d", "--out", "o", "--preset", "tiny", "--train.lr", "3e-4", "--model.n_layer", "2", "--resume"]
+    call = parse(verb, args)
+    assert call() == {"data": "d", "out": "o", "preset": "tiny", "resume": True,
+                      "overrides": {"train.lr": 3e-4, "model.n_layer": 2}}
+    with pytest.raises(SystemExit):
+        parse(verb, [*args, "--print-config"])
+    printed = capsys.readouterr().out
+    assert "model:\n  n_layer: 2\ntrain:\n  lr: 0.0003\n" in printed and "overrides" not in printed
+    (tmp_path / "toy.yaml").write_text(printed)
+    from_file = parse(verb, ["--config", str(tmp_path / "toy.yaml"), "--train.batch_size", "4"])
+    assert from_file.kwargs == {**call.kwargs, "overrides": {**call.kwargs["overrides"], "train.batch_size": 4}}
+    with pytest.raises(SystemExit):
+        parse(verb, ["--help"])
+    assert "--train.lr VALUE" in (out := capsys.readouterr().out) and "peak learning rate (default: 0.001)" in out
+    (tmp_path / "bad.yaml").write_text("data: d\nout: o\ntrain:\n  learning_rate: 0.1\n")
+    for bad, message in ((["--config", str(tmp_path / "bad.yaml")], "train.learning_rate is not a setting"),
+                         ([*args, "--train.lr", "fast"], "--train.lr = 'fast'; expected a float")):
+        with pytest.raises(SystemExit) as exit:
+            parse(verb, bad)
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["generate", "run", "--top-k", "five"], ["lmforge generate: error:", "--top-k = 'five'", "int"]),
+    (["eval", "m", "--task", "poems"], ["lmforge eval: error:", "expected one of classify, summarize"]),
+    (["eval", "m"], ["lmforge eval: error:", "required", "--task"]),
+    (["augment", "--data", "x.jsonl", "--out", "y.jsonl", "--n-aug", "2.5"], ["--n-aug = 2.5", "int"]),
+    (["prepare", "--data", "x", "--out", "y", "--clen.bands", "3"],
+     ["unrecognized argument '--clen.bands'", "did you mean --clean.bands"]),
+    (["prepare", "--data", "x", "--out", "y", "--clean.bands", "many"], ["--clean.bands = 'many'"]),
+    (["classify", "predicts", "run"], ["lmforge classify: error: unknown action 'predicts'"]),
+    (["clasify", "predict", "run"], ["lmforge: error: unknown verb 'clasify'", "did you mean 'classify'"]),
+    (["--verbose"], ["lmforge: error: unrecognized argument '--verbose'"]),
+    (["pretrain", "--data", "d"], ["lmforge pretrain: error:", "required", "--out"]),
+    (["pretrain", "--data", "d", "--out", "o", "--train.lr"], ["lmforge pretrain: error:", "--train.lr"]),
+    (["generate", "run", "--config", "bad.yaml"], ["bad.yaml: unknown setting 'topk' (did you mean 'top_k'?)"]),
+    (["generate", "run", "--config", "missing.yaml"], ["config file not found: missing.yaml"]),
+])
+def test_a_mistake_on_the_command_line_is_one_line(args, fragments, tmp_path):
+    (tmp_path / "bad.yaml").write_text("topk: 3\n")
+    assert_user_error(lmforge(*args, cwd=tmp_path), *fragments)
+
+
+def readme_commands() -> list[list[str]]:
+    """The arguments of every `lmforge ...` command in the README's bash blocks (synopsis lines with
+    [optional parts] aside); also `torchrun ... -m lmforge ...` and `echo x | lmforge ...`."""
+    import re
+    import shlex
+
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for segment in re.split(r"\s[|;]\s", line):
+                words = shlex.split(segment, comments=True)
+                starts = [i for i, w in enumerate(words) if w == "lmforge" and (i == 0 or words[i - 1] == "-m")]
+                if starts and not any(w.startswith("[") for w in words):
+                    commands.append(words[starts[0] + 1:])
+    return commands
+
+
+def test_the_readme_commands_parse(capsys):
+    from lmforge.cli import VERBS, parse_command
+
+    commands = readme_commands()
+    assert len(commands) >= 30
+    verbs = set()
+    for args in commands:
+        try:
+            call = parse_command(args)
+        except SystemExit as e:
+            pytest.fail(f"lmforge {' '.join(args)}: exit {e.code}: {capsys.readouterr().err.strip()}")
+        verbs.add(call.verb.name)
+    # every verb the README shows, and (nearly) every verb there is
+    assert {"generate", "prepare", "pretrain", "finetune", "chat", "classify zero-shot", "vae interpolate"} <= verbs
+    assert len(verbs) >= len(VERBS) - 6, sorted(set(VERBS) - verbs)
+
+
+def test_a_training_run_stopped_by_sigterm_exits_with_143(workspace, tmp_path):
+    """`lmforge.errors.Interrupted` (raised after the Trainer saved its checkpoint) ends the CLI with
+    128 + the signal's number and one line on stderr, no traceback."""
+    import signal
+    import time
+
+    env = {**os.environ, "LMFORGE_CACHE": str(workspace / "cache"), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "pretrain", "--data", str(workspace / "data"), "--out", str(run),
+         "--preset", "tiny", "--model.block_size", "32", "--train.max_steps", "100000", "--train.log_interval", "1",
+         "--train.eval_interval", "100000", "--train.precision", "fp32"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lmforge pretrain: stopped by SIGTERM at step ") and "--resume" in last
+    assert (run / "checkpoint" / "model.safetensors").is_file()
