@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.config import ElboConfig
+
 WORDS = ("the king and queen walk in the garden at night while the river sings of old days "
          "and every bird of the forest answers with a song of spring").split()
 
@@ -312,7 +314,8 @@ def test_print_config_is_read_back_by_config(args, tmp_path, capsys):
         assert parse_command(from_file).kwargs["clean"] is False
 
 
-def toy_recipe(data: str, out: str, preset: str | None = None, method: str = "full",
+def toy_recipe(data: str, out: str, preset: str | None = None, data_format: str = "auto",
+               elbo: ElboConfig | None = None,
                overrides: dict | None = None, resume: bool = False) -> dict:
     """Train a toy (what a recipe's signature and docstring look like to the generator).
 
@@ -320,23 +323,41 @@ def toy_recipe(data: str, out: str, preset: str | None = None, method: str = "fu
         data: the training data
         out: the run directory
         preset: the model preset
-        method: full or lora
+        data_format: the shape of the data
+        elbo: the VAE objective (None: not a VAE)
         resume: continue the run in out
     """
-    return {"data": data, "out": out, "preset": preset, "overrides": overrides, "resume": resume}
+    return {"data": data, "out": out, "preset": preset, "data_format": data_format, "elbo": elbo,
+            "overrides": overrides, "resume": resume}
+
+
+def test_a_flat_dataclass_parameter_and_an_old_flag_spelling():
+    """`vae train --beta-schedule cyclical` (ElboConfig's fields without the `--elbo.` prefix) and
+    `finetune --format chat` (an older spelling of --data-format)."""
+    from lmforge.cligen import Verb, parse
+
+    verb = Verb("toy", toy_recipe, required=("data", "out"), hide=("overrides",), flat=("elbo",),
+                aliases={"--format": "data_format"})
+    kwargs = parse(verb, ["--data", "d", "--out", "o", "--beta-schedule", "cyclical", "--elbo.free_bits", "0.1",
+                          "--format", "chat"]).kwargs
+    assert kwargs["elbo"] == ElboConfig(beta_schedule="cyclical", free_bits=0.1) and kwargs["data_format"] == "chat"
+    assert parse(verb, ["--data", "d", "--out", "o"]).kwargs["elbo"] is None
 
 
 def test_settings_sections_become_flags_config_sections_and_overrides(tmp_path, capsys):
     """`fn.settings = {"model": ModelConfig, "train": TrainConfig}` (the training functions' `@settings`):
     `--model.FIELD` / `--train.FIELD` flags and `model:` / `train:` sections in --config, passed to the
     function as dotted `overrides`; --print-config holds what was given (a preset fills in the rest)."""
+    import functools
+
     from lmforge.cligen import Verb, parse
     from lmforge.config import ModelConfig, TrainConfig, settings
 
-    verb = Verb("toy", settings(model=ModelConfig, train=TrainConfig)(toy_recipe), required=("data", "out"))
+    recipe = settings(model=ModelConfig, train=TrainConfig)(functools.wraps(toy_recipe)(lambda **k: toy_recipe(**k)))
+    verb = Verb("toy", recipe, required=("data", "out"), hide=("elbo",))
     args = ["--data", "d", "--out", "o", "--preset", "tiny", "--train.lr", "3e-4", "--model.n_layer", "2", "--resume"]
     call = parse(verb, args)
-    assert call() == {"data": "d", "out": "o", "preset": "tiny", "resume": True,
+    assert call() == {"data": "d", "out": "o", "preset": "tiny", "data_format": "auto", "elbo": None, "resume": True,
                       "overrides": {"train.lr": 3e-4, "model.n_layer": 2}}
     with pytest.raises(SystemExit):
         parse(verb, [*args, "--print-config"])
