@@ -18,6 +18,7 @@ deletes those a crash left behind.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -66,12 +67,16 @@ def _finish_tree(directory: Path) -> None:
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to the disk (directories: POSIX only)."""
-    if os.name == "nt" and path.is_dir():
+    """Flush a file's data, or a directory's entries, to the disk (directories: where the system can)."""
+    is_dir = path.is_dir()
+    if os.name == "nt" and is_dir:
         return  # Windows cannot open a directory to fsync it
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (is_dir and e.errno in (errno.EINVAL, errno.ENOTSUP)):  # some network filesystems refuse it
+            raise
     finally:
         os.close(fd)
 
