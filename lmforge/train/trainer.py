@@ -20,7 +20,8 @@ one; resuming takes the newest that verifies, and says which one it skipped and 
 
 SIGTERM and SIGINT during `fit` stop the run at the end of the current optimizer step (all
 processes agree): the checkpoint is saved, one line says where, and `Interrupted` is raised (the
-CLI exits with 128 + the signal's number); `fit(resume=True)` then continues exactly.
+CLI exits with 128 + the signal's number); `fit(resume=True)` then continues exactly. A signal
+during the last step lets the run finish as usual.
 Under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU); each
 process takes its share of the same global batch, so the result matches a single process.
 """
