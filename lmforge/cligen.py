@@ -374,7 +374,7 @@ def verb_params(verb: Verb, fn: Callable[..., Any]) -> list[Param]:
             raise TypeError(f"{verb.function}: parameter {p.name!r} has no entry under Args: in the docstring")
         annotation = p.annotation
         if isinstance(annotation, str):  # `from __future__ import annotations`
-            annotation = eval(annotation, fn.__globals__)  # noqa: S307 - the module's own annotation
+            annotation = eval(annotation, fn.__globals__)  # the module's own annotation
         elif annotation is inspect.Parameter.empty:
             annotation = Any
         positional = p.name in verb.positional or (p.default is p.empty and p.name not in verb.required)
@@ -386,11 +386,12 @@ def verb_params(verb: Verb, fn: Callable[..., Any]) -> list[Param]:
 
 
 def _help(text: str, default: Any = None) -> str:
-    if default not in (None, False, "", (), [], inspect.Parameter.empty) and "default" not in text \
-            and not dataclasses.is_dataclass(default):
-        shown = ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        text = f"{text} (default: {shown!r})" if isinstance(shown, str) and shown != shown.strip() or \
-            "\n" in str(shown) else f"{text} (default: {shown})"
+    """`text` with "(default: X)" added where X says something, escaped for argparse."""
+    nothing = default is None or default is False or default is inspect.Parameter.empty or \
+        isinstance(default, (str, list, tuple)) and not default or dataclasses.is_dataclass(default)
+    if not nothing and "default" not in text:
+        shown = ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        text += f" (default: {shown!r})" if "\n" in shown or shown != shown.strip() else f" (default: {shown})"
     return text.replace("%", "%%")
 
 
@@ -470,11 +471,14 @@ def build_parser(verb: Verb, file_values: dict[str, Any] | None = None
                                 help=_help(p.help, p.default))
     for name, cls in sections.items():
         add_section(parser, name, cls, flat=name in verb.flat)
+    all_sections = {**sections, **{p.name: p.section for p in params if p.section is not None}}
+    fields = {f"{name}.{f.name}" for name, cls in all_sections.items() for f in dataclasses.fields(cls)}
     for flag, target in verb.aliases.items():
-        section, _, name = target.partition(".")
-        if name and section in sections:  # an older spelling of a section's flag
+        if target in fields:  # an older spelling of a section's flag
             parser.add_argument(flag, dest=target, metavar="VALUE", default=argparse.SUPPRESS,
                                 help=f"the same as --{target}")
+        elif target not in {p.name for p in params}:
+            raise TypeError(f"{verb.function}: the alias {flag} names {target!r}, not an offered parameter or field")
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="FILE", help="a YAML file of these settings: parameters by name, "
                        "sections (model:, train:, ...) as mappings; flags override it")
@@ -614,7 +618,7 @@ def printable(kwargs: dict[str, Any], verb: Verb, sections: Sequence[str] = ()) 
 
     out = {k: plain(v) for k, v in kwargs.items() if k != "overrides" and k not in verb.fixed}
     overrides = kwargs.get("overrides") or {}
-    for section in [*sections, *(dotted.partition(".")[0] for dotted in overrides)]:
+    for section in dict.fromkeys([*sections, *(dotted.partition(".")[0] for dotted in overrides)]):
         for dotted, value in overrides.items():
             if dotted.partition(".")[0] == section:
                 out.setdefault(section, {})[dotted.partition(".")[2]] = plain(value)
