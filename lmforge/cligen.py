@@ -377,6 +377,8 @@ def verb_params(verb: Verb, fn: Callable[..., Any]) -> list[Param]:
             annotation = eval(annotation, fn.__globals__)  # the module's own annotation
         elif annotation is inspect.Parameter.empty:
             annotation = Any
+        if p.name in verb.positional and p.default is p.empty:
+            raise TypeError(f"{verb.function}: {p.name!r} is an optional positional argument but has no default")
         positional = p.name in verb.positional or (p.default is p.empty and p.name not in verb.required)
         required = p.name in verb.required or (p.default is p.empty and p.name not in verb.positional)
         params.append(Param(p.name, annotation, p.default, helps[p.name], positional, required))
