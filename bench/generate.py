@@ -2,15 +2,15 @@
 
     python bench/generate.py            # fp32 and bf16, batch 1 and 8, 3 rounds each (several minutes)
     python bench/generate.py --quick    # 1 round each
-    python bench/generate.py --no-packing-side   # also lmforge without packed weights (what packing gives)
+    python bench/generate.py --no-packing-side   # also lmforge with its kernels off (what packing gives)
 
 The GPT-2 124M shape (preset "gpt2": 12 layers, 12 heads, width 768, vocab 50257, context 1024) with
 random weights, the same weights on both sides (checked in fp32: logits agree to 1e-4), first in fp32,
 then with both models cast to bf16. Each row is a 32-token prompt; each side generates exactly 200
 new tokens, greedily: lmforge's `generate_ids` (temperature 0) and transformers'
 `GPT2LMHeadModel.generate` (use_cache=True, do_sample=False, min_new_tokens = max_new_tokens = 200).
-lmforge packs the weights once per call (`lmforge.models.linear`: MKL's sgemm for fp32 at batch 2 and
-more, oneDNN for bf16; each record says whether it did). Both run in this process, in alternating
+lmforge packs the weights once per call (the kernels of `lmforge.kernels.generating`: MKL's sgemm for
+fp32 at batch 2 and more, oneDNN for bf16; each record says which it used). Both run in this process, in alternating
 rounds (A B A B ...); a round that other processes disturbed is run again. The greedy outputs are
 compared token for token.
 
@@ -41,7 +41,7 @@ from common import (  # noqa: E402
     timed,
 )
 
-import lmforge.models.linear as packing  # noqa: E402
+from lmforge import kernels  # noqa: E402
 from lmforge.config import preset  # noqa: E402
 from lmforge.infer.generate import generate_ids  # noqa: E402
 from lmforge.models.decoder import Decoder  # noqa: E402
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="weight dtypes, each measured on both sides (bf16: both models cast to bf16)")
     parser.add_argument("--no-packing-side", action="store_true",
-                        help="also time lmforge with weight packing turned off")
+                        help="also time lmforge with its kernels (weight packing) turned off")
     args = parser.parse_args()
     if args.jemalloc and "jemalloc" not in os.environ.get("LD_PRELOAD", "") and Path(JEMALLOC).is_file():
         env = dict(os.environ, LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
@@ -122,13 +122,8 @@ def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int
         outputs["transformers"] = out[:, PROMPT_LEN:].tolist()
 
     def ours_unpacked(new_tokens: int = n) -> None:
-        packing.MKL_PACKING = packing.ONEDNN_PACKING = False
-        try:
-            outputs["lmforge_no_packing"] = generate_ids(model, prompts.tolist(), max_new_tokens=new_tokens,
-                                                         temperature=0)
-        finally:
-            packing.MKL_PACKING = packing._mkl_packing_available()
-            packing.ONEDNN_PACKING = packing._onednn_packing_available()
+        outputs["lmforge_no_packing"] = generate_ids(model, prompts.tolist(), max_new_tokens=new_tokens,
+                                                     temperature=0, use_kernels=False)
 
     sides = {"lmforge": ours, "transformers": theirs}
     if no_packing_side:
@@ -150,7 +145,8 @@ def measure_batch(model: Decoder, hf, prompts: torch.Tensor, n: int, rounds: int
                   "rounds_tokens_per_s": [round(batch * n / s, 1) for s in seconds[name]],
                   "rounds_disturbed_by_other_processes": disturbed}
         if name == "lmforge":
-            record["packed_weights"] = packing.packing_for(model.head_weight, batch) is not None
+            with kernels.generating(model, rows=batch) as chosen:
+                record["kernels"] = sorted(chosen["applied"]) or chosen["skipped"]
         if name != "transformers":
             record["ratio_vs_transformers"] = round(tok_s[name] / tok_s["transformers"], 3)
         emit(record)

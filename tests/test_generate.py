@@ -3,18 +3,14 @@ transformers, the sliding window, sampling options, stop strings, streaming and 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
-import lmforge.models.linear as linear_module
 from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 from lmforge.infer.generate import apply_repetition_penalty, generate, generate_ids, sample_next
 from lmforge.models.decoder import Decoder
-from lmforge.models.linear import MKL_PACKING, ONEDNN_PACKING, is_packed, packed_weights
 from lmforge.train.objectives import RandomWindows
 from lmforge.train.trainer import Trainer
 
@@ -214,14 +210,17 @@ def test_stop_strings_cut_the_text(poem_model, tokenizer) -> None:
 
 
 class CountingModel:
-    """The real model, with a count of its forward passes (generate takes any such model)."""
+    """The real model, with a count of its forward passes: generate takes any model with the protocol of
+    lmforge.infer (this one is not even an nn.Module, so kernels leave it alone)."""
 
     def __init__(self, model: Decoder) -> None:
         self.model, self.config, self.tokenizer, self.calls = model, model.config, model.tokenizer, 0
-        self.head_weight = model.head_weight
 
     def new_cache(self, *args, **kwargs):
         return self.model.new_cache(*args, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -313,50 +312,28 @@ def test_errors(make_model, tokenizer) -> None:
     assert generate_ids(model, [[1, 2]], max_new_tokens=0) == [[]]
 
 
-PACKINGS = [  # (weights' dtype, the op that multiplies through packed weights, tolerance)
-    pytest.param(torch.float32, "mkl::_mkl_linear", 1e-5,
-                 marks=pytest.mark.skipif(not MKL_PACKING, reason="needs PyTorch built with MKL (x86 CPU)")),
-    pytest.param(torch.bfloat16, "mkldnn::_linear_pointwise", 2**-7,
-                 marks=pytest.mark.skipif(not ONEDNN_PACKING, reason="needs PyTorch built with oneDNN")),
-]
+def test_batch_size_gives_the_same_texts_in_the_same_order(make_model, tokenizer) -> None:
+    """`batch_size` splits the prompts into batches; greedy texts do not depend on it (the one output
+    convention: prompt-major, one text per prompt and sample)."""
+    model = make_model("llama", vocab_size=tokenizer.vocab_size)
+    model.tokenizer = tokenizer
+    prompts = ["Shall I", "compare thee to a", "summer's"]
+    whole = generate(model, prompts, max_new_tokens=6, temperature=0, num_samples=2)
+    assert len(whole) == 6 and whole[0] == whole[1] and whole[4] == whole[5]
+    for batch_size in (1, 4):
+        assert generate(model, prompts, max_new_tokens=6, temperature=0, num_samples=2, batch_size=batch_size) == whole
+    with pytest.raises(UserError, match="too_long: not an option"):
+        generate(model, prompts, too_long="error")
+    with pytest.raises(UserError, match="beam-size = 0"):
+        generate(model, prompts, beam_size=0)
 
 
-@pytest.mark.parametrize("dtype, packed_op, tolerance", PACKINGS)
-def test_packed_weights_give_the_same_logits_and_are_undone(lively_model, dtype, packed_op, tolerance) -> None:
-    """fp32: the very same numbers (MKL packs, from 2 rows on); bf16: the same up to bf16 rounding
-    (oneDNN packs, from 1 row on)."""
-    model = lively_model("llama").to(dtype)
-    ids = torch.tensor(random_prompts([7, 7, 7], 384, seed=3))
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        expected = model(ids)
-        with pytest.raises(RuntimeError, match="inside"):
-            with packed_weights(model, rows=3):
-                assert is_packed(model.head_weight) and all(is_packed(m.weight) for m in layers)
-                with torch.profiler.profile() as profile:
-                    got = model(ids)
-                packed_calls = [e for e in profile.events() if e.name == packed_op]
-                weights = {id(m.weight) for m in layers} | {id(model.head_weight)}
-                assert len(packed_calls) == len(weights)  # every layer and the head multiply packed
-                last = model(ids, last_only=True)
-                raise RuntimeError("an error inside the block")
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * scale)
-    torch.testing.assert_close(last, expected[:, -1:], rtol=0, atol=tolerance * scale)
-    assert not is_packed(model.head_weight) and not any(is_packed(m.weight) for m in layers)  # even after the error
-    with packed_weights(model, rows=1):  # one row: fp32 is not worth packing (bound by reading the weights)
-        assert is_packed(model.head_weight) == (dtype == torch.bfloat16)
+def test_the_generate_loop_does_not_import_the_models() -> None:
+    """lmforge.infer sits below lmforge.models: a fresh interpreter importing it loads no model module."""
+    import subprocess
+    import sys
 
-
-@pytest.mark.skipif(not MKL_PACKING, reason="needs PyTorch built with MKL (x86 CPU)")
-def test_weights_are_not_packed_where_the_copies_would_crowd_memory(lively_model, monkeypatch) -> None:
-    """Packing is skipped when the copies would take more than half the memory still available."""
-    assert 0 < linear_module.available_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    model = lively_model("llama")
-    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    weights[id(model.head_weight)] = model.head_weight
-    size = sum(w.nbytes for w in weights.values())
-    for available, packed in ((2 * size - 1, False), (2 * size, True)):
-        monkeypatch.setattr(linear_module, "available_memory", lambda available=available: available)
-        with packed_weights(model, rows=3):
-            assert is_packed(model.head_weight) == packed
+    code = ("import sys, lmforge.infer.generate, lmforge.infer.beam, lmforge.kernels; "
+            "print(sorted(m for m in sys.modules if m.startswith('lmforge.models')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

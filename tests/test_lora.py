@@ -1,5 +1,6 @@
-"""LoRA's memory-light dropout (lmforge.train.lora): the same training as peft's dropout with the same
-masks, no copy of the adapted layers' inputs kept, masks of the right rate, reproducible steps."""
+"""LoRA's memory-light dropout (the kernel lmforge.kernels.lora_dropout, which the Trainer applies): the
+same training as peft's dropout with the same masks, no copy of the adapted layers' inputs kept, masks of
+the right rate, reproducible steps; and the same training as plain peft with kernels off."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ import pytest
 import torch
 from torch import nn
 
-import lmforge.train.lora as lora
+import lmforge.kernels.lora_dropout as lora
+from lmforge import kernels
 from lmforge.config import TrainConfig
 from lmforge.models.decoder import Decoder
 from lmforge.recipes.finetune import apply_lora
 from lmforge.train.objectives import RandomWindows, causal_lm_loss
 from lmforge.train.trainer import Trainer
+
+
+def lora_for_training(model: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+    """LoRA adapters on the model, with the training kernels the Trainer would apply."""
+    model = apply_lora(model, rank=rank, alpha=alpha, dropout=dropout)
+    kernels.apply(model, for_="train")
+    return model
 
 
 def randomise_adapters(model: nn.Module, seed: int) -> None:
@@ -55,7 +64,7 @@ def batch():
 def test_fused_dropout_trains_as_peft_dropout_with_the_same_masks(make_model, batch, monkeypatch) -> None:
     base = make_model("llama")
     torch.manual_seed(1)
-    fused = apply_lora(copy.deepcopy(base), rank=4, alpha=8, dropout=0.3)
+    fused = lora_for_training(copy.deepcopy(base), rank=4, alpha=8, dropout=0.3)
     assert sum(isinstance(m, lora.DropoutLinear) for m in fused.modules()) == 2 * 4  # 2 blocks, 4 targets
     from peft import LoraConfig, get_peft_model
 
@@ -117,7 +126,7 @@ def test_fused_dropout_keeps_no_copy_of_the_inputs(make_model, batch) -> None:
     """With dropout, a LoRA step keeps what it keeps without dropout: no masks, no dropped copies."""
     kept = {}
     for p in (0.0, 0.1):
-        model = apply_lora(make_model("llama"), rank=4, alpha=8, dropout=p).train()
+        model = lora_for_training(make_model("llama"), rank=4, alpha=8, dropout=p).train()
         kept[p] = saved_bytes(model, batch)
     assert kept[0.1] == kept[0.0]
 
@@ -177,3 +186,25 @@ def test_fused_lora_dropout_trains_in_reduced_precision(tokenizer, make_config, 
     assert all(np.isfinite(losses))
     after = [p.detach().float() for p in model.parameters() if p.requires_grad]
     assert all(not torch.equal(a, b) for a, b in zip(before, after))  # every adapter trained
+
+
+def test_kernels_off_trains_with_peft_own_dropout(tokenizer, make_config, tmp_path, monkeypatch) -> None:
+    """LMFORGE_KERNELS=off: the Trainer leaves peft's modules as they are (and their dropout trains)."""
+    from peft import LoraConfig, get_peft_model
+
+    tokens = np.array(tokenizer.encode("the cat sat on the mat, and the dog sat on the log. " * 40))
+    monkeypatch.setenv(kernels.SWITCH, "off")
+    torch.manual_seed(0)
+    adapters = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["qkv", "proj", "up", "down"])
+    model = get_peft_model(Decoder(make_config("llama", vocab_size=tokenizer.vocab_size)), adapters)
+    config = TrainConfig(batch_size=4, max_steps=2, lr=1e-2, warmup_steps=0, precision="fp32", eval_interval=100)
+    trainer = Trainer(model, config, tmp_path / "off", RandomWindows(tokens, 32, 4, seed=0))
+    assert trainer.kernels["skipped"] == {"all": "switched off (LMFORGE_KERNELS=off or enabled=False)"}
+    assert not any(isinstance(m, lora.DropoutLinear) for m in model.modules())
+    assert np.isfinite(trainer.train_step())
+    monkeypatch.delenv(kernels.SWITCH)
+    assert kernels.apply(model, for_="train")["applied"]["lora_dropout"]["layers"]  # on again: fused
+    kernels.remove(model)
+    assert not any(isinstance(m, lora.DropoutLinear) for m in model.modules())
+    assert sum(isinstance(d, nn.Dropout) for m in model.modules() for d in getattr(m, "lora_dropout", {}).values()) \
+        == 2 * 4

@@ -1,5 +1,5 @@
 """Tests of lmforge.models: shapes, causality, the KV cache (with left padding), the fused loss and
-its gradients, and logit parity with transformers' GPT-2 and Llama."""
+its gradients, the tied head's state dict, and logit parity with transformers' GPT-2 and Llama."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmforge.models.decoder import Decoder, flops_per_token
-from lmforge.models.layers import fused_linear_cross_entropy, swiglu
-from lmforge.models.linear import FP32_MIN_ROWS, Linear, prefers_fp32
+from lmforge.models.layers import fused_linear_cross_entropy
 
 STYLES = ["gpt2", "llama"]
 
@@ -168,73 +168,23 @@ def test_fused_loss_frozen_head_keeps_no_weight_gradient() -> None:
     torch.testing.assert_close(w3.grad, w4.grad)
 
 
-def test_swiglu_keeps_only_its_input_and_gives_the_same_gradients() -> None:
-    g = torch.Generator().manual_seed(2)
-    h = torch.randn(3, 5, 2 * 24, generator=g, requires_grad=True)
-    grad = torch.randn(3, 5, 24, generator=g)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        out = swiglu(h)
-    assert len(saved) == 1 and saved[0] is h  # not silu(gate) besides
-    out.backward(grad)
-    h2 = h.detach().clone().requires_grad_()
-    gate, up = h2.chunk(2, dim=-1)
-    expected = F.silu(gate) * up
-    expected.backward(grad)
-    assert torch.equal(out, expected) and torch.equal(h.grad, h2.grad)
-
-
-def test_linear_multiplies_bf16_in_fp32_where_that_is_faster() -> None:
-    """bf16 inputs and weights: the result of an fp32 multiply (exact products, fp32 sums) rounded to
-    bf16 where `prefers_fp32` (CPUs without AMX), close to it anywhere; gradients likewise; and
-    PyTorch's own bf16 kernel for a few rows."""
-    g = torch.Generator().manual_seed(5)
-    layer = Linear(48, 40).to(torch.bfloat16)
-    x = torch.randn(4, FP32_MIN_ROWS // 4, 48, generator=g).bfloat16().requires_grad_()
-    grad = torch.randn(4, FP32_MIN_ROWS // 4, 40, generator=g).bfloat16()
-    out = layer(x)
-    w, b = layer.weight.detach().double(), layer.bias.detach().double()
-    expected = x.detach().double() @ w.T + b
-    assert out.dtype == torch.bfloat16
-    # bf16 rounding (2**-8 relative) of fp32 sums of 48 exact products (rounded: ~48 * 2**-24 * sum|x*w|, sum < 5)
-    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=2e-5)
-    assert (type(out.grad_fn).__name__ == "_LinearInFp32Backward") == prefers_fp32(x)  # the route taken
-    out.backward(grad)
-    rows_grad, rows_x = grad.double().reshape(-1, 40), x.detach().double().reshape(-1, 48)
-    for got, want in ((x.grad, grad.double() @ w), (layer.weight.grad, rows_grad.T @ rows_x),
-                      (layer.bias.grad, rows_grad.sum(0))):
-        assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=1e-2)
-    few = x.detach()[:1, :3]  # 3 rows: converting the weight would cost more than it saves
-    assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
-
-
-@pytest.mark.parametrize("style", STYLES)
-def test_remade_activations_give_the_same_gradients_and_are_not_kept(make_model, style) -> None:
-    """Block remakes its norms' outputs and the MLP's product in the backward pass instead of keeping
-    them (layers.remade_in_backward): the very same gradients, and those tensors die with the forward."""
-    model = make_model(style, dropout=0.0).train()
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
-    targets = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
-    made = []
-    hooks = [m.register_forward_hook(lambda m, i, out: made.append(weakref.ref(out)))
-             for name, m in model.named_modules() if name.endswith(("norm1", "norm2"))]
-    hooks += [m.register_forward_pre_hook(lambda m, i: made.append(weakref.ref(i[0])))
-              for name, m in model.named_modules() if name.endswith("mlp.down")]
-    loss = model(ids, targets)
-    assert len(made) == 3 * model.config.n_layer and all(ref() is None for ref in made)  # not kept
-    loss.backward()
-    remade = {name: p.grad.clone() for name, p in model.named_parameters()}
-    for h in hooks:
-        h.remove()
-    model.zero_grad()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # other hooks: all is kept
-        kept = model(ids, targets)
-    kept.backward()
-    assert torch.equal(loss, kept)
-    for name, p in model.named_parameters():
-        assert torch.equal(p.grad, remade[name]), name
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_linear_layer_is_an_nn_linear_and_the_tied_head_is_saved_once(make_model, tied) -> None:
+    """Plain PyTorch: the head is an nn.Linear too; tied, it holds the embedding's Parameter, which the
+    state dict keeps once (as tok_emb.weight), and loading (with assign=True too, as lmforge.load does)
+    ties it again."""
+    model = make_model("llama", tie_embeddings=tied)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert (model.head.weight is model.tok_emb.weight) == tied
+    state = model.state_dict()
+    assert ("head.weight" in state) != tied
+    with torch.device("meta"):
+        loaded = Decoder(model.config)
+    loaded.load_state_dict(state, assign=True)
+    assert (loaded.head.weight is loaded.tok_emb.weight) == tied
+    assert loaded.state_dict().keys() == state.keys() and loaded.num_parameters() == model.num_parameters()
+    ids = random_ids(2, 9, 384)
+    assert torch.equal(loaded(ids), model(ids))
 
 
 def test_rope_attention_does_not_keep_the_whole_qkv_output(make_model) -> None:

@@ -1,4 +1,4 @@
-"""Beam search: the `beam_size` most likely continuations, batched, on the model interface of the generate loop.
+"""Beam search: the `beam_size` most likely continuations, batched, on the model protocol of the generate loop.
 
     rows = beam_search_ids(model, [[eos]], beam_size=4, max_new_tokens=50, eos_id=eos, condition=cond)
     texts = seq2seq_model.generate(["source text"], beam_size=4, length_penalty=1.0)   # the usual way in
@@ -10,7 +10,8 @@ keeps the best, and reorders the cache rows to follow them (`KVCache.select`). A
 longer outputs, 0 compares raw log-probabilities). A prompt is done when it has `beam_size` finished
 hypotheses (`early_stopping=True`), or, with `early_stopping=False`, once no running beam can still beat
 its worst finished one at the current length (the heuristic of Hugging Face transformers). With
-`beam_size=1` beam search is greedy decoding.
+`beam_size=1` beam search is greedy decoding. The model is anything with the protocol of
+`lmforge.infer`; on a CPU the steps multiply through packed weights (`lmforge.kernels`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from collections.abc import Sequence
 
 import torch
 
+from lmforge import kernels
 from lmforge.errors import UserError
-from lmforge.infer.generate import left_pad
-from lmforge.models.linear import packed_weights
+from lmforge.infer import Generative, left_pad, model_device
 
 
 @torch.inference_mode()
 def beam_search_ids(
-    model,
+    model: Generative,
     prompts: Sequence[Sequence[int]],
     beam_size: int = 4,
     max_new_tokens: int = 100,
@@ -34,11 +35,13 @@ def beam_search_ids(
     early_stopping: bool = True,
     eos_id: int | None = None,
     condition: dict[str, torch.Tensor] | None = None,
+    use_kernels: bool | None = None,
 ) -> list[list[int]]:
     """The best continuation of each prompt (new ids only, `eos_id` not included) by beam search.
 
     New tokens stop at the model's context (no sliding window: the search keeps whole hypotheses).
     `condition` (tensors with one row per prompt) is repeated for each beam and put in the cache.
+    `use_kernels=False` multiplies through the model's own layers (None: LMFORGE_KERNELS decides).
     """
     if beam_size < 1:
         raise UserError(f"--beam-size = {beam_size}; expected >= 1")
@@ -51,7 +54,7 @@ def beam_search_ids(
     if longest >= block_size:
         raise UserError(f"prompt is {longest} tokens; the model's context is {block_size} tokens")
     steps = min(max_new_tokens, block_size - longest)
-    device = model.head_weight.device
+    device = model_device(model)
     B, K = len(prompts), beam_size
     tokens, pad = left_pad(prompts, device)
     pad = pad.repeat_interleave(K)  # (B*K,)
@@ -64,7 +67,7 @@ def beam_search_ids(
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
     step_input = tokens.repeat_interleave(K, dim=0)
-    with packed_weights(model, rows=B * K):  # on a CPU: the weights packed once (lmforge.models.linear)
+    with kernels.generating(model, rows=B * K, enabled=use_kernels):  # on a CPU: the weights packed once
         for step in range(steps):
             logits = model(step_input, cache=cache, last_only=True)[:, -1].float()  # (B*K, V)
             V = logits.shape[-1]

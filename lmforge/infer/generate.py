@@ -1,25 +1,35 @@
-"""The one generate loop: batched sampling with a KV cache, stop strings and streaming.
+"""The one generate loop, for every model kind: batched sampling with a KV cache, stop strings, streaming.
 
     texts = generate(model, "ROMEO:", max_new_tokens=100, temperature=0.8, top_k=50)
-    ids = generate_ids(model, [[1, 2, 3]], max_new_tokens=20, temperature=0)     # greedy
+    texts = generate(seq2seq_model, ["a source text"], beam_size=4)    # every kind, the same call
+    ids = generate_ids(model, [[1, 2, 3]], max_new_tokens=20, temperature=0)     # greedy, on token ids
 
-Any model with `forward(ids, cache=, last_only=)` and `new_cache(batch, max_len, pad)` works. Prompts
-of different lengths are left-padded; padding is masked out of attention and positions. When a
-sequence reaches the model's context, the cache is rebuilt from the last half of the context and
-generation goes on (a sliding window). A conditioned model (seq2seq: the encoder's output; vae: the
-latent z) gets its `condition` through the cache: `generate_ids(model, prompts, condition=...)`, or
-`generate(model, texts, condition=...)`, which every model's `generate` calls. Beam search is
-`lmforge.infer.beam.beam_search_ids`, on the same model interface (`generate(..., beam_size=4)`).
+The loop talks to a model only through the protocol of `lmforge.infer` (a forward pass
+with a KV cache; a conditioned model's `generation_batches`), never importing `lmforge.models`; every
+model's `generate` method calls `generate` here. Prompts of different lengths are left-padded;
+padding is masked out of attention and positions. When a sequence reaches the model's context, the
+cache is rebuilt from the last half of the context and generation goes on (a sliding window). A
+conditioned model (seq2seq: the encoder's output; vae: the latent z) gets its condition through the
+cache (`generate_ids(model, prompts, condition=...)`). Beam search is `lmforge.infer.beam.beam_search_ids`,
+on the same protocol (`generate(..., beam_size=4)`). On a CPU the steps multiply through weights
+packed once per call (`lmforge.kernels.generating`; `use_kernels=False` or LMFORGE_KERNELS=off: not).
+
+One output convention for every model kind: `generate` returns a list of texts, one per prompt and
+sample, prompt-major ([prompt 0 sample 0, prompt 0 sample 1, ..., prompt 1 sample 0, ...]), each
+without its prompt and cut before the first stop string.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
+from lmforge import kernels
 from lmforge.errors import UserError
-from lmforge.models.linear import packed_weights
+from lmforge.infer import Generative, batches, continuation_prompts, left_pad, model_device
+from lmforge.infer.beam import beam_search_ids
 
 
 def sample_next(
@@ -52,17 +62,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, scores)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of token ids left-padded into one batch (B, T), and the number of padding tokens (B,) of each row.
-
-    The padding id is 0; the KV cache's `pad` keeps it out of attention and positions.
-    """
-    longest = max(len(p) for p in prompts)
-    tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    return tokens, pad
-
-
 def check_stream(stream: Callable[[str], None] | bool | None, n_outputs: int) -> None:
     """Streaming shows a single output: a UserError when `stream` is asked for with more than one."""
     if stream and n_outputs > 1:
@@ -86,7 +85,7 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty
 
 @torch.inference_mode()
 def generate_ids(
-    model,
+    model: Generative,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int = 100,
     temperature: float = 1.0,
@@ -97,12 +96,14 @@ def generate_ids(
     seed: int | None = None,
     on_tokens: Callable[[torch.Tensor], bool] | None = None,
     condition: dict[str, torch.Tensor] | None = None,
+    use_kernels: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return only the new ids of each.
 
     A row stops at `eos_id` (not included). `on_tokens(new_ids)` is called after every step with the
     tokens just chosen (B,); returning True stops the whole batch (used for stop strings).
     `condition` (tensors with one row per prompt) is put in the model's cache for it to read.
+    `use_kernels=False` multiplies through the model's own layers (None: LMFORGE_KERNELS decides).
     """
     _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, 1)
     block_size = model.config.block_size
@@ -112,7 +113,7 @@ def generate_ids(
     if longest >= block_size:
         raise UserError(f"prompt is {longest} tokens; the model's context is {block_size} tokens "
                         f"(leave room to generate: at most {block_size - 1})")
-    device = model.head_weight.device if hasattr(model, "head_weight") else next(model.parameters()).device
+    device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     B = len(prompts)
     tokens, pad = left_pad(prompts, device)  # (B, T), (B,)
@@ -125,7 +126,7 @@ def generate_ids(
     step_input = tokens
     is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]
     prompt_text = torch.where(is_pad, tokens[:, -1:], tokens)  # for the repetition penalty: padding is not text
-    with packed_weights(model, rows=B):  # on a CPU: the weights packed once (lmforge.models.linear)
+    with kernels.generating(model, rows=B, enabled=use_kernels):  # on a CPU: the weights packed once
         for _ in range(max_new_tokens):
             if cache.length + step_input.shape[1] > cache.max_len:  # context full: slide the window
                 keep = block_size // 2
@@ -159,7 +160,7 @@ def generate_ids(
 
 
 def generate(
-    model,
+    model: Generative,
     prompt: str | Sequence[str] = "",
     max_new_tokens: int = 100,
     temperature: float = 0.8,
@@ -170,36 +171,67 @@ def generate(
     num_samples: int = 1,
     seed: int | None = None,
     stream: Callable[[str], None] | bool | None = None,
-    tokenizer=None,
-    condition: dict[str, torch.Tensor] | None = None,
-    eos_first: bool = False,
+    tokenizer: Any = None,
     beam_size: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool = True,
+    batch_size: int | None = None,
+    use_kernels: bool | None = None,
+    **options: Any,
 ) -> list[str]:
-    """Continue `prompt` (or each of a list of prompts) `num_samples` times; return the new texts.
+    """Generate from `prompt` (or each of a list of prompts) `num_samples` times; return the new texts.
 
-    `stop` strings end a sample (the stop string is cut off). `stream=True` prints the text of a
-    single sample to stdout as it is generated; a callable receives each new piece of text instead.
-    An empty prompt starts from the end-of-text token (unconditional samples); with `eos_first` every
-    prompt does (a decoder trained to start from it: seq2seq, vae). A conditioned model gets
-    `condition`, one row per sample (prompt-major), through `generate_ids`. `beam_size` > 1 searches
-    (`lmforge.infer.beam`; the sampling options then do not apply, a stream gets the text once complete).
+    One text per prompt and sample, prompt-major (the module docstring's output convention). `stop`
+    strings end a sample (the stop string is cut off). `stream=True` prints the text of a single
+    sample to stdout as it is generated; a callable receives each new piece of text instead. A
+    decoder continues each prompt; an empty one starts from the end-of-text token (unconditional
+    samples). A conditioned model turns the texts into prompts and conditions itself
+    (`generation_batches`, which takes `options`, e.g. a seq2seq model's `too_long`). At most
+    `batch_size` sequences generate at once (None: all). `beam_size` > 1 searches (`lmforge.infer.beam`;
+    the sampling options then do not apply, a stream gets the text once complete).
     """
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise UserError("this model has no tokenizer; load it with lmforge.load(CHECKPOINT)")
     _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    eos = tokenizer.eos_id
-    start = [eos] if eos_first else []
-    encoded = [start + tokenizer.encode(p) if p else [eos] for p in prompts for _ in range(num_samples)]
+    if beam_size < 1:
+        raise UserError(f"--beam-size = {beam_size}; expected >= 1")
+    texts = [text for text in ([prompt] if isinstance(prompt, str) else prompt) for _ in range(num_samples)]
     if stream is True:
         stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
-    check_stream(stream, len(encoded))
+    check_stream(stream, len(texts))
+    make_batches = getattr(model, "generation_batches", None)
+    if make_batches is None:
+        if options:
+            raise UserError(f"{', '.join(options)}: not an option of this model's generate")
+        make_batches = _continuation_batches
+    out: list[str] = []
+    for prompts, condition in make_batches(texts, tokenizer, batch_size, seed, **options):
+        if beam_size > 1:
+            rows = beam_search_ids(model, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,
+                                   tokenizer.eos_id, condition, use_kernels)
+            texts = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
+            if stream:
+                stream(texts[0])
+        else:
+            texts = _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperature, top_k, top_p,
+                                  repetition_penalty, stop, seed, stream, use_kernels)
+        out += texts
+    return out
 
-    generated: list[list[int]] = [[] for _ in encoded]
-    shown = [0] * len(encoded)  # characters already streamed
+
+def _continuation_batches(texts: Sequence[str], tokenizer: Any, batch_size: int | None, seed: int | None
+                          ) -> Iterable[tuple[list[list[int]], None]]:
+    """What a model without `generation_batches` generates from: each text continued, no condition."""
+    return ((list(prompts), None) for prompts in batches(continuation_prompts(texts, tokenizer), batch_size))
+
+
+def _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperature, top_k, top_p,
+                  repetition_penalty, stop, seed, stream, use_kernels) -> list[str]:
+    """One batch through `generate_ids`, decoded, stopped at `stop` strings and streamed as it goes."""
+    eos = tokenizer.eos_id
+    generated: list[list[int]] = [[] for _ in prompts]
+    shown = [0]  # characters already streamed
 
     def watch(next_ids: torch.Tensor) -> bool:
         for row, token in enumerate(next_ids.tolist()):
@@ -217,14 +249,8 @@ def generate(
                     shown[0] = safe
         return bool(stop) and all(any(s in t for s in stop) for t in texts)
 
-    if beam_size > 1:
-        from lmforge.infer.beam import beam_search_ids
-
-        rows = beam_search_ids(model, encoded, beam_size, max_new_tokens, length_penalty, early_stopping, eos,
-                               condition)
-    else:
-        rows = generate_ids(model, encoded, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                            eos, seed, watch, condition)
+    rows = generate_ids(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                        eos, seed, watch, condition, use_kernels)
     texts = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
     if stream:
         stream(texts[0][shown[0]:])

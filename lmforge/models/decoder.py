@@ -3,7 +3,7 @@
     model = Decoder(preset("gpt-mini"))
     logits = model(ids)                 # (B, T, vocab)
     loss = model(ids, targets)          # mean cross-entropy, fused with the output head
-    text = model.generate(...)          # see lmforge.infer.generate
+    texts = model.generate("ROMEO:")    # the one generate loop, lmforge.infer.generate
 
 GPT-2 style: learned positions, LayerNorm, GELU, tied embeddings. Llama style: RoPE, RMSNorm,
 SwiGLU, grouped-query attention. Both are the same class; the config switches pick the parts.
@@ -17,16 +17,9 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.base import LanguageModel, decode_stack
-from lmforge.models.layers import (
-    Block,
-    KVCache,
-    RotaryEmbedding,
-    init_weights,
-    make_norm,
-    output_head,
-)
-from lmforge.models.linear import Linear
+from lmforge.infer.generate import generate
+from lmforge.models.base import LanguageModel, decode_stack, make_head
+from lmforge.models.layers import Block, KVCache, RotaryEmbedding, init_weights, make_norm
 
 
 class Decoder(LanguageModel):
@@ -41,9 +34,8 @@ class Decoder(LanguageModel):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = make_head(config, self.tok_emb)
         self.tokenizer: Any = None
-        self.activation_checkpointing = False  # set by the Trainer (train.activation_checkpointing)
         init_weights(self, config.n_layer)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -63,12 +55,10 @@ class Decoder(LanguageModel):
         With targets the output head and the loss are fused (the full logits are never made);
         targets equal to `ignore_index` do not count. `last_only` returns logits (B, 1, vocab).
         """
-        return output_head(self.hidden_states(ids, cache), self.head_weight, targets, last_only, ignore_index)
+        return self.output(self.hidden_states(ids, cache), targets, last_only, ignore_index)
 
-    def generate(self, *args: Any, **kwargs: Any):
-        """Generate text or token ids; the options are those of `lmforge.infer.generate.generate`."""
-        from lmforge.infer.generate import generate
-
+    def generate(self, *args: Any, **kwargs: Any) -> list[str]:
+        """Continuations of the prompt(s): the options and the output are those of `lmforge.infer.generate.generate`."""
         return generate(self, *args, **kwargs)
 
 

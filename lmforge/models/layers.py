@@ -1,35 +1,32 @@
-"""The Transformer layers every lmforge model is built from.
+"""The Transformer layers every lmforge model is built from: plain PyTorch, on any device.
 
-In the order data meets them: `RMSNorm` / `nn.LayerNorm`, `RotaryEmbedding`, `Attention` (one
-implementation for every model: grouped-query heads, PyTorch's `scaled_dot_product_attention`, an
-optional `KVCache` for generation; causal or bidirectional self-attention, or cross-attention to an
-encoder's output), `remade_in_backward` / `remake` (cheap activations made again in the backward
-pass instead of kept), `MLP` (GELU or SwiGLU), `Block`, `fused_linear_cross_entropy` (the output head
-and the loss in one pass that never holds the full logits), `output_head` (logits, last-position
-logits or that fused loss: the head of every model kind; through packed weights while a batch
-generates, `lmforge.models.linear`) and `masked_mean` (pooling over real tokens).
+In the order data meets them: `RMSNorm` / `nn.LayerNorm`, `RotaryEmbedding`, the attention masks,
+`KVCache`, `Attention` (one implementation for every model: grouped-query heads, PyTorch's
+`scaled_dot_product_attention`, an optional KV cache for generation; causal or bidirectional
+self-attention, or cross-attention to an encoder's output), `MLP` (GELU or SwiGLU), `Block`,
+`fused_linear_cross_entropy` (the output head and the loss in one pass that never holds the full
+logits) and `masked_mean` (pooling over real tokens).
 
     block = Block(config, 0)                                   # a decoder block (causal)
     y = block(x)                                               # x: (B, T, d_model)
     y = block(x, mask=key_padding_mask(valid), causal=False)   # an encoder block: no padding attended
     dec = Block(config, 0, cross_attention=True)               # a seq2seq decoder block
     y = dec(x, memory=encoded, memory_mask=key_padding_mask(source_valid))
+
+Every linear layer is an `nn.Linear`. Hardware-specific speed-ups live in `lmforge.kernels`, which
+swaps those layers in place and wraps the attention function (`Attention.sdpa`); nothing here
+knows about it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.linear import Linear, is_packed, linear, prefers_fp32
 
 
 class RMSNorm(nn.Module):
@@ -143,6 +140,10 @@ class Attention(nn.Module):
     values after the first step.
     """
 
+    # the attention function, a hook that lmforge.kernels may wrap (e.g. to compute in fp32 where
+    # that is faster); it keeps F.scaled_dot_product_attention's signature
+    sdpa = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, config: ModelConfig, layer_index: int, cross_attention: bool = False):
         super().__init__()
         self.layer_index = layer_index
@@ -150,52 +151,47 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_size, kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         if cross_attention:
-            self.q = Linear(config.d_model, q_size, bias=config.qkv_bias)
-            self.kv = Linear(config.d_model, 2 * kv_size, bias=config.qkv_bias)
+            self.q = nn.Linear(config.d_model, q_size, bias=config.qkv_bias)
+            self.kv = nn.Linear(config.d_model, 2 * kv_size, bias=config.qkv_bias)
         else:
-            self.qkv = Linear(config.d_model, q_size + 2 * kv_size, bias=config.qkv_bias)
-        self.proj = Linear(q_size, config.d_model, bias=config.bias)
+            self.qkv = nn.Linear(config.d_model, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(q_size, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, causal: bool = True,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, mask: torch.Tensor | None = None, causal: bool = True,
                 memory: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
+        B, T, _ = x.shape  # x: (B, T, d_model)
         if self.cross_attention:
-            q, k, v, dtype = self._cross_qkv(x, memory, cache)
+            q, k, v = self._cross_qkv(x, memory, cache)
             causal = False
         else:
-            qkv = self.qkv(x)
-            dtype = qkv.dtype
-            if cache is None and prefers_fp32(qkv):
-                qkv = qkv.float()  # attention runs ~2x faster in fp32 here; its output goes back to `dtype`
-            q, k, v = qkv.split(
+            q, k, v = self.qkv(x).split(
                 [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
             )
             q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
             k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-            v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
             if rope is not None:
                 cos, sin = rope
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-                if torch.is_grad_enabled():  # v alone, or its view would keep all of qkv for the backward pass
-                    v = v.contiguous()
+                if torch.is_grad_enabled():  # q and k are new tensors: v alone, or its view would keep
+                    v = v.contiguous()       # all of the qkv output alive for the backward pass
             if cache is not None:
                 k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hd), S = cached + T
-        y = F.scaled_dot_product_attention(
+        y = self.sdpa(
             q, k, v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal and mask is None and T > 1,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim).to(dtype))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, d_model)
 
     def _cross_qkv(self, x, memory, cache):
         """Queries from x (B, nh, T, hd); keys and values from memory (B, nkv, S, hd), cached once made."""
         B, T, _ = x.shape
-        q = self.q(x)
-        dtype = q.dtype
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if cache is not None and self.layer_index in cache.cross:
             k, v = cache.cross[self.layer_index]
         else:
@@ -205,104 +201,7 @@ class Attention(nn.Module):
             k, v = self.kv(memory).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
             if cache is not None:
                 cache.cross[self.layer_index] = (k, v)
-        return q, k, v, dtype
-
-
-class _Recipe(NamedTuple):
-    fn: Callable[..., torch.Tensor]
-    inputs: tuple[torch.Tensor, ...]
-    versions: tuple[int, ...]
-    autocast: tuple[str, bool, torch.dtype]
-
-
-_remakeable = threading.local()  # .outputs: {storage address: (output, recipe)} inside `remade_in_backward`
-
-
-@contextlib.contextmanager
-def remade_in_backward():
-    """Within it, what `remake(fn, *inputs)` returns is not kept for the backward pass: the layers that
-    read it (a linear layer's weight gradient, a LoRA adapter) get it made again from its inputs.
-
-    For cheap outputs of inputs that are kept anyway: a norm's output (its input is the residual
-    stream, which the norm keeps) and the SwiGLU/GELU product (whose input `h` it keeps). Each is as
-    large as a layer's activations, and autograd would keep it beside its input; remaking it costs one
-    elementwise pass in the backward pass. Used by `Block`; does nothing without autograd, under
-    torch.compile, or inside other saved-tensor hooks (activation checkpointing keeps nothing anyway).
-    """
-    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()  # compiling first: dynamo can't trace the rest
-            or getattr(_remakeable, "outputs", None) is not None
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
-        yield
-        return
-    outputs: dict[int, tuple[torch.Tensor, _Recipe]] = {}
-
-    def pack(t: torch.Tensor):
-        found = outputs.get(t.untyped_storage().data_ptr()) if t.numel() else None
-        if found is None or found[0].dtype != t.dtype or found[0].device != t.device:
-            return t
-        return found[1], t.shape, t.stride(), t.storage_offset()
-
-    def unpack(saved):
-        if isinstance(saved, torch.Tensor):
-            return saved
-        recipe, shape, stride, offset = saved
-        if tuple(x._version for x in recipe.inputs) != recipe.versions:
-            raise RuntimeError("an input of a remade activation was modified in place after the forward pass")
-        device, enabled, dtype = recipe.autocast
-        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            return recipe.fn(*recipe.inputs).as_strided(shape, stride, offset)
-
-    _remakeable.outputs = outputs
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
-    finally:
-        _remakeable.outputs = None
-        outputs.clear()  # the outputs themselves are never held past the forward pass
-
-
-def remake(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-    """fn(*inputs); inside `remade_in_backward`, remade from `inputs` where the backward pass needs it.
-    `fn` must be deterministic and `inputs` must not change in place afterwards (checked)."""
-    out = fn(*inputs)
-    outputs = getattr(_remakeable, "outputs", None)
-    if outputs is not None and out.is_contiguous() and out.numel():
-        device = out.device.type
-        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        # holding `out` while the context lasts keeps its address from being reused by another tensor
-        outputs[out.untyped_storage().data_ptr()] = (out, _Recipe(fn, inputs, tuple(x._version for x in inputs),
-                                                                  autocast))
-    return out
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up for h = [gate, up] (..., 2 * d_ff), keeping only h for the backward pass.
-
-    Autograd's own silu and multiply would also keep silu(gate), as large as the output; the
-    backward pass makes it again from gate (one sigmoid), with the same kernels, so the gradients
-    are the very same numbers.
-    """
-
-    @staticmethod
-    def forward(ctx, h):
-        gate, up = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        grad_h = torch.empty_like(h)
-        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
-        return grad_h
-
-
-def swiglu(h: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, with h = [gate, up] on its last dimension (one matmul makes both)."""
-    return _SwiGLU.apply(h)
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -311,16 +210,17 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        self.up = Linear(config.d_model, (2 if self.swiglu else 1) * config.d_ff, bias=config.bias)
-        self.down = Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.up = nn.Linear(config.d_model, (2 if self.swiglu else 1) * config.d_ff, bias=config.bias)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        return self.down(remake(swiglu if self.swiglu else _gelu, h))  # see `remade_in_backward`
-
-
-def _gelu(h: torch.Tensor) -> torch.Tensor:
-    return F.gelu(h, approximate="tanh")
+        h = self.up(x)  # (B, T, d_ff), or [gate, up] (B, T, 2 * d_ff)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)  # (B, T, d_model)
 
 
 class Block(nn.Module):
@@ -342,24 +242,22 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, mask=None, causal: bool = True,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, mask: torch.Tensor | None = None, causal: bool = True,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        with remade_in_backward():  # the norms' outputs and the MLP's product are made again, not kept
-            x = x + self.dropout(self.attn(remake(self.norm1, x), rope, cache, mask, causal))
-            if self.cross_attn is not None:
-                x = x + self.dropout(self.cross_attn(remake(self.norm_cross, x), cache=cache, mask=memory_mask,
-                                                     memory=memory))
-            return x + self.dropout(self.mlp(remake(self.norm2, x)))
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, mask, causal))  # (B, T, d_model)
+        if self.cross_attn is not None:
+            x = x + self.dropout(self.cross_attn(self.norm_cross(x), cache=cache, mask=memory_mask, memory=memory))
+        return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of (h @ weight.T) computed chunk by chunk, with gradients made in the forward pass.
 
-    The full (tokens, vocab) logits never exist: each chunk's logits are made, turned into the loss
-    and into d(loss)/d(logits) = softmax - onehot, multiplied back into the gradients of h and weight,
-    and dropped. Same matmul count as the unfused head, a fraction of its memory traffic. The logits
-    are fp32; where fp32 matmuls are the fast ones (`prefers_fp32`) the head's matmuls are fp32 too,
-    which saves converting every chunk of logits and its gradient between dtypes.
+    The full (tokens, vocab) logits never exist: each chunk's logits are made (in fp32), turned into
+    the loss and into d(loss)/d(logits) = softmax - onehot, multiplied back into the gradients of h
+    and weight, and dropped. Same matmul count as the unfused head, a fraction of its memory traffic.
+    The matmuls run in h's dtype; the weight's gradient is summed in fp32.
 
     Only the gradients that are needed are made and kept: with a frozen head (LoRA, whose head is
     the frozen token embedding when tied) there is no (V, d) weight gradient to hold through the
@@ -370,13 +268,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_size, ignore_index):
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        compute = torch.float32 if prefers_fp32(h) else h.dtype
-        w = weight.to(compute)
-        grad_h = torch.empty(h.shape, dtype=compute, device=h.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h) if need_h else None  # (N, d)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
-            h_chunk, t_chunk = h[start:start + chunk_size].to(compute), targets[start:start + chunk_size]
+            h_chunk, t_chunk = h[start:start + chunk_size], targets[start:start + chunk_size]
             logits = (h_chunk @ w.T).float()  # (chunk, V)
             valid = t_chunk != ignore_index
             safe_t = t_chunk.clamp(min=0)
@@ -386,15 +283,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 logits[torch.arange(len(t_chunk), device=h.device), safe_t] -= 1.0
                 logits.mul_((valid.float() / n_valid)[:, None])
-                g = logits.to(compute)
+                g = logits.to(h.dtype)  # d(loss)/d(logits) of the chunk
                 if need_h:
                     torch.mm(g, w, out=grad_h[start:start + chunk_size])
-                if need_w and compute == torch.float32:
+                if need_w and h.dtype == torch.float32:
                     grad_w.addmm_(g.T, h_chunk)
                 elif need_w:
                     grad_w += (g.T @ h_chunk).float()
         ctx.need_h, ctx.need_w = need_h, need_w
-        ctx.save_for_backward(grad_h.to(h.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total / n_valid
 
     @staticmethod
@@ -413,25 +310,6 @@ def fused_linear_cross_entropy(
     for vocabularies of ~8K (measured 2% faster per training step than 512 on a 2-core Xeon).
     """
     return _FusedLinearCrossEntropy.apply(h, weight, targets, chunk_size, ignore_index)
-
-
-def output_head(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None, last_only: bool = False,
-                ignore_index: int = -100) -> torch.Tensor:
-    """The output head over final hidden states h (B, T, d) with `weight` (V, d), for every model kind.
-
-    Logits (B, T, V); with `last_only`, the last position's (B, 1, V); with `targets` (B, T), the mean
-    cross-entropy, fused with the head (`fused_linear_cross_entropy`; targets equal to `ignore_index`
-    do not count).
-    """
-    if targets is not None:
-        return fused_linear_cross_entropy(h.flatten(0, 1), weight, targets.flatten(), ignore_index=ignore_index)
-    if last_only:
-        if is_packed(weight):  # generating, through packed weights (lmforge.models.linear)
-            return linear(h[:, -1], weight)[:, None]
-        # (W @ h.T).T rather than h @ W.T: for a few rows (generation) CPU BLAS runs the head's
-        # matmul ~1.5x faster in this orientation (measured at 8 rows; the same at 1)
-        return (weight @ h[:, -1].T).T.contiguous()[:, None]  # (B, 1, V)
-    return linear(h, weight)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -13,33 +13,26 @@ end-of-text token and learns to end its output with it, so one token id does bot
 both sides); otherwise the encoder has its own (`src_emb`). The output head is tied to the decoder's
 embedding when `tie_embeddings`.
 
-Generation goes through the one generate loop (`lmforge.infer.generate.generate`, with `condition=`) or
-beam search (`lmforge.infer.beam.beam_search_ids`): the encoder runs once, its output rides in the KV cache
+Generation goes through the one generate loop (`lmforge.infer.generate.generate`, beam search
+included): `generation_batches` encodes each batch of sources once, its output rides in the KV cache
 (`cache.condition`), and each decoder layer makes the cross-attention keys and values once.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
-from lmforge.models.base import LanguageModel, decode_stack, encode_stack
-from lmforge.models.layers import (
-    Block,
-    KVCache,
-    RotaryEmbedding,
-    init_weights,
-    make_norm,
-    output_head,
-)
-from lmforge.models.linear import Linear
+from lmforge.infer import batches, pad_right
+from lmforge.infer.generate import generate
+from lmforge.models.base import LanguageModel, decode_stack, encode_stack, make_head
+from lmforge.models.layers import Block, KVCache, RotaryEmbedding, init_weights, make_norm
 
 TOO_LONG = ("truncate", "error")
 
@@ -61,7 +54,7 @@ class Seq2Seq(LanguageModel):
         self.enc_norm = make_norm(config)
         self.blocks = nn.ModuleList(Block(config, i, cross_attention=True) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.head = None if config.tie_embeddings else Linear(d, config.vocab_size, bias=False)
+        self.head = make_head(config, self.tok_emb)
         self.tokenizer: Any = None
         init_weights(self, config.n_layer)
 
@@ -111,9 +104,8 @@ class Seq2Seq(LanguageModel):
         else:
             raise ValueError("Seq2Seq needs a source: pass source= (or a cache holding the encoder's output)")
         h = self.hidden_states(ids, memory, memory_mask, cache)
-        return output_head(h, self.head_weight, targets, last_only, ignore_index)
+        return self.output(h, targets, last_only, ignore_index)
 
-    @torch.inference_mode()
     def generate(
         self,
         sources: str | Sequence[str],
@@ -138,31 +130,24 @@ class Seq2Seq(LanguageModel):
         `beam_size` > 1 searches (temperature, top_k, top_p and repetition_penalty then do not apply).
         Sources longer than the context are cut with a warning (`too_long="truncate"`) or rejected
         (`"error"`). `condition_options` go to `self.condition` (a conditional VAE: `{"z_seed": 3}` samples
-        z). The other options, `stop`, `num_samples` (outputs per source) and `stream` among them, are those
-        of the decoder's `generate` (`lmforge.infer.generate.generate`, which does the work, a batch of
-        sources at a time), so `lmforge generate` works.
+        z). The other options, `stop`, `num_samples` (outputs per source) and `stream` among them, and the
+        output are those of the decoder's `generate` (`lmforge.infer.generate.generate`, which does the
+        work, `batch_size` sources at a time), so `lmforge generate` works.
         """
-        from lmforge.infer.generate import check_stream, generate
+        return generate(self, sources, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
+                        num_samples, seed, stream, beam_size=beam_size, length_penalty=length_penalty,
+                        early_stopping=early_stopping, batch_size=batch_size, too_long=too_long,
+                        condition_options=condition_options)
 
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            raise UserError("this model has no tokenizer; load it with lmforge.load(CHECKPOINT)")
-        texts = [sources] if isinstance(sources, str) else list(sources)
-        if beam_size < 1:
-            raise UserError(f"--beam-size = {beam_size}; expected >= 1")
-        if num_samples < 1:
-            raise UserError(f"--num-samples = {num_samples}; expected >= 1")
-        texts = [t for t in texts for _ in range(num_samples)]
-        check_stream(stream, len(texts))
-        encoded = encode_texts(texts, tokenizer, self.config.block_size, too_long, "source")
-        out: list[str] = []
-        for i in range(0, len(encoded), batch_size):
-            source, source_mask = pad_right(encoded[i:i + batch_size], tokenizer.eos_id, self.head_weight.device)
-            condition = self.condition(source, source_mask, **(condition_options or {}))
-            out += generate(self, [""] * len(source), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                            stop, seed=seed, stream=stream, condition=condition, eos_first=True, beam_size=beam_size,
-                            length_penalty=length_penalty, early_stopping=early_stopping)
-        return out
+    def generation_batches(self, texts: Sequence[str], tokenizer: Any, batch_size: int | None, seed: int | None,
+                           too_long: str = "truncate", condition_options: dict[str, Any] | None = None
+                           ) -> Iterator[tuple[list[list[int]], dict[str, torch.Tensor]]]:
+        """What the generate loop decodes from (`lmforge.infer`): each batch of source texts
+        encoded once (its output the condition), and the decoder starting from the end-of-text token."""
+        sources = encode_texts(texts, tokenizer, self.config.block_size, too_long, "source")
+        for batch in batches(sources, batch_size):
+            source, source_mask = pad_right(batch, tokenizer.eos_id, self.head_weight.device)
+            yield [[tokenizer.eos_id]] * len(batch), self.condition(source, source_mask, **(condition_options or {}))
 
 
 def encode_texts(texts: Sequence[str], tokenizer, max_tokens: int, too_long: str = "truncate",

@@ -16,7 +16,8 @@ input token. Chosen over a prefix token (x-transformers' gpt_vae) or cross-atten
 z then reaches every position directly through the residual stream, at every step, instead of through
 one attention slot that a strong autoregressive decoder learns to ignore (the route to posterior
 collapse); it costs no context position, and cached generation needs nothing but z in the cache
-(`cache.condition["z"]`), so sampling goes through the one generate loop unchanged.
+(`cache.condition["z"]`, put there by `generation_batches`), so sampling goes through the one generate
+loop unchanged.
 The objective (ELBO with beta annealing and free bits) is `lmforge.train.objectives.ElboLoss`.
 
 `ConditionalVAE` (`kind: cvae`) is the article's summarization case: a Seq2Seq whose decoder also
@@ -25,25 +26,17 @@ reads a latent z, with a learned prior p(z | article) and a posterior q(z | arti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.errors import UserError
-from lmforge.models.base import LanguageModel, decode_stack, encode_stack
-from lmforge.models.layers import (
-    Block,
-    KVCache,
-    RotaryEmbedding,
-    init_weights,
-    make_norm,
-    masked_mean,
-    output_head,
-)
-from lmforge.models.linear import Linear
+from lmforge.infer import batches, continuation_prompts
+from lmforge.infer.generate import generate
+from lmforge.models.base import LanguageModel, decode_stack, encode_stack, make_head
+from lmforge.models.layers import Block, KVCache, RotaryEmbedding, init_weights, make_norm, masked_mean
 from lmforge.models.seq2seq import Seq2Seq
 
 
@@ -61,11 +54,11 @@ class VAE(LanguageModel):
         self.dropout = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(Block(config, i) for i in range(config.encoder_layers))
         self.enc_norm = make_norm(config)
-        self.to_latent = Linear(d, 2 * config.latent_dim)  # -> (mu, logvar)
-        self.from_latent = Linear(config.latent_dim, d)  # z -> added to each decoder input embedding
+        self.to_latent = nn.Linear(d, 2 * config.latent_dim)  # -> (mu, logvar)
+        self.from_latent = nn.Linear(config.latent_dim, d)  # z -> added to each decoder input embedding
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.head = None if config.tie_embeddings else Linear(d, config.vocab_size, bias=False)
+        self.head = make_head(config, self.tok_emb)
         self.tokenizer: Any = None
         init_weights(self, config.n_layer)
 
@@ -112,10 +105,9 @@ class VAE(LanguageModel):
             if cache is None or "z" not in cache.condition:
                 raise ValueError("the VAE decoder needs a latent: pass z= (or a cache holding it)")
             z = cache.condition["z"]
-        out = output_head(self.hidden_states(ids, z, cache), self.head_weight, targets, last_only, ignore_index)
+        out = self.output(self.hidden_states(ids, z, cache), targets, last_only, ignore_index)
         return out if mu is None else (out, mu, logvar)
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt: str | Sequence[str] = "",
@@ -131,18 +123,22 @@ class VAE(LanguageModel):
     ) -> list[str]:
         """Texts decoded from z drawn from the prior N(0, I), one z per sample, continuing each `prompt`.
 
-        The options are those of the decoder's `generate` (`lmforge.infer.generate.generate`, which does the
-        work; so `lmforge generate` works); `seed` fixes the draws of z (and of the tokens when sampling).
+        The options and the output are those of the decoder's `generate` (`lmforge.infer.generate.generate`,
+        which does the work; so `lmforge generate` works); `seed` fixes the draws of z (and of the tokens
+        when sampling).
         """
-        from lmforge.infer.generate import generate
-
-        if num_samples < 1:
-            raise UserError(f"--num-samples = {num_samples}; expected >= 1")
-        n = (1 if isinstance(prompt, str) else len(prompt)) * num_samples
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None  # None: fresh draws
-        z = torch.randn(n, self.config.latent_dim, generator=generator).to(self.head_weight.device)
         return generate(self, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop,
-                        num_samples, seed, stream, condition={"z": z}, eos_first=True)
+                        num_samples, seed, stream)
+
+    def generation_batches(self, texts: Sequence[str], tokenizer: Any, batch_size: int | None, seed: int | None
+                           ) -> Iterator[tuple[list[list[int]], dict[str, torch.Tensor]]]:
+        """What the generate loop decodes from (`lmforge.infer`): each text after the end-of-text
+        token the decoder starts from, and one z per text drawn from the prior (from `seed` when given)."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None  # None: fresh draws
+        z = torch.randn(len(texts), self.config.latent_dim, generator=generator).to(self.head_weight.device)
+        prompts = continuation_prompts(texts, tokenizer, start=[tokenizer.eos_id])
+        for rows in batches(range(len(texts)), batch_size):  # ranges of row indices
+            yield prompts[rows.start:rows.stop], {"z": z[rows.start:rows.stop]}
 
 
 class ConditionalVAE(Seq2Seq):
@@ -163,9 +159,9 @@ class ConditionalVAE(Seq2Seq):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         d, D = config.d_model, config.latent_dim
-        self.to_prior = Linear(d, 2 * D)
-        self.to_posterior = Linear(2 * d, 2 * D)
-        self.from_latent = Linear(D, d)
+        self.to_prior = nn.Linear(d, 2 * D)
+        self.to_posterior = nn.Linear(2 * d, 2 * D)
+        self.from_latent = nn.Linear(D, d)
         init_weights(self, config.n_layer)
 
     def prior(self, memory: torch.Tensor, source_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,5 +227,5 @@ class ConditionalVAE(Seq2Seq):
                 self.prior(memory, memory_mask)[0]
         offset = self.from_latent(z.to(self.from_latent.weight.dtype))
         h = self.hidden_states(ids, memory, memory_mask, cache, offset)
-        out = output_head(h, self.head_weight, targets, last_only, ignore_index)
+        out = self.output(h, targets, last_only, ignore_index)
         return (out, *stats) if stats else out

@@ -40,7 +40,7 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float,
     """Wrap `model` with LoRA adapters (peft) on the named linear layers; only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    from lmforge.train.lora import fuse_lora_dropout
+    from lmforge.kernels.lora_dropout import fuse_lora_dropout
 
     if rank < 1:
         raise UserError(f"--lora-rank = {rank}; expected a positive integer")

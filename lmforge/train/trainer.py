@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmforge import kernels
 from lmforge.config import TrainConfig, to_dict
 from lmforge.errors import Interrupted, UserError
 from lmforge.files import remove_leftovers
@@ -212,13 +213,15 @@ class Trainer:
         if self.dist.enabled:
             self.forward_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.device] if self.dist.device.type == "cuda" else None)
-        if config.activation_checkpointing:
+        if config.activation_checkpointing:  # memory: each block's activations remade in the backward pass
             supported = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
             if not supported:
                 raise UserError(f"train.activation_checkpointing: {type(model).__name__} does not support it "
-                                f"(lmforge decoders do)")
+                                f"(lmforge's models do)")
             for m in supported:
                 m.activation_checkpointing = True
+        # speed: hardware kernels swapped into the model's layers (lmforge.kernels; LMFORGE_KERNELS=off: none)
+        self.kernels = kernels.apply(self.model, for_="train")
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
