@@ -31,7 +31,7 @@ from lmforge.errors import UserError
 from lmforge.files import check_new_directory
 from lmforge.recipes.finetune import finetune
 from lmforge.recipes.pretrain import pretrain
-from lmforge.sources import load, load_adapter
+from lmforge.sources import GENERATION_DTYPES, load, load_adapter
 from lmforge.tokenizer import DEFAULT_EOS, Tokenizer
 from lmforge.tokenizer import train_tokenizer as train_bpe
 from lmforge.train.checkpoint import ADAPTER_CONFIG
@@ -204,7 +204,6 @@ def generate(model: Any, prompt: str | Sequence[str] = "", **options: Any) -> li
     return model.generate(prompt, **options)
 
 
-GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def print_generation(

@@ -16,6 +16,8 @@ import torch
 from lmforge.errors import UserError
 from lmforge.train.checkpoint import ADAPTER_CONFIG
 
+GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the --dtype choices of generate and chat
+
 
 def load(
     src: str | Path,

@@ -59,7 +59,7 @@ def chat(
         dtype: the weights' dtype when the model is loaded here: fp32, or bf16 (half the memory)
     """
     if isinstance(model, (str, Path)):
-        from lmforge.api import GENERATION_DTYPES, load
+        from lmforge.sources import GENERATION_DTYPES, load
 
         model = load(model, dtype=GENERATION_DTYPES[dtype])
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
