@@ -16,7 +16,7 @@ fp32, 2 threads, LoRA rank 8, alpha 16, dropout 0.05 (`--lora-dropout`) on the a
 - lmforge: `lmforge.recipes.finetune.apply_lora` (peft on the native Decoder's `qkv`, `proj`, `up`, `down`)
   and `Trainer.train_step`, as `lmforge finetune --method lora` runs them;
 - transformers + peft: `LlamaForCausalLM` (SDPA attention) loaded from the same weights (written by
-  `lmforge.models.convert.export_hf`), peft `LoraConfig` on `q_proj k_proj v_proj o_proj gate_proj up_proj
+  `lmforge.interop.export_hf`), peft `LoraConfig` on `q_proj k_proj v_proj o_proj gate_proj up_proj
   down_proj`, `torch.optim.AdamW`, the mean cross-entropy of its logits on the same targets (what its
   `labels=` loss computes).
 

@@ -4,7 +4,7 @@
     model = load("smollm2-135m-instruct")       # a catalog model, a Hugging Face directory, a .gguf, a hub id
 
 Native checkpoints are read by `lmforge.train.checkpoint`; every other source is converted in memory
-by `lmforge.models.convert` (only the GGUF conversion cache is written, under `$LMFORGE_CACHE`).
+by `lmforge.interop` (only the GGUF conversion cache is written, under `$LMFORGE_CACHE`).
 """
 
 from __future__ import annotations
