@@ -105,7 +105,7 @@ def _resolve_directory(path: Path, gguf_file: str | None) -> Source:
         if isinstance(values, dict) and "model_type" in values:
             return Source("hf", path, None, {"kind": "hf", "path": str(path)})
         return Source("lmforge", path, None, {"kind": "lmforge", "path": str(path)})
-    if (path / "checkpoint" / "config.json").is_file():  # a run directory
+    if any((path / inner / "config.json").is_file() for inner in ("best", "checkpoint", "checkpoint.prev")):  # a run
         return Source("lmforge", path, None, {"kind": "lmforge", "path": str(path)})
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:

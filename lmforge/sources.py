@@ -33,11 +33,11 @@ def load(
     cache of GGUF conversions (`$LMFORGE_CACHE/converted/`).
     """
     from lmforge.interop import load_model, resolve_source
-    from lmforge.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from lmforge.train.checkpoint import load_checkpoint, verified_checkpoint
 
     source = resolve_source(src, gguf_file)
     if source.kind == "lmforge":
-        directory = resolve_checkpoint(source.path)
+        directory = verified_checkpoint(source.path)
         if (directory / ADAPTER_CONFIG).is_file():
             return load_adapter(directory).to(device=device, dtype=dtype)
         return load_checkpoint(directory, device=device, dtype=dtype)

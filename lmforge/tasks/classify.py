@@ -71,9 +71,9 @@ def read_texts(source: str | Path, text_field: str = "text") -> list[str]:
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """A trained classifier from its checkpoint directory, or the `best/` checkpoint of its run directory."""
     import lmforge.sources
-    from lmforge.train.checkpoint import resolve_checkpoint
+    from lmforge.train.checkpoint import verified_checkpoint
 
-    directory = resolve_checkpoint(path)
+    directory = verified_checkpoint(path)
     if not (directory / HEAD_CONFIG).is_file() or not (directory / HEAD_WEIGHTS).is_file():
         raise UserError(f"{directory} is not a classifier ({HEAD_CONFIG} or {HEAD_WEIGHTS} is missing); "
                         f"train one with: lmforge classify train MODEL DATA --out DIR")
