@@ -72,7 +72,7 @@ def main() -> None:
         if (run / "summary.json").is_file():  # trained by an earlier, interrupted run of this script
             summary = json.loads((run / "summary.json").read_text())
         else:
-            summary = text2text.train_text_task(task, None, data, run, preset="gpt-micro", model_kind=kind,
+            summary = text2text.train_text_task(task, None, data, out=run, preset="gpt-micro", model_kind=kind,
                                                 epochs=None, max_length=args.max_length, vocab_size=args.vocab_size,
                                                 overrides={**train, **shape})
         seconds = summary["train_seconds"]

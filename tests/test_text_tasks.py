@@ -75,7 +75,7 @@ def test_task_pairs_name_missing_fields(tmp_path):
 
 def test_summarize_from_scratch_learns_and_is_scored_against_lead_1(news_data, tmp_path):
     out = tmp_path / "sum"
-    summary = text2text.train_text_task("summarize", None, news_data, out, preset="tiny", epochs=12,
+    summary = text2text.train_text_task("summarize", None, news_data, out=out, preset="tiny", epochs=12,
                                         max_length=128, vocab_size=400, overrides=FAST)
     assert summary["best_val_loss"] < summary["val_loss_before"] - 1.0
     assert json.loads((out / "task.json").read_text())["name"] == "summarize"
@@ -116,7 +116,7 @@ def test_multitask_mixture_and_per_task_scores(news_data, tmp_path):
     with pytest.raises(UserError, match="positive number"):
         text2text.parse_mixture([f"label:{labels}:0"])
     base = tmp_path / "base"
-    text2text.train_text_task("label", None, labels, base, preset="tiny", epochs=1, max_length=128, vocab_size=400)
+    text2text.train_text_task("label", None, labels, out=base, preset="tiny", epochs=1, max_length=128, vocab_size=400)
     result = text2text.train_multitask(base, [f"summarize:{news_data}:3", f"label:{labels}:1"], tmp_path / "mt",
                                        method="full", epochs=2, max_length=128, eval_limit=4, overrides=FAST)
     tasks = {row["task"]: row for row in result["tasks"]}
@@ -171,7 +171,7 @@ def test_task_training_data_is_cleaned_and_checked_for_leakage(tmp_path, capsys)
     folder = write_splits(tmp_path / "d", news, (24, 4, 4))  # news(i) repeats every 24: validation = train[:4]
     train = (folder / "train.jsonl").read_text().splitlines()
     (folder / "train.jsonl").write_text("\n".join(train + [train[5]]) + "\n")  # and one duplicate in training
-    summary = text2text.train_text_task("summarize", None, folder, tmp_path / "run", preset="tiny", epochs=1,
+    summary = text2text.train_text_task("summarize", None, folder, out=tmp_path / "run", preset="tiny", epochs=1,
                                         max_length=128, vocab_size=400, overrides=FAST)
     quality = summary["quality"]
     assert quality["records_in"] == 25 and quality["removed"]["exact_duplicate"] == 1

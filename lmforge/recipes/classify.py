@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -232,7 +232,7 @@ class TrainClassifier(Recipe):
     def __init__(self, model: Any, data: Any, method: str = "lora", epochs: float | None = 3, val_data: Any = None,
                  val_fraction: float = 0.1, text_field: str = "text", label_field: str = "label",
                  max_length: int = DEFAULT_MAX_LENGTH, lora: dict[str, Any] | None = None,
-                 lora_layers: int | None = None, patience: int | None = None, augment: Augment | None = None,
+                 lora_layers: int | None = None, patience: int | None = None, augment: float | None = None,
                  overrides: dict[str, Any] | None = None):
         super().__init__()
         if method not in ("full", "lora"):
@@ -252,7 +252,7 @@ class TrainClassifier(Recipe):
                 "val_data": None if self.val_data is None else describe_source(self.val_data),
                 "val_fraction": self.val_fraction, "text_field": self.text_field, "label_field": self.label_field,
                 "max_length": self.max_length, "lora": self.lora if self.method == "lora" else None,
-                "lora_layers": self.lora_layers, "augment": getattr(self.augment, "settings", self.augment is not None)}
+                "lora_layers": self.lora_layers, "augment": self.augment}
 
     def build(self) -> Job:
         from lmforge.data.quality import clean_training_records
@@ -295,8 +295,13 @@ class TrainClassifier(Recipe):
             return validation_scores(m, val_texts, val_targets, batch_size=2 * batch_size)
 
         texts = [e.text for e in train]
+        augmenter = None
+        if self.augment is not None:
+            from lmforge.data.augment import Augmenter
+
+            augmenter = Augmenter(self.augment, self.augment, self.augment, self.augment)
         batches = labelled_batches(texts, [index[e.label] for e in train], tokenizer, batch_size, self.train.seed,
-                                   max_length, self.augment)
+                                   max_length, augmenter)
         trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
         say(f"training a {len(labels)}-label classifier ({', '.join(labels)}) on {self.model} ({self.method}: "
             f"{trainable:,} of {sum(p.numel() for p in classifier.parameters()):,} parameters train), "
@@ -326,7 +331,7 @@ def train_classifier(
     model: str | Path,
     data: str | Path | Records,
     out: str | Path,
-    method: str = "lora",
+    method: Literal["full", "lora"] = "lora",
     epochs: float | None = 3,
     val_data: str | Path | Records | None = None,
     val_fraction: float = 0.1,
@@ -336,23 +341,52 @@ def train_classifier(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
-    lora_targets: Sequence[str] | None = None,
+    lora_targets: list[str] | None = None,
     lora_layers: int | None = None,
     patience: int | None = None,
-    augment: Augment | None = None,
+    augment: float | None = None,
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train a classification head on `model` (all weights, or LoRA adapters + head) into `out`.
+    """Train a classification head on a decoder (full or LoRA).
 
-    Validation: `val_data`; else a catalog dataset's `validation` split; else `val_fraction` of `data`
-    held out. `lora_layers=N` trains the adapters of the last N blocks only: the gradient then stops
-    there, so a step costs about a forward pass plus N blocks of backward pass. `resume=True`
-    continues the run in `out` after a stop or a kill. Returns the Trainer's summary plus the
-    validation accuracy before training.
+    Prints train/validation loss and validation accuracy every epoch and keeps the best checkpoint in
+    OUT/best. Validation: --val-data; else a catalog dataset's validation split; else --val-fraction of
+    DATA held out. Returns the Trainer's summary plus the validation accuracy before training.
+
+    Args:
+        model: the decoder: a checkpoint, Hugging Face directory, .gguf file or catalog model
+        data: labelled texts: a catalog dataset (rotten_tomatoes) or a .jsonl/.csv file with text and label
+            columns (in Python also records in memory)
+        out: the run directory to create
+        method: train all weights (full), or LoRA adapters; the head always trains
+        epochs: passes over the data (sets train.max_steps unless that is given)
+        val_data: validation data (default: the catalog's validation split, or --val-fraction of DATA)
+        val_fraction: the share of DATA held out when there is neither --val-data nor a catalog split
+        text_field: the field / column of the text
+        label_field: the field / column of the label
+        max_length: tokens per text; longer ones are cut
+        lora_rank: the rank of the LoRA adapters
+        lora_alpha: LoRA's scale numerator (the update is scaled by alpha / rank)
+        lora_dropout: dropout on the adapters' input
+        lora_targets: linear layers to adapt (default: attention and MLP)
+        lora_layers: adapt only the last N blocks: the gradient stops there, so a step costs about a forward
+            pass plus N blocks of backward pass (default: all)
+        patience: stop after this many evaluations without a better validation loss (train.patience)
+        augment: EDA on the fly: every text drawn for training gets one EDA operation (synonyms, insertion,
+            swap, deletion) at this rate, e.g. 0.1
+        overrides: train.FIELD settings
+        resume: continue the run in --out after a stop or a kill (the same command; train.* may change)
     """
     lora = {"rank": lora_rank, "alpha": float(lora_alpha), "dropout": lora_dropout,
             "targets": list(lora_targets) if lora_targets else None}
     recipe = TrainClassifier(model, data, method, epochs, val_data, val_fraction, text_field, label_field,
                              max_length, lora, lora_layers, patience, augment, overrides)
     return run_recipe(recipe, out, resume)
+
+
+def trained(summary: dict[str, Any], arguments: dict[str, Any]) -> str:
+    """What `lmforge classify train` prints when it is done."""
+    before = f"{summary['val_accuracy_before']:.4f} before, " if "val_accuracy_before" in summary else ""
+    return (f"validation accuracy {before}{summary['val_accuracy']:.4f} after; the best checkpoint is in "
+            f"{arguments['out']}/best")

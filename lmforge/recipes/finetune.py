@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -180,33 +180,62 @@ def finetune(
     model: str | Path | torch.nn.Module,
     data: str | Path | Sequence[dict],
     out: str | Path,
-    method: str = "full",
+    method: Literal["full", "lora"] = "full",
     epochs: float | None = 3,
     val_data: str | Path | Sequence[dict] | None = None,
     val_fraction: float = 0.1,
-    data_format: str = "auto",
+    data_format: Literal["auto", "text", "prompt_completion", "chat"] = "auto",
     text_field: str = "text",
     max_length: int | None = None,
     lora_rank: int = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
-    lora_targets: Sequence[str] | None = None,
+    lora_targets: list[str] | None = None,
     patience: int | None = None,
     overrides: dict[str, Any] | None = None,
     base: str | None = None,
     resume: bool = False,
     defaults: type[FinetuneTrainConfig] = FinetuneTrainConfig,
 ) -> dict[str, Any]:
-    """Fine-tune `model` on `data` into `out`; return the summary (best and final validation loss).
+    """Fine-tune a pretrained model on your data (full or LoRA).
 
-    `model` may also be a model already in memory (with its `tokenizer`), with `base` naming where it
-    came from (LoRA adapters are loaded onto it), or a fresh Decoder to train from scratch. `data` and
-    `val_data` may be records already in memory (dicts of one shape). `resume=True` continues the run
-    in `out` after a stop or a kill (the same arguments; train.* overrides may change). `defaults`: the
-    train settings' dataclass (another verb's defaults, e.g. `TaskFromScratchTrainConfig`).
+    MODEL is an lmforge checkpoint, a Hugging Face directory, a .gguf file, smollm2-135m-instruct, or a
+    hub id; DATA is plain text, prompt/completion JSONL, chat JSONL ({"messages": [{"role", "content"},
+    ...]}: the loss is on the assistant turns only) or a catalog chat dataset (chatterbot). Prints train
+    and validation loss every epoch and keeps the best checkpoint in OUT/best. In Python, `model` may be a
+    model in memory (with its tokenizer; `base` names where it came from) and `data`/`val_data` records in
+    memory. Returns the summary (validation loss before training, best and final).
+
+    Args:
+        model: the pretrained model
+        data: the training data (.txt/.md, .jsonl, .csv, .parquet; a file, folder or glob; or a catalog chat dataset)
+        out: the run directory to create
+        method: train all weights (full), or LoRA adapters
+        epochs: passes over the data (sets train.max_steps unless that is given)
+        val_data: validation data (default: the catalog's held-out split, or --val-fraction of DATA)
+        val_fraction: the share of DATA held out for validation when there is no --val-data
+        data_format: the data's shape (default: detected from the first record)
+        text_field: the field / column of plain text
+        max_length: cut examples to this many tokens (default: the model's context)
+        lora_rank: the rank of the LoRA adapters
+        lora_alpha: LoRA's scale numerator (the update is scaled by alpha / rank)
+        lora_dropout: dropout on the adapters' input
+        lora_targets: names of the linear layers to adapt (default: all of attention and MLP)
+        patience: stop after this many evaluations without a better validation loss (train.patience)
+        overrides: train.FIELD settings
+        base: where an in-memory model came from (recorded; LoRA adapters are loaded onto it)
+        resume: continue the run in --out after a stop or a kill (the same command; train.* may change)
+        defaults: the dataclass of the train settings' defaults (another verb's, e.g. TaskFromScratchTrainConfig)
     """
     lora = {"rank": lora_rank, "alpha": float(lora_alpha), "dropout": lora_dropout,
             "targets": list(lora_targets) if lora_targets else None}
     recipe = Finetune(model, data, method, epochs, val_data, val_fraction, data_format, text_field, max_length,
                       lora, patience, overrides, base, defaults)
     return run_recipe(recipe, out, resume)
+
+
+def finetuned(summary: dict[str, Any], arguments: dict[str, Any]) -> str:
+    """What `lmforge finetune` prints when it is done."""
+    before = f"{summary['val_loss_before']:.4f} before, " if "val_loss_before" in summary else ""
+    return (f"validation loss {before}{summary.get('best_val_loss', float('nan')):.4f} at best; "
+            f"the best checkpoint is in {arguments['out']}/best")

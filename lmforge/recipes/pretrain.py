@@ -3,9 +3,10 @@
     summary = pretrain("runs/data", "runs/mini", preset="gpt-mini", overrides={"train.max_steps": 200})
     pretrain("runs/data", "runs/mini", resume=True, overrides={"train.max_steps": 400})   # continue it
 
-Settings merge in order: the preset, the YAML `config` (`preset:`, `model:`, `train:`), the dotted
-`overrides`. A resumed run starts from its own `run.yaml`, so the same command plus `resume=True`
-continues it; only a model setting that differs from the run's is refused.
+Settings merge in order: the preset, the dotted `overrides` (on the command line also a --config
+YAML file with `preset:`, `model:`, `train:`). A resumed run starts from its own `run.yaml`, so the
+same command plus `resume=True` continues it; only a model setting that differs from the run's is
+refused.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from lmforge.train.recipe import Job, Recipe, run_recipe
 class Pretrain(Recipe):
     name = "pretrain"
 
-    def __init__(self, data: str | Path, preset: str | None = None, config: str | Path | None = None,
-                 overrides: dict[str, Any] | None = None):
+    def __init__(self, data: str | Path, preset: str | None = None, overrides: dict[str, Any] | None = None):
         super().__init__()
-        self.data, self.preset, self.config, self.overrides = data, preset, config, dict(overrides or {})
+        self.data, self.preset, self.overrides = data, preset, dict(overrides or {})
 
     def settings(self) -> dict[str, Any]:
         return {"data": str(Path(self.data).resolve())}
@@ -40,7 +40,7 @@ class Pretrain(Recipe):
         if self.resumed is not None and "model" in self.resumed:
             base = (from_dict(ModelConfig, self.resumed["model"], "run.yaml: model"),
                     from_dict(TrainConfig, self.resumed.get("train") or {}, "run.yaml: train"))
-        model_config, self.train = load_run_config(self.preset, self.config, self.overrides, base)
+        model_config, self.train = load_run_config(self.preset, None, self.overrides, base)
         if base is None or self.preset or any(k.startswith("model.") for k in self.overrides):
             model_config.vocab_size = shards.vocab_size
         if model_config.vocab_size < shards.vocab_size:
@@ -80,17 +80,33 @@ def pretrain(
     data: str | Path,
     out: str | Path,
     preset: str | None = None,
-    config: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Pretrain a decoder on prepared token shards (`lmforge prepare`); return the run's summary.
+    """Pretrain a decoder-only LM on token shards; under torchrun, with DistributedDataParallel.
 
-    The model and training settings merge, in order: the preset, the YAML `config`, `overrides`
-    (`{"model.n_layer": 4, "train.lr": 3e-4}`). `resume=True` continues the run in `out` exactly
-    where its last checkpoint left it (train.* overrides may extend it, e.g. more steps).
+    Settings merge in order: the preset, the YAML of --config (`preset:`, `model:`, `train:`), the
+    --model.FIELD / --train.FIELD flags (in Python: `overrides={"model.n_layer": 4, "train.lr": 3e-4}`).
+    A resumed run starts from its own run.yaml: the same command plus --resume continues it exactly
+    where its last checkpoint left it (train.* settings may extend it, e.g. more steps); a model
+    setting that differs from the run's is refused. Returns the run's summary.
+
+    Args:
+        data: a directory written by lmforge prepare
+        out: the run directory (run.yaml, metrics.jsonl, loss.png, checkpoint/)
+        preset: the model preset (see lmforge models; default: gpt-mini's sizes)
+        overrides: model.FIELD and train.FIELD settings
+        resume: continue the run in --out from its last checkpoint
     """
-    return run_recipe(Pretrain(data, preset, config, overrides), out, resume)
+    return run_recipe(Pretrain(data, preset, overrides), out, resume)
+
+
+def pretrained(summary: dict[str, Any], arguments: dict[str, Any]) -> str | None:
+    """What `lmforge pretrain` prints when it is done."""
+    if "val_loss" not in summary:
+        return None
+    return (f"step {summary['step']}: val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits/byte; "
+            f"checkpoint in {summary['checkpoint']}, loss curve in {summary['loss_png']}")
 
 
 def open_shards(data: str | Path) -> TokenShards:

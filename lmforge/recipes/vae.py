@@ -27,7 +27,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -264,24 +264,40 @@ def train_vae_from_data(
     data: str | Path,
     out: str | Path,
     preset: str | None = "tiny",
-    config: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     elbo: ElboConfig | None = None,
     tokenizer: str | Path | None = None,
     vocab_size: int = 4096,
-    unit: str = "line",
+    unit: Literal["line", "document"] = "line",
     val_fraction: float = 0.05,
     max_val_texts: int = 500,
     text_field: str = "text",
-    too_long: str = "truncate",
+    too_long: Literal["truncate", "error"] = "truncate",
     resume: bool = False,
 ) -> dict[str, Any]:
-    """`lmforge vae train`: texts of `data` (a catalog name or path; each line, or each document) -> a VAE in `out`.
+    """Train a VAE language model on short texts (each line of --data, by default).
 
-    Model and training settings merge as for pretraining: `preset`, the YAML `config`, `overrides`
-    (`{"model.latent_dim": 16, "train.max_steps": 2000}`). Without `tokenizer` a byte-level BPE tokenizer
-    of `vocab_size` is trained on the training texts (a resumed run keeps the one in its checkpoint).
-    At most `max_val_texts` texts are held out.
+    The encoder gives mu and sigma of a latent z, the decoder writes text from z; trained on the ELBO with
+    beta annealing and free bits, every evaluation logs reconstruction, KL, active units, mutual
+    information and an importance-sampled perplexity bound (and OUT/vae.png). Model and training settings
+    merge as for pretraining: --preset, --config (`preset:`, `model:`, `train:`), --model.FIELD /
+    --train.FIELD. Returns the summary of the last evaluation.
+
+    Args:
+        data: the texts: a file, folder or glob of txt/jsonl/csv/parquet files, or a catalog name (shakespeare)
+        out: the run directory to create (metrics.jsonl, loss.png, vae.png, checkpoint/)
+        preset: the model's sizes (see lmforge models)
+        overrides: model.FIELD and train.FIELD settings
+        elbo: the ELBO objective (--elbo.FIELD, or --FIELD-NAME)
+        tokenizer: a tokenizer.json or a directory holding one (default: train one on the training texts;
+            a resumed run keeps the one in its checkpoint)
+        vocab_size: the size of the tokenizer trained
+        unit: one text per line, or per document
+        val_fraction: the share of texts held out
+        max_val_texts: the most texts held out
+        text_field: the jsonl field / csv or parquet column
+        too_long: texts longer than the context: cut with a warning, or stop with an error
+        resume: continue the run in --out after a stop or a kill (the same command; train.* may change)
     """
     from lmforge.tokenizer import Tokenizer, train_tokenizer
 
@@ -293,7 +309,7 @@ def train_vae_from_data(
         stored = read_run(out)
         base = (from_dict(ModelConfig, stored.get("model") or {}, "run.yaml: model"),
                 from_dict(TrainConfig, stored.get("train") or {}, "run.yaml: train"))
-    model_config, train_config = load_run_config(preset if base is None else None, config, overrides, base)
+    model_config, train_config = load_run_config(preset if base is None else None, None, overrides, base)
     texts = read_texts(data, unit, text_field)
     train_texts, val_texts = hold_out(texts, val_fraction, seed=0, what="text")
     val_texts = val_texts[:max_val_texts]
@@ -305,6 +321,13 @@ def train_vae_from_data(
         tok = train_tokenizer(train_texts, vocab_size=vocab_size)
     return train_vae(train_texts, val_texts, tok, model_config, train_config, out, elbo, too_long,
                      info={"data": str(data), "unit": unit}, resume=resume)
+
+
+def trained(s: dict[str, Any], arguments: dict[str, Any]) -> str:
+    """What `lmforge vae train` prints when it is done."""
+    return (f"step {s['step']}: -ELBO {s['val_loss']:.4f} nats/token (reconstruction {s['val_recon']:.4f}), "
+            f"KL {s['val_kl']:.3f} nats/text, active units {s['active_units']:g}, I(x;z) {s['mutual_info']:.3f}, "
+            f"perplexity <= {s['val_ppl_iw']:.2f}; checkpoint in {s['checkpoint']}, plots in {s['vae_png']}")
 
 
 def plot_vae_metrics(metrics_file: str | Path, png: str | Path, title: str = "") -> Path:

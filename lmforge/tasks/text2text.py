@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge.config import FinetuneTrainConfig, ModelConfig, settings
 from lmforge.errors import UserError
 
 LANGUAGES = {"en": "English", "ja": "Japanese"}
@@ -128,15 +129,17 @@ def prompt_records(task: TextTask, pairs: list[dict[str, str]], tokenizer, max_l
 # training
 
 
+@settings(model=ModelConfig, train=FinetuneTrainConfig)
 def train_text_task(
-    task: str | TextTask,
-    model: str | Path | None,
-    data: str | Path,
+    task: Literal["summarize", "translate", "label"] | TextTask,
+    model: str | Path | None = None,
+    data: str | Path | None = None,
+    *,
     out: str | Path,
-    method: str = "lora",
+    method: Literal["full", "lora"] = "lora",
     epochs: float = 1,
     preset: str | None = None,
-    model_kind: str = "decoder",
+    model_kind: Literal["decoder", "seq2seq", "cvae"] = "decoder",
     direction: str | None = None,
     max_length: int = 512,
     limit: int | None = None,
@@ -144,13 +147,39 @@ def train_text_task(
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train `model` (a pretrained model), or a `preset` from scratch, on the task's pairs of `data`;
-    `resume=True` continues the run in `out` after a stop or a kill."""
-    from lmforge.config import FinetuneTrainConfig, TaskFromScratchTrainConfig
+    """Train a model for a text task: a pretrained one fine-tuned, or a preset from scratch.
+
+    A decoder learns the task's prompt -> answer pairs (fine-tuned fully or with LoRA, or from scratch
+    with --preset); --model-kind seq2seq or cvae trains an encoder-decoder (or the conditional VAE) from
+    scratch instead. Training pairs are cleaned and checked for leakage into the validation split.
+    `train --preset P DATA` reads its one positional argument as the data. The train.* defaults shown
+    are fine-tuning's; from scratch they are TaskFromScratchTrainConfig's (lr 1e-3, batches of 16), and
+    for seq2seq/cvae ScratchTrainConfig's (warmup a tenth of the run). Returns the summary.
+
+    Args:
+        task: the text task: summarize, translate or label
+        model: the pretrained model to fine-tune (omit with --preset)
+        data: a catalog dataset or a local folder (default: the task's catalog dataset)
+        out: the run directory to create
+        method: for a pretrained model: train all weights (full), or LoRA adapters
+        epochs: passes over the training pairs (sets train.max_steps unless that is given)
+        preset: train this model preset from scratch instead (see lmforge models)
+        model_kind: decoder-only, encoder-decoder or conditional VAE (the last two from scratch, with --preset)
+        direction: translation: en-ja or ja-en
+        max_length: tokens per example; sources are cut to fit
+        limit: use only the first N training pairs
+        vocab_size: the size of the tokenizer trained when training from scratch
+        overrides: model.FIELD and train.FIELD settings
+        resume: continue the run in --out after a stop or a kill (the same command; train.* may change)
+    """
+    from lmforge.config import TaskFromScratchTrainConfig
     from lmforge.data.quality import clean_training_records
     from lmforge.recipes.finetune import finetune, load_trainable
 
     task = get_task(task, direction) if isinstance(task, str) else task
+    if preset is not None and model is not None and data is None:
+        model, data = None, model  # `train --preset P DATA`: the one positional argument is the data
+    data = data if data is not None else task.default_data
     if (model is None) == (preset is None):
         raise UserError("give either a pretrained MODEL to fine-tune or --preset NAME to train from scratch")
     if model_kind not in ("decoder", "seq2seq", "cvae"):
@@ -400,11 +429,12 @@ def parse_mixture(specs: list[str]) -> list[tuple[TextTask, str, float]]:
     return mixture
 
 
+@settings(train=FinetuneTrainConfig)
 def train_multitask(
     model: str | Path,
     mixture: list[str] | list[tuple[TextTask, str, float]],
     out: str | Path,
-    method: str = "lora",
+    method: Literal["full", "lora"] = "lora",
     epochs: float = 1,
     max_length: int = 512,
     limit: int | None = None,
@@ -412,13 +442,26 @@ def train_multitask(
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune `model` once on a weighted mixture of tasks, then evaluate it on each task.
+    """Fine-tune one model on a weighted mixture of tasks, then score each.
 
     Every example carries its own task's prompt; each task's training pairs are cleaned and checked
     for leakage as in `train_text_task`. A task of weight w gets w / sum(weights) of the
     training examples of an epoch (the epoch has as many examples as all tasks together), drawn
     with a fixed seed, with repetition where a task has fewer; validation keeps every task's own
-    validation examples. The report (`OUT/multitask.json`, `.md`) gives each task's score.
+    validation examples. The report (OUT/multitask.json, .md) gives each task's score.
+
+    Args:
+        model: the pretrained model to fine-tune
+        mixture: a task of the mixture as TASK:DATA[:WEIGHT], e.g. summarize:xsum:2 or label:rotten_tomatoes
+            (--task, repeatable)
+        out: the run directory to create
+        method: train all weights (full), or LoRA adapters
+        epochs: passes over the mixture
+        max_length: tokens per example
+        limit: use only the first N training pairs of each task
+        eval_limit: test examples scored per task
+        overrides: train.FIELD settings
+        resume: continue the run in --out after a stop or a kill (the same command; train.* may change)
     """
     import numpy as np
 
