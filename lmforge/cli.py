@@ -34,11 +34,8 @@ differs from the signature, how (`lmforge.cligen` builds the parser when the ver
   It must not have a parameter named `config`: the generated --config file is that (its `preset:`
   key is the `preset` parameter).
 
-Every generated verb takes `--config FILE` and `--print-config` (prints the resolved settings as YAML
-that --config reads back). The training verbs (demo, pretrain, finetune, classify/summarize/translate
-train, multitask, vae train) still have hand-written parsers (`build=`, `run=`), using the generator's
-`add_section` / `given_sections` for their `--model.FIELD` / `--train.FIELD` flags; converting one means
-writing its docstring's Args: and replacing `build=`/`run=` by the function's name.
+Every verb takes `--config FILE` and `--print-config` (prints the resolved settings as YAML that
+--config reads back).
 
 The same flags mean the same everywhere: `--data` (input), `--out` (where results go), `--preset`,
 `--config`; a checkpoint is a positional argument. A user's mistake prints one line on stderr,
@@ -50,7 +47,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -215,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{call.verb.label}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except INTERRUPTED as e:  # stopped by a signal after saving a checkpoint: resumable
-        if os.environ.get("RANK", "0") == "0":  # one line, not one per torchrun process
-            print(f"{call.verb.label}: {' '.join(str(e).split())}", file=sys.stderr)
+    except INTERRUPTED as e:  # stopped by a signal after saving a checkpoint (the Trainer said where): resumable
         return 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

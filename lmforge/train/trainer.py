@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -384,7 +385,7 @@ class Trainer:
         message = (f"stopped by {signal.Signals(signum).name} at step {self.step} of {self.config.max_steps}; "
                    f"checkpoint saved in {self.out / 'checkpoint'}; run the same command with --resume to continue")
         if self.dist.main:
-            tqdm.write(message)
+            tqdm.write(message, file=sys.stderr)
         raise Interrupted(signum, message)
 
     def train_step(self) -> float:
