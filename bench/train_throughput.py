@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py            # the full run (a few minutes)
     python bench/train_throughput.py --quick    # fewer rounds, no compiled pair (about a minute)
+    python bench/train_throughput.py --no-kernels-side   # also lmforge with LMFORGE_KERNELS=off (what they give)
 
 One training step = forward + backward + grad clip (1.0) + AdamW, batch 8 x 256 tokens of preset
 "gpt-mini" (6 layers, 6 heads, width 384, vocab 8192, dropout 0), 2 CPU threads. Each side runs as
@@ -10,6 +11,8 @@ transformers' `GPT2LMHeadModel` (SDPA attention) under `torch.autocast("cpu", to
 `torch.optim.AdamW` defaults and the loss from `labels=`. Pairs measured: bf16 eager (the headline),
 fp32 eager (plus lmforge `precision="auto"`), and bf16 under `torch.compile` on both sides.
 
+lmforge's Trainer applies its hardware kernels (`lmforge.kernels`: on a CPU without AMX, bf16 linear
+layers, attention and the loss head multiplied in fp32); each lmforge record lists those it used.
 Each side lives in its own worker process (so its peak RSS is its own); the parent runs the sides'
 steps in alternating rounds (A B A B ...) so a busy machine slows both alike, and reports medians
 and the ratio of medians. Before timing, the weight map is checked: lmforge and transformers logits
@@ -94,6 +97,7 @@ def worker(side: str, precision: str, compiled: bool, weights: str, threads: int
         trainer = Trainer(model, train_config, out=tempfile.mkdtemp(prefix="lmforge-bench-"),
                           batches=lambda step, part, rows: batch_for(step, config))
         resolved = trainer.precision
+        chosen = sorted(trainer.kernels["applied"]) or trainer.kernels["skipped"]
 
         def step() -> float:
             trainer.step = step_counter[0]
@@ -108,6 +112,7 @@ def worker(side: str, precision: str, compiled: bool, weights: str, threads: int
         forward = torch.compile(hf) if compiled else hf
         autocast = precision == "bf16"
         resolved = precision
+        chosen = None
 
         def step() -> float:
             batch = batch_for(step_counter[0], config)
@@ -131,7 +136,7 @@ def worker(side: str, precision: str, compiled: bool, weights: str, threads: int
     first = run(1)  # the first step (compiles, makes AdamW state)
     run(1)  # and one more to warm up
     print(json.dumps({"ready": True, "first_loss": first["losses"][0], "first_seconds": first["seconds"][0],
-                      "precision": resolved}), flush=True)
+                      "precision": resolved, "kernels": chosen}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "run":
@@ -148,6 +153,8 @@ class Worker(WorkerProcess):
     def __init__(self, name: str, side: str, precision: str, compiled: bool, weights: str, threads: int,
                  jemalloc: bool):
         env = dict(os.environ)
+        if name.endswith("_no_kernels"):
+            env["LMFORGE_KERNELS"] = "off"
         if jemalloc:
             env["LD_PRELOAD"] = JEMALLOC
             env["MALLOC_CONF"] = JEMALLOC_CONF
@@ -186,6 +193,7 @@ def measure_pair(label: str, sides: dict[str, tuple[str, str, bool]], weights: s
             "mfu_vs_fp32_peak": round(tok_s[name] * flops / peaks["fp32"], 3),
             "first_step_loss": round(ready[name]["first_loss"], 5),
             "first_step_seconds": round(ready[name]["first_seconds"], 1),
+            "kernels": ready[name]["kernels"],
             "rounds_disturbed_by_other_processes": disturbed,
         }
         if name != reference and reference in workers:
@@ -231,6 +239,8 @@ def main() -> None:
                         help="seconds after which disturbed measurements are no longer repeated")
     parser.add_argument("--pairs", default="bf16,fp32,bf16_compiled",
                         help="comma-separated pairs to measure: bf16, fp32, bf16_compiled (--quick drops the last)")
+    parser.add_argument("--no-kernels-side", action="store_true",
+                        help="also run lmforge with its kernels off (LMFORGE_KERNELS=off) in the bf16 and fp32 pairs")
     parser.add_argument("--allocator", choices=("system", "jemalloc", "both"), default="both",
                         help="allocator(s) for the bf16 pair (jemalloc only where installed)")
     parser.add_argument("--worker", choices=("lmforge", "transformers"), help=argparse.SUPPRESS)
@@ -267,12 +277,15 @@ def main() -> None:
         if not Path(JEMALLOC).is_file():
             allocators = [False]
         pairs = args.pairs.split(",")
+        no_kernels = {"lmforge_no_kernels": ("lmforge", "bf16", False)} if args.no_kernels_side else {}
         for jemalloc in allocators if "bf16" in pairs else []:
-            measure_pair("bf16", {"lmforge": ("lmforge", "bf16", False),
+            measure_pair("bf16", {"lmforge": ("lmforge", "bf16", False), **no_kernels,
                                   "transformers": ("transformers", "bf16", False)}, weights, args, jemalloc, peaks)
         if "fp32" in pairs:
+            no_kernels = {"lmforge_no_kernels": ("lmforge", "fp32", False)} if args.no_kernels_side else {}
             measure_pair("fp32", {"lmforge": ("lmforge", "fp32", False), "lmforge_auto": ("lmforge", "auto", False),
-                                  "transformers": ("transformers", "fp32", False)}, weights, args, False, peaks)
+                                  **no_kernels, "transformers": ("transformers", "fp32", False)},
+                         weights, args, False, peaks)
         if "bf16_compiled" in pairs and not args.quick:
             measure_pair("bf16_compiled", {"lmforge": ("lmforge", "bf16", True),
                                            "transformers": ("transformers", "bf16", True)},

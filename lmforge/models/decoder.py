@@ -18,8 +18,8 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.infer.generate import generate
-from lmforge.models.base import LanguageModel, decode_stack, make_head
-from lmforge.models.layers import Block, KVCache, RotaryEmbedding, init_weights, make_norm
+from lmforge.models.base import LanguageModel, make_head
+from lmforge.models.layers import Block, KVCache, RotaryEmbedding, decode_stack, init_weights, make_norm
 
 
 class Decoder(LanguageModel):

@@ -3,15 +3,17 @@
 In the order data meets them: `RMSNorm` / `nn.LayerNorm`, `RotaryEmbedding`, the attention masks,
 `KVCache`, `Attention` (one implementation for every model: grouped-query heads, PyTorch's
 `scaled_dot_product_attention`, an optional KV cache for generation; causal or bidirectional
-self-attention, or cross-attention to an encoder's output), `MLP` (GELU or SwiGLU), `Block`,
-`fused_linear_cross_entropy` (the output head and the loss in one pass that never holds the full
-logits) and `masked_mean` (pooling over real tokens).
+self-attention, or cross-attention to an encoder's output), `MLP` (GELU or SwiGLU), `Block`, the
+two stacks of blocks every model kind is made of (`encode_stack`: bidirectional; `decode_stack`:
+causal, with a cache), `fused_linear_cross_entropy` (the output head and the loss in one pass that
+never holds the full logits) and `masked_mean` (pooling over real tokens).
 
     block = Block(config, 0)                                   # a decoder block (causal)
     y = block(x)                                               # x: (B, T, d_model)
     y = block(x, mask=key_padding_mask(valid), causal=False)   # an encoder block: no padding attended
     dec = Block(config, 0, cross_attention=True)               # a seq2seq decoder block
     y = dec(x, memory=encoded, memory_mask=key_padding_mask(source_valid))
+    h = decode_stack(model, ids, cache)                        # a model's blocks over token ids (B, T)
 
 Every linear layer is an `nn.Linear`. Hardware-specific speed-ups live in `lmforge.kernels`, which
 swaps those layers in place and wraps the attention function (`Attention.sdpa`); nothing here
@@ -25,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 
@@ -249,6 +252,60 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             x = x + self.dropout(self.cross_attn(self.norm_cross(x), cache=cache, mask=memory_mask, memory=memory))
         return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+def encode_stack(model: nn.Module, embedding: nn.Embedding, ids: torch.Tensor, mask: torch.Tensor | None,
+                 what: str = "source") -> torch.Tensor:
+    """The encoder's normalised output (B, S, d_model) for ids (B, S) of a Seq2Seq or VAE `model`.
+
+    Its bidirectional blocks (`model.encoder`) never attend to the positions where `mask` (B, S) is False
+    (None: every position is real). `what` names the input in the too-long error.
+    """
+    S = ids.shape[1]
+    if S > model.config.block_size:
+        raise ValueError(f"{what} of {S} tokens exceeds the context of {model.config.block_size}")
+    positions = torch.arange(S, device=ids.device)[None]  # (1, S)
+    x = embedding(ids)  # (B, S, d_model)
+    if model.enc_pos_emb is not None:
+        x = x + model.enc_pos_emb(positions)
+    x = model.dropout(x)
+    rope = model.rope.cos_sin(positions, x.dtype) if model.rope is not None else None
+    attn_mask = key_padding_mask(mask) if mask is not None else None
+    for block in model.encoder:
+        x = block(x, rope, mask=attn_mask, causal=False)
+    return model.enc_norm(x)
+
+
+def decode_stack(model: nn.Module, ids: torch.Tensor, cache: KVCache | None = None, offset: torch.Tensor | None = None,
+                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The causal decoder's normalised hidden states (B, T, d_model) for ids (B, T) of any model kind.
+
+    `offset` (B, d_model) is added to every input embedding (how a VAE's z comes in); `memory` (B, S,
+    d_model) is what cross-attention reads (an encoder's output), never at positions where `memory_mask`
+    is False. With `model.activation_checkpointing` set and no cache, each block keeps only its input
+    and recomputes its activations in the backward pass (`torch.utils.checkpoint`).
+    """
+    B, T = ids.shape
+    start = cache.length if cache is not None else 0
+    if start + T > model.config.block_size:
+        raise ValueError(f"sequence of {start + T} tokens exceeds the context of {model.config.block_size}")
+    positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
+    x = model.tok_emb(ids)  # (B, T, d_model)
+    if offset is not None:
+        x = x + offset[:, None]
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(positions)
+    x = model.dropout(x)
+    rope = model.rope.cos_sin(positions, x.dtype) if model.rope is not None else None
+    cross = {"memory": memory, "memory_mask": key_padding_mask(memory_mask) if memory_mask is not None else None} \
+        if memory is not None else {}
+    recompute = getattr(model, "activation_checkpointing", False) and torch.is_grad_enabled() and cache is None
+    for block in model.blocks:
+        x = checkpoint(block, x, rope, None, mask, use_reentrant=False, **cross) if recompute else \
+            block(x, rope, cache, mask, **cross)
+    if cache is not None:
+        cache.length = start + T
+    return model.norm(x)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

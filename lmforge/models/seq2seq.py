@@ -31,8 +31,8 @@ from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.infer import batches, pad_right
 from lmforge.infer.generate import generate
-from lmforge.models.base import LanguageModel, decode_stack, encode_stack, make_head
-from lmforge.models.layers import Block, KVCache, RotaryEmbedding, init_weights, make_norm
+from lmforge.models.base import LanguageModel, make_head
+from lmforge.models.layers import Block, KVCache, RotaryEmbedding, decode_stack, encode_stack, init_weights, make_norm
 
 TOO_LONG = ("truncate", "error")
 

@@ -35,8 +35,17 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.infer import batches, continuation_prompts
 from lmforge.infer.generate import generate
-from lmforge.models.base import LanguageModel, decode_stack, encode_stack, make_head
-from lmforge.models.layers import Block, KVCache, RotaryEmbedding, init_weights, make_norm, masked_mean
+from lmforge.models.base import LanguageModel, make_head
+from lmforge.models.layers import (
+    Block,
+    KVCache,
+    RotaryEmbedding,
+    decode_stack,
+    encode_stack,
+    init_weights,
+    make_norm,
+    masked_mean,
+)
 from lmforge.models.seq2seq import Seq2Seq
 
 

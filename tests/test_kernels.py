@@ -1,0 +1,171 @@
+"""Tests of lmforge.kernels: each kernel gives the plain layer's numbers (exactly, or within the rounding of
+its dtype), goes in and out without touching parameters or state-dict keys, follows the off switch, and
+is reported; the training and generation paths that apply them (Trainer, generate loop) agree with the
+plain model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge import kernels
+from lmforge.infer.generate import generate_ids
+from lmforge.kernels import cpu
+from lmforge.kernels.linear import FP32_MIN_ROWS, Fp32Linear, PackedLinear, fp32_worth_it
+
+PACKINGS = [  # (weights' dtype, the op that multiplies through packed weights, tolerance)
+    pytest.param(torch.float32, "mkl::_mkl_linear", 1e-5,
+                 marks=pytest.mark.skipif(not cpu.mkl_packing(), reason="needs PyTorch built with MKL (x86 CPU)")),
+    pytest.param(torch.bfloat16, "mkldnn::_linear_pointwise", 2**-7,
+                 marks=pytest.mark.skipif(not cpu.onednn_bf16_packing(), reason="needs oneDNN and bf16 instructions")),
+]
+
+
+@pytest.fixture
+def lively_model(make_model):
+    """A random Llama-style model with an untied head and weights 3x the usual init (varied logits)."""
+    model = make_model("llama", tie_embeddings=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+def linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def test_fp32_linear_multiplies_bf16_in_fp32_where_that_is_faster() -> None:
+    """bf16 inputs and weights: the result of an fp32 multiply (exact products, fp32 sums) rounded to
+    bf16 where the kernel applies (CPUs without AMX), close to it anywhere; gradients likewise; and
+    PyTorch's own bf16 kernel for a few rows."""
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(48, 40)).to(torch.bfloat16)
+    chosen = kernels.apply(model, for_="train")
+    layer = model[0]
+    assert isinstance(layer, Fp32Linear) == fp32_worth_it(layer.weight) == ("fp32_linear" in chosen["applied"])
+    x = torch.randn(4, FP32_MIN_ROWS // 4, 48, generator=g).bfloat16().requires_grad_()
+    grad = torch.randn(4, FP32_MIN_ROWS // 4, 40, generator=g).bfloat16()
+    out = layer(x)
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    expected = x.detach().double() @ w.T + b
+    assert out.dtype == torch.bfloat16
+    # bf16 rounding (2**-8 relative) of fp32 sums of 48 exact products (rounded: ~48 * 2**-24 * sum|x*w|, sum < 5)
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=2e-5)
+    assert (type(out.grad_fn).__name__ == "_LinearInFp32Backward") == isinstance(layer, Fp32Linear)  # the route
+    out.backward(grad)
+    rows_grad, rows_x = grad.double().reshape(-1, 40), x.detach().double().reshape(-1, 48)
+    for got, want in ((x.grad, grad.double() @ w), (layer.weight.grad, rows_grad.T @ rows_x),
+                      (layer.bias.grad, rows_grad.sum(0))):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=1e-2)
+    few = x.detach()[:1, :3]  # 3 rows: converting the weight would cost more than it saves
+    assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
+    """The same parameters and state-dict keys, and the same loss and gradients: identical in fp32 (nothing
+    applies), within bf16 rounding in bf16; `remove` gives the plain model back."""
+    plain = make_model("llama", dropout=0.0).to(dtype).train()
+    model = make_model("llama", dropout=0.0).to(dtype).train()
+    model.load_state_dict(plain.state_dict())
+    parameters = dict(model.named_parameters())
+    chosen = kernels.apply(model, for_="train")
+    assert kernels.apply(model, for_="train")["applied"] == {}  # applied once only
+    assert dict(model.named_parameters()) == parameters and model.state_dict().keys() == plain.state_dict().keys()
+    if dtype == torch.float32 or not fp32_worth_it(model.head_weight):
+        assert chosen["applied"] == {} and chosen["skipped"]["fp32_linear"]
+    else:
+        assert set(chosen["applied"]) == {"fp32_linear", "fp32_attention", "fp32_loss"}
+        assert len(chosen["applied"]["fp32_linear"]["layers"]) == len(linears(model))
+        assert chosen["applied"]["fp32_loss"]["layers"] == [""]  # the model itself
+    assert kernels.report(model)["applied"] == chosen["applied"]
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.config.vocab_size, (4, 24), generator=g)  # 96 rows: the fp32 route
+    losses = []
+    for m in (model, plain):
+        loss = m(ids, ids)
+        loss.backward()
+        losses.append(loss)
+    tolerance = 0.0 if dtype == torch.float32 else 2**-6
+    torch.testing.assert_close(losses[0], losses[1], rtol=tolerance, atol=tolerance)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=4 * tolerance * scale + 1e-9, msg=name)
+    kernels.remove(model)
+    assert kernels.report(model)["applied"] == {}
+    assert all(type(m) is nn.Linear for m in linears(model)) and "sdpa" not in model.blocks[0].attn.__dict__
+
+
+@pytest.mark.parametrize("dtype, packed_op, tolerance", PACKINGS)
+def test_packed_weights_give_the_same_logits_and_are_undone(lively_model, dtype, packed_op, tolerance) -> None:
+    """fp32: the very same numbers (MKL packs, from 2 rows on); bf16: the same up to bf16 rounding
+    (oneDNN packs, from 1 row on). Every linear layer, the head among them, multiplies packed."""
+    model = lively_model.to(dtype)
+    ids = torch.randint(0, 384, (3, 7), generator=torch.Generator().manual_seed(3))
+    layers = linears(model)
+    with torch.no_grad():
+        expected = model(ids)
+        with pytest.raises(RuntimeError, match="inside"):
+            with kernels.generating(model, rows=3) as chosen:
+                assert all(isinstance(m, PackedLinear) for m in layers) and isinstance(model.head, PackedLinear)
+                kind = "packed_mkl" if dtype == torch.float32 else "packed_onednn"
+                assert len(chosen["applied"][kind]["layers"]) == len(layers)
+                assert kernels.report(model)["applied"] == chosen["applied"]
+                with torch.profiler.profile() as profile:
+                    got = model(ids)
+                assert len([e for e in profile.events() if e.name == packed_op]) == len(layers)
+                last = model(ids, last_only=True)
+                raise RuntimeError("an error inside the block")
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * scale)
+    torch.testing.assert_close(last, expected[:, -1:], rtol=0, atol=tolerance * scale)
+    assert not any(isinstance(m, PackedLinear) for m in layers)  # even after the error
+    with kernels.generating(model, rows=1) as chosen:  # one row: fp32 is not worth packing
+        assert isinstance(model.head, PackedLinear) == (dtype == torch.bfloat16)
+        assert ("packed" in chosen["skipped"]) == (dtype == torch.float32)
+
+
+@pytest.mark.skipif(not cpu.mkl_packing(), reason="needs PyTorch built with MKL (x86 CPU)")
+def test_weights_are_not_packed_where_the_copies_would_crowd_memory(lively_model, monkeypatch) -> None:
+    """Packing is skipped when the copies would take more than half the memory still available."""
+    assert 0 < cpu.available_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = sum(m.weight.nbytes for m in linears(lively_model))
+    for available, packed in ((2 * size - 1, False), (2 * size, True)):
+        monkeypatch.setattr(cpu, "available_memory", lambda available=available: available)
+        with kernels.generating(lively_model, rows=3) as chosen:
+            assert isinstance(lively_model.head, PackedLinear) == packed
+            assert ("half the memory" in chosen["skipped"].get("packed", "")) != packed
+
+
+@pytest.mark.skipif(not cpu.mkl_packing(), reason="needs PyTorch built with MKL (x86 CPU)")
+def test_the_switch_turns_every_kernel_off(lively_model, monkeypatch) -> None:
+    """LMFORGE_KERNELS=off, or enabled=False: nothing is swapped; enabled=True wins over the variable;
+    generation with and without kernels gives the same tokens (fp32: packing is exact)."""
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    with_kernels = generate_ids(lively_model, prompts, 12, temperature=0)
+    assert generate_ids(lively_model, prompts, 12, temperature=0, use_kernels=False) == with_kernels
+    monkeypatch.setenv(kernels.SWITCH, "off")
+    assert not kernels.switched_on() and not kernels.report()["enabled"]
+    with kernels.generating(lively_model, rows=3) as chosen:
+        assert chosen["applied"] == {} and "switched off" in chosen["skipped"]["all"]
+        assert not any(isinstance(m, PackedLinear) for m in linears(lively_model))
+    with kernels.generating(lively_model, rows=3, enabled=True) as chosen:
+        assert isinstance(lively_model.head, PackedLinear)
+    assert generate_ids(lively_model, prompts, 12, temperature=0) == with_kernels
+
+
+def test_report_names_the_hardware_and_the_rules() -> None:
+    report = kernels.report()
+    assert report["enabled"] is True and report["switch"] == "LMFORGE_KERNELS="
+    assert set(report["hardware"]) >= {"amx", "mkl_packing", "onednn_bf16_packing", "torch"}
+    assert set(report["rules"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lora_dropout", "packed_mkl",
+                                    "packed_onednn"}
+    with pytest.raises(ValueError, match="expected 'train' or 'generate'"):
+        kernels.apply(nn.Linear(2, 2), for_="serve")
