@@ -16,6 +16,8 @@ from lmforge import kernels
 from lmforge.infer.generate import generate_ids
 from lmforge.kernels import cpu
 from lmforge.kernels.linear import FP32_MIN_ROWS, Fp32Linear, PackedLinear, fp32_worth_it
+from lmforge.kernels.swiglu import lean_swiglu
+from lmforge.models.layers import swiglu
 
 PACKINGS = [  # (weights' dtype, the op that multiplies through packed weights, tolerance)
     pytest.param(torch.float32, "mkl::_mkl_linear", 1e-5,
@@ -68,10 +70,25 @@ def test_fp32_linear_multiplies_bf16_in_fp32_where_that_is_faster() -> None:
     assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
 
 
+def test_lean_swiglu_keeps_only_its_input_and_gives_the_same_numbers() -> None:
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 5, 2 * 24, generator=g, requires_grad=True)
+    grad = torch.randn(3, 5, 24, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = lean_swiglu(swiglu)(h)
+    assert len(saved) == 1 and saved[0] is h  # not silu(gate) besides
+    out.backward(grad)
+    h2 = h.detach().clone().requires_grad_()
+    expected = swiglu(h2)
+    expected.backward(grad)
+    assert torch.equal(out, expected) and torch.equal(h.grad, h2.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
-    """The same parameters and state-dict keys, and the same loss and gradients: identical in fp32 (nothing
-    applies), within bf16 rounding in bf16; `remove` gives the plain model back."""
+    """The same parameters and state-dict keys, and the same loss and gradients: identical in fp32 (only the
+    lean SwiGLU applies), within bf16 rounding in bf16; `remove` gives the plain model back."""
     plain = make_model("llama", dropout=0.0).to(dtype).train()
     model = make_model("llama", dropout=0.0).to(dtype).train()
     model.load_state_dict(plain.state_dict())
@@ -79,10 +96,11 @@ def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
     chosen = kernels.apply(model, for_="train")
     assert kernels.apply(model, for_="train")["applied"] == {}  # applied once only
     assert dict(model.named_parameters()) == parameters and model.state_dict().keys() == plain.state_dict().keys()
+    assert chosen["applied"]["lean_swiglu"]["layers"] == [f"blocks.{i}.mlp" for i in range(model.config.n_layer)]
     if dtype == torch.float32 or not fp32_worth_it(model.head_weight):
-        assert chosen["applied"] == {} and chosen["skipped"]["fp32_linear"]
+        assert set(chosen["applied"]) == {"lean_swiglu"} and chosen["skipped"]["fp32_linear"]
     else:
-        assert set(chosen["applied"]) == {"fp32_linear", "fp32_attention", "fp32_loss"}
+        assert set(chosen["applied"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lean_swiglu"}
         assert len(chosen["applied"]["fp32_linear"]["layers"]) == len(linears(model))
         assert chosen["applied"]["fp32_loss"]["layers"] == [""]  # the model itself
     assert kernels.report(model)["applied"] == chosen["applied"]
@@ -101,6 +119,7 @@ def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
     kernels.remove(model)
     assert kernels.report(model)["applied"] == {}
     assert all(type(m) is nn.Linear for m in linears(model)) and "sdpa" not in model.blocks[0].attn.__dict__
+    assert model.blocks[0].mlp.swiglu is swiglu
 
 
 @pytest.mark.parametrize("dtype, packed_op, tolerance", PACKINGS)
@@ -165,7 +184,7 @@ def test_report_names_the_hardware_and_the_rules() -> None:
     report = kernels.report()
     assert report["enabled"] is True and report["switch"] == "LMFORGE_KERNELS="
     assert set(report["hardware"]) >= {"amx", "mkl_packing", "onednn_bf16_packing", "torch"}
-    assert set(report["rules"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lora_dropout", "packed_mkl",
-                                    "packed_onednn"}
+    assert set(report["rules"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lean_swiglu", "lora_dropout",
+                                    "packed_mkl", "packed_onednn"}
     with pytest.raises(ValueError, match="expected 'train' or 'generate'"):
         kernels.apply(nn.Linear(2, 2), for_="serve")

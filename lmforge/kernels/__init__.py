@@ -13,9 +13,10 @@ never imports it either. The kernels know a model only through what any PyTorch 
 documented hooks:
 - `nn.Linear` layers: a kernel swaps the layer's class in place (`swap.swap`: the same module,
   parameters and state-dict keys; another forward) and `remove` swaps it back;
-- a module's `sdpa` attribute (a function with the signature of `F.scaled_dot_product_attention`;
-  lmforge's `Attention` has one) and a module's `linear_cross_entropy` attribute (h (N, d), weight
-  (V, d), targets (N,) -> mean loss; lmforge's models have one): a kernel wraps the function.
+- functions that modules hold as attributes, each with a documented contract, which a kernel wraps
+  or replaces by an equivalent: `sdpa` (the signature of `F.scaled_dot_product_attention`; lmforge's
+  `Attention`), `linear_cross_entropy` (h (N, d), weight (V, d), targets (N,) -> mean loss; lmforge's
+  models) and `swiglu` (h = [gate, up] (..., 2F) -> silu(gate) * up; lmforge's SwiGLU `MLP`).
 
 What is chosen, by fixed rules for now (choosing by measurement on the machine comes next):
 
@@ -23,7 +24,8 @@ What is chosen, by fixed rules for now (choosing by measurement on the machine c
 |---|---|---|---|
 | `fp32_linear` | train | nn.Linear with bf16/fp16 weights on a CPU without AMX tiles | `linear.Fp32Linear` |
 | `fp32_attention`, `fp32_loss` | train | the `sdpa` / `linear_cross_entropy` hooks of such a model | `upcast` |
-| `lora_dropout` | train | peft LoRA layers with dropout, any device | `lora_dropout` |
+| `lean_swiglu` | train | the `swiglu` hooks, any device (memory: keeps only its input) | `swiglu` |
+| `lora_dropout` | train | peft LoRA layers with dropout, any device (memory and speed) | `lora_dropout` |
 | `packed_mkl` | generate | nn.Linear with fp32 weights, 2+ rows a step, PyTorch with MKL | `linear.PackedLinear` |
 | `packed_onednn` | generate | nn.Linear with bf16 weights, a CPU with bf16 instructions | `linear.PackedLinear` |
 
@@ -55,17 +57,23 @@ from lmforge.kernels.linear import (
 from lmforge.kernels.lora_dropout import WHY as LORA_WHY
 from lmforge.kernels.lora_dropout import DropoutLinear, fuse_lora_dropout, unfuse_lora_dropout
 from lmforge.kernels.swap import swap, swapped, unswap
+from lmforge.kernels.swiglu import WHY as SWIGLU_WHY
+from lmforge.kernels.swiglu import lean_swiglu
 from lmforge.kernels.upcast import ATTENTION_WHY, LOSS_WHY, fp32_attention, fp32_cross_entropy
 
 __all__ = ["SWITCH", "apply", "generating", "remove", "report", "switched_on"]
 
 SWITCH = "LMFORGE_KERNELS"  # "off" (or 0, false, no): no kernels
-HOOKS = {"sdpa": ("fp32_attention", fp32_attention, ATTENTION_WHY),  # hook -> kernel, wrapper, why
-         "linear_cross_entropy": ("fp32_loss", fp32_cross_entropy, LOSS_WHY)}
+HOOKS = {  # hook -> kernel, wrapper, why, whether it pays for a module
+    "sdpa": ("fp32_attention", fp32_attention, ATTENTION_WHY, lambda m: _first_weight_worth_fp32(m)),
+    "linear_cross_entropy": ("fp32_loss", fp32_cross_entropy, LOSS_WHY, lambda m: _first_weight_worth_fp32(m)),
+    "swiglu": ("lean_swiglu", lean_swiglu, SWIGLU_WHY, lambda m: True),
+}
 RULES = {
     "fp32_linear": FP32_WHY,
     "fp32_attention": ATTENTION_WHY,
     "fp32_loss": LOSS_WHY,
+    "lean_swiglu": SWIGLU_WHY,
     "lora_dropout": LORA_WHY,
     "packed_mkl": PACKED_WHY["mkl"].format(rows="2 or more"),
     "packed_onednn": PACKED_WHY["onednn"],
@@ -109,9 +117,9 @@ def _apply_for_training(model: nn.Module, out: dict[str, Any]) -> None:
     _record(out, "fp32_linear", FP32_WHY, [names[id(m)] for m in chosen])
     if linears and not chosen:
         out["skipped"]["fp32_linear"] = _why_not_fp32(linears[0].weight)
-    for hook, (kernel, wrap, why) in HOOKS.items():
+    for hook, (kernel, wrap, why, pays) in HOOKS.items():
         hooked = [m for m in model.modules() if callable(getattr(m, hook, None))
-                  and not hasattr(getattr(m, hook), "kernel") and _first_weight_worth_fp32(m)]
+                  and not hasattr(getattr(m, hook), "kernel") and pays(m)]
         for m in hooked:
             setattr(m, hook, wrap(getattr(m, hook)))
         _record(out, kernel, why, [names[id(m)] for m in hooked])
@@ -163,8 +171,11 @@ def remove(model: nn.Module) -> None:
         while swapped(m) and isinstance(m, (Fp32Linear, PackedLinear)):
             unswap(m)
         for hook in HOOKS:
-            if hasattr(m.__dict__.get(hook), "kernel"):
+            function = m.__dict__.get(hook)
+            if hasattr(function, "kernel"):
                 delattr(m, hook)
+                if getattr(m, hook, None) is not function.inner:  # the plain function was the module's own
+                    setattr(m, hook, function.inner)
 
 
 def report(model: nn.Module | None = None) -> dict[str, Any]:
@@ -180,7 +191,7 @@ def report(model: nn.Module | None = None) -> dict[str, Any]:
             _record(applied, f"packed_{m.packing}", PACKED_WHY[m.packing].format(rows=m.packed_rows), [name])
         elif isinstance(m, (Fp32Linear, DropoutLinear)):
             _record(applied, m.kernel, RULES[m.kernel], [name])
-        for hook, (kernel, _, why) in HOOKS.items():
+        for hook, (kernel, _, why, _) in HOOKS.items():
             if hasattr(m.__dict__.get(hook), "kernel"):
                 _record(applied, kernel, why, [name])
     out["applied"] = applied["applied"]

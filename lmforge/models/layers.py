@@ -15,9 +15,10 @@ never holds the full logits) and `masked_mean` (pooling over real tokens).
     y = dec(x, memory=encoded, memory_mask=key_padding_mask(source_valid))
     h = decode_stack(model, ids, cache)                        # a model's blocks over token ids (B, T)
 
-Every linear layer is an `nn.Linear`. Hardware-specific speed-ups live in `lmforge.kernels`, which
-swaps those layers in place and wraps the attention function (`Attention.sdpa`); nothing here
-knows about it.
+Every linear layer is an `nn.Linear`. Hardware-specific speed-ups and memory savings live in
+`lmforge.kernels`, which swaps those layers in place and wraps or replaces the functions that
+`Attention.sdpa`, `MLP.swiglu` and `LanguageModel.linear_cross_entropy` hold; nothing here knows
+about it.
 """
 
 from __future__ import annotations
@@ -207,22 +208,27 @@ class Attention(nn.Module):
         return q, k, v
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (..., F) for h = [gate, up] (..., 2F) on its last dimension."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """GPT-2's GELU MLP or Llama's SwiGLU (gate and up projections in one matmul)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        self.up = nn.Linear(config.d_model, (2 if self.swiglu else 1) * config.d_ff, bias=config.bias)
+        gated = config.mlp == "swiglu"
+        self.up = nn.Linear(config.d_model, (2 if gated else 1) * config.d_ff, bias=config.bias)
         self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        # SwiGLU's activation (None: GELU), a hook that lmforge.kernels may replace by an equivalent
+        # function (one that keeps less for the backward pass)
+        self.swiglu = swiglu if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # (B, T, d_ff), or [gate, up] (B, T, 2 * d_ff)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
+        h = self.swiglu(h) if self.swiglu is not None else F.gelu(h, approximate="tanh")  # (B, T, d_ff)
         return self.down(h)  # (B, T, d_model)
 
 
