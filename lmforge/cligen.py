@@ -40,16 +40,24 @@ import importlib
 import inspect
 import re
 import sys
-import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
+from lmforge.config import (
+    NoneType,
+    convert,
+    did_you_mean,
+    from_text,
+    is_config_type,
+    is_list_type,
+    section_values,
+    union_members,
+)
 from lmforge.errors import UserError
 
-NoneType = type(None)
 RESERVED = ("config", "print_config")  # the flags every generated verb has
 
 
@@ -208,127 +216,6 @@ def summary(verb: Verb) -> str:
 # types: what a flag's text or a YAML value means for an annotation
 
 
-def _members(tp: Any) -> list[Any]:
-    return list(typing.get_args(tp)) if typing.get_origin(tp) in (Union, types.UnionType) else [tp]
-
-
-def _is_list(tp: Any) -> bool:
-    return typing.get_origin(tp) in (list, tuple, Sequence, typing.Sequence)
-
-
-def _is_text(tp: Any) -> bool:
-    """Whether a flag's text is the value itself (not read as YAML first)."""
-    if typing.get_origin(tp) is Literal:
-        return all(isinstance(a, str) for a in typing.get_args(tp))
-    return tp in (str, Path, Any)
-
-
-def _is_section(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def describe(tp: Any) -> str:
-    """What a value of `tp` looks like, for error messages: "an int", "one of fp32, bf16", "a float or none"."""
-    members = _members(tp)
-    if len(members) > 1:
-        return " or ".join(dict.fromkeys(describe(m) for m in members))
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
-    if _is_list(tp):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of {describe(args[0]) if args else 'values'}"
-    names = {NoneType: "none", bool: "true or false", int: "an int", float: "a float", str: "a string",
-             Path: "a path"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def convert(value: Any, tp: Any, where: str) -> Any:
-    """`value` (YAML's, or a flag's text as `from_text` reads it) as a value of `tp`; a UserError naming
-    `where` if it is not one."""
-    if tp is Any:
-        return value
-    members = _members(tp)
-    if len(members) > 1:
-        if value is None and NoneType in members:
-            return None
-        for member in members:  # the first that takes it
-            if member is not NoneType:
-                try:
-                    return convert(value, member, where)
-                except UserError:
-                    pass
-    elif typing.get_origin(tp) is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif _is_list(tp):
-        item = next((a for a in typing.get_args(tp) if a is not Ellipsis), Any)
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-        return [convert(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp in (str, Path):
-        if isinstance(value, (str, Path)):
-            return tp(value)
-    elif _is_section(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, dict):
-            return tp(**section_values(tp, value, where))
-    elif isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise UserError(f"{where} = {value!r}; expected {describe(tp)}")
-
-
-def from_text(text: str, tp: Any, where: str, none_word: bool = False) -> Any:
-    """A flag's text as a value of `tp`: text stays text where `tp` takes text; otherwise it reads as a
-    YAML scalar (3e-4, true, none). `none`/`null` is None where `tp` allows None and is not text, or
-    always with `none_word` (config fields: `--clean.normalize none`)."""
-    members = _members(tp)
-    if NoneType in members and text.strip().lower() in ("none", "null") and (
-            none_word or not any(_is_text(m) for m in members)):
-        return None
-    if any(_is_text(m) for m in members):
-        return convert(text, tp, where)
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    return convert(value, tp, where)
-
-
-def section_values(cls: type, values: Any, where: str) -> dict[str, Any]:
-    """The fields of dataclass `cls` given in the mapping `values`, each converted to its type."""
-    if not isinstance(values, dict):
-        raise UserError(f"{where} must be a mapping of field: value, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    out = {}
-    for key, value in values.items():
-        if key not in names:
-            raise UserError(f"{where}.{key} is not a setting{_did_you_mean(key, names)}")
-        out[key] = convert(value, hints[key], f"{where}.{key}")
-    return out
-
-
-def _did_you_mean(key: Any, names: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(key), names, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(names)}"
-
-
 # ----------------------------------------------------------------------------------------------
 # a parser from a function
 
@@ -347,7 +234,7 @@ class Param:
     @property
     def section(self) -> type | None:
         """The dataclass of a `clean: CleanConfig | bool` parameter."""
-        return next((m for m in _members(self.type) if _is_section(m)), None)
+        return next((m for m in union_members(self.type) if is_config_type(m)), None)
 
     @property
     def flag(self) -> str:
@@ -396,8 +283,8 @@ def _help(text: str, default: Any = None) -> str:
 
 
 def _metavar(p: Param) -> str:
-    base = next((m for m in _members(p.type) if m is not NoneType), Any)
-    if _is_list(base):
+    base = next((m for m in union_members(p.type) if m is not NoneType), Any)
+    if is_list_type(base):
         base = next((a for a in typing.get_args(base) if a is not Ellipsis), Any)
     if typing.get_origin(base) is Literal:
         return "{" + ",".join(map(str, typing.get_args(base))) + "}"
@@ -448,14 +335,14 @@ def build_parser(verb: Verb, file_values: dict[str, Any] | None = None
     for p in params:
         given = p.name in file_values
         if p.section is not None:
-            default = p.default if _is_section(type(p.default)) else None
+            default = p.default if is_config_type(type(p.default)) else None
             group = add_section(parser, p.name, p.section, description=_help(p.help), flat=p.name in verb.flat,
                                 defaults=default)
-            if bool in _members(p.type):
+            if bool in union_members(p.type):
                 group.add_argument(f"--no-{p.name.replace('_', '-')}", dest=p.name, action="store_false",
                                    default=argparse.SUPPRESS, help=f"turn {p.name} off")
             continue
-        many = _is_list(next((m for m in _members(p.type) if m is not NoneType), Any))
+        many = is_list_type(next((m for m in union_members(p.type) if m is not NoneType), Any))
         if p.positional:
             nargs = ("*" if given or not p.required else "+") if many else ("?" if given or not p.required else None)
             parser.add_argument(p.name, nargs=nargs, default=argparse.SUPPRESS, metavar=p.name.upper(),
@@ -542,7 +429,7 @@ def read_config_file(path: str, verb: Verb, fn: Callable[..., Any], params: list
             else:
                 values[key] = convert(value, p.type, where)
         else:
-            raise UserError(f"{file}: unknown setting {key!r}{_did_you_mean(key, [*by_name, *sections])}")
+            raise UserError(f"{file}: unknown setting {key!r}{did_you_mean(key, [*by_name, *sections])}")
     return values
 
 
@@ -578,8 +465,8 @@ def resolve(verb: Verb, fn: Callable[..., Any], params: list[Param], file_values
 
 
 def _item_type(tp: Any) -> Any:
-    base = next((m for m in _members(tp) if m is not NoneType), Any)
-    return next((a for a in typing.get_args(base) if a is not Ellipsis), Any) if _is_list(base) else base
+    base = next((m for m in union_members(tp) if m is not NoneType), Any)
+    return next((a for a in typing.get_args(base) if a is not Ellipsis), Any) if is_list_type(base) else base
 
 
 def _resolve_section(p: Param, from_file: Any, given: dict[str, Any]) -> Any:
@@ -594,7 +481,7 @@ def _resolve_section(p: Param, from_file: Any, given: dict[str, Any]) -> Any:
         return False
     value = p.default if from_file is inspect.Parameter.empty else from_file
     if isinstance(value, dict):  # the file's fields, over the default's
-        default = p.default if _is_section(type(p.default)) else cls()
+        default = p.default if is_config_type(type(p.default)) else cls()
         value = dataclasses.replace(default, **value)
     if value is True:
         value = cls()

@@ -16,13 +16,16 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import yaml
 
 from lmforge.errors import UserError
+
+NoneType = type(None)
 
 
 def param(default: Any, help: str) -> Any:
@@ -351,21 +354,69 @@ def preset(name: str) -> ModelConfig:
 # dicts, YAML and flags in; dicts out
 
 
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    """Return `value` converted to the field's type, or raise a UserError naming the field."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
+def union_members(tp: Any) -> list[Any]:
+    return list(typing.get_args(tp)) if typing.get_origin(tp) in (Union, types.UnionType) else [tp]
+
+
+def is_list_type(tp: Any) -> bool:
+    return typing.get_origin(tp) in (list, tuple, Sequence, typing.Sequence)
+
+
+def is_text_type(tp: Any) -> bool:
+    """Whether a flag's text is the value itself (not read as YAML first)."""
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp in (str, Path, Any)
+
+
+def is_config_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def describe(tp: Any) -> str:
+    """What a value of `tp` looks like, for error messages: "an int", "one of fp32, bf16", "a float or none"."""
+    members = union_members(tp)
+    if len(members) > 1:
+        return " or ".join(dict.fromkeys(describe(m) for m in members))
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if is_list_type(tp):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of {describe(args[0]) if args else 'values'}"
+    names = {NoneType: "none", bool: "true or false", int: "an int", float: "a float", str: "a string",
+             Path: "a path"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def convert(value: Any, tp: Any, where: str) -> Any:
+    """`value` (YAML's, or a flag's text as `from_text` reads it) as a value of `tp`; a UserError naming
+    `where` if it is not one."""
+    if tp is Any:
+        return value
+    members = union_members(tp)
+    if len(members) > 1:
+        if value is None and NoneType in members:
             return None
-        annotation = next(a for a in options if a is not type(None))
-    if annotation is bool:
+        for member in members:  # the first that takes it
+            if member is not NoneType:
+                try:
+                    return convert(value, member, where)
+                except UserError:
+                    pass
+    elif typing.get_origin(tp) is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif is_list_type(tp):
+        item = next((a for a in typing.get_args(tp) if a is not Ellipsis), Any)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [convert(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
+    elif tp is bool:
         if isinstance(value, bool):
             return value
-    elif annotation is int:
+    elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif annotation is float:
+    elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
@@ -373,43 +424,64 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif annotation is str:
-        if isinstance(value, str):
+    elif tp in (str, Path):
+        if isinstance(value, (str, Path)):
+            return tp(value)
+    elif is_config_type(tp):
+        if isinstance(value, tp):
             return value
-    raise UserError(f"{where} = {value!r} has the wrong type; expected {annotation.__name__}")
+        if isinstance(value, dict):
+            return tp(**section_values(tp, value, where))
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise UserError(f"{where} = {value!r}; expected {describe(tp)}")
 
 
-def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from `values`; unknown keys and wrong types are UserErrors naming `where`."""
-    if not isinstance(values, dict):
-        raise UserError(f"{where} must be a mapping of field: value, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
-            raise UserError(f"{where}.{key} is not a config key{hint}")
-        kwargs[key] = _check_type(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+def from_text(text: str, tp: Any, where: str, none_word: bool = False) -> Any:
+    """A flag's text as a value of `tp`: text stays text where `tp` takes text; otherwise it reads as a
+    YAML scalar (3e-4, true, none). `none`/`null` is None where `tp` allows None and is not text, or
+    always with `none_word` (config fields: `--clean.normalize none`)."""
+    members = union_members(tp)
+    if NoneType in members and text.strip().lower() in ("none", "null") and (
+            none_word or not any(is_text_type(m) for m in members)):
+        return None
+    if any(is_text_type(m) for m in members):
+        return convert(text, tp, where)
+    import yaml
 
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def parse_flag_value(text: str, annotation: Any, where: str) -> Any:
-    """Turn a command-line string into a value of the field's type (`--train.lr 3e-4`)."""
-    if text.strip().lower() in ("none", "null"):
-        return _check_type(None, annotation, where)
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
-    if isinstance(value, (int, float, bool)) and str in typing.get_args(annotation) + (annotation,):
-        value = text  # a string field keeps the text as typed
-    return _check_type(value, annotation, where)
+    return convert(value, tp, where)
+
+
+def section_values(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """The fields of dataclass `cls` given in the mapping `values`, each converted to its type."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping of field: value, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in values.items():
+        if key not in names:
+            raise UserError(f"{where}.{key} is not a setting{did_you_mean(key, names)}")
+        out[key] = convert(value, hints[key], f"{where}.{key}")
+    return out
+
+
+def did_you_mean(key: Any, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(key), names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(names)}"
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from `values`; unknown keys and wrong types are UserErrors naming `where`."""
+    return cls(**section_values(cls, values, where))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
 
 
 def load_run_config(

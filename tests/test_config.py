@@ -13,8 +13,8 @@ from lmforge.config import (
     PRESETS,
     ModelConfig,
     TrainConfig,
+    from_text,
     load_run_config,
-    parse_flag_value,
     preset,
     save_yaml,
     to_dict,
@@ -102,8 +102,8 @@ def test_merge_order_preset_then_file_then_flags(tmp_path) -> None:
 
 def test_exponent_floats_in_yaml_and_flags(tmp_path) -> None:
     """`lr: 3e-4` is how everyone writes a learning rate (PyYAML reads it as a string)."""
-    assert parse_flag_value("3e-4", float, "train.lr") == pytest.approx(3e-4)
-    assert parse_flag_value("0.0003", float, "train.lr") == pytest.approx(3e-4)
+    assert from_text("3e-4", float, "train.lr", none_word=True) == pytest.approx(3e-4)
+    assert from_text("0.0003", float, "train.lr", none_word=True) == pytest.approx(3e-4)
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  lr: 3e-4\n  min_lr: 1e-5\n")
     _, train = load_run_config("tiny", path)
@@ -111,13 +111,13 @@ def test_exponent_floats_in_yaml_and_flags(tmp_path) -> None:
 
 
 def test_flag_values_take_the_field_type() -> None:
-    assert parse_flag_value("12", int, "model.n_layer") == 12
-    assert parse_flag_value("2", float, "train.lr") == 2.0
-    assert parse_flag_value("true", bool, "train.compile") is True
-    assert parse_flag_value("32", str, "train.precision") == "32"  # digits for a string field stay a string
-    assert parse_flag_value("null", int | None, "model.n_kv_head") is None
+    assert from_text("12", int, "model.n_layer", none_word=True) == 12
+    assert from_text("2", float, "train.lr", none_word=True) == 2.0
+    assert from_text("true", bool, "train.compile", none_word=True) is True
+    assert from_text("32", str, "train.precision", none_word=True) == "32"  # digits for a string field stay a string
+    assert from_text("null", int | None, "model.n_kv_head", none_word=True) is None
     with pytest.raises(UserError, match="model.n_layer"):
-        parse_flag_value("two", int, "model.n_layer")
+        from_text("two", int, "model.n_layer", none_word=True)
 
 
 @pytest.mark.parametrize("key, close", [("train.lrr", "lr"), ("model.n_layers", "n_layer"),
