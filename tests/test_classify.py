@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
+from lmforge.infer import pad_right
 from lmforge.models.decoder import Decoder
 from lmforge.recipes.classify import Classifier, read_labelled, train_classifier
 from lmforge.recipes.finetune import LORA_TARGETS, apply_lora

@@ -174,15 +174,3 @@ def collate(examples: Sequence[Example], pad_id: int, device="cpu") -> dict[str,
         ids[row, :len(e.ids)] = torch.tensor(e.ids)
         labels[row, :len(e.labels)] = torch.tensor(e.labels)
     return {"ids": ids[:, :-1].to(device), "targets": labels[:, 1:].to(device)}
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids (B, S) right-padded with `pad_id`, and the mask (B, S) that is True at real tokens."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = True
-    return ids.to(device), mask.to(device)

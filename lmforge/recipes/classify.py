@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from lmforge.config import ClassifyTrainConfig, merge_settings, resolve_train, settings
 from lmforge.data.batches import EpochBatches, hold_out
-from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
+from lmforge.infer import pad_right
 from lmforge.recipes.finetune import apply_lora, describe_source
 from lmforge.train.recipe import Job, Recipe, run_recipe, say
 

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from lmforge.data.sft import pad_right
 from lmforge.errors import UserError
+from lmforge.infer import pad_right
 from lmforge.recipes.classify import (  # the training half of the task; names kept importable from here
     DEFAULT_MAX_LENGTH,
     HEAD_CONFIG,

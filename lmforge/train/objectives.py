@@ -119,7 +119,7 @@ class Pair:
 def collate_pairs(pairs: Sequence[Pair], eos_id: int, device="cpu") -> dict[str, torch.Tensor]:
     """`source` (B, S) and `source_mask` (right-padded), decoder input `ids` = eos + target and
     `targets` = target + eos (B, T), -100 where padded. End-of-text both starts and ends a target."""
-    from lmforge.data.sft import pad_right
+    from lmforge.infer import pad_right
 
     source, source_mask = pad_right([p.source for p in pairs], eos_id, device)
     length = max(len(p.target) for p in pairs) + 1
