@@ -419,3 +419,21 @@ def test_api_generate_and_fresh_or_seeded_z(tokenizer) -> None:
     pieces: list[str] = []
     streamed = model.generate("", max_new_tokens=8, seed=0, stream=pieces.append)[0]
     assert "".join(pieces) == streamed  # streamed as it is generated, as the decoder's generate does
+
+
+def test_every_kind_generates_through_the_one_loop_in_batches(tokenizer) -> None:
+    """VAE and conditional VAE texts go through lmforge.infer.generate like the decoder's: the same texts,
+    in the same prompt-major order, whatever the batch size (z is drawn once for all texts)."""
+    from lmforge.infer.generate import generate
+
+    model = make_vae(vocab_size=tokenizer.vocab_size)
+    model.tokenizer = tokenizer
+    whole = model.generate(["", "red"], num_samples=2, max_new_tokens=6, seed=5)
+    assert len(whole) == 4
+    assert generate(model, ["", "red"], num_samples=2, max_new_tokens=6, seed=5, temperature=0.0,
+                    batch_size=1) == whole
+    cvae = build_model(vae_config(kind="cvae", vocab_size=tokenizer.vocab_size)).eval()
+    cvae.tokenizer = tokenizer
+    sources = ["red blue", "gold", "blue red gold"]
+    assert generate(cvae, sources, max_new_tokens=6, temperature=0.0, batch_size=2, too_long="error") == \
+        cvae.generate(sources, max_new_tokens=6, batch_size=2, too_long="error")

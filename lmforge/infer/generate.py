@@ -159,6 +159,7 @@ def generate_ids(
     return out
 
 
+@torch.inference_mode()
 def generate(
     model: Generative,
     prompt: str | Sequence[str] = "",
@@ -210,13 +211,13 @@ def generate(
         if beam_size > 1:
             rows = beam_search_ids(model, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,
                                    tokenizer.eos_id, condition, use_kernels)
-            texts = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
+            found = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
             if stream:
-                stream(texts[0])
+                stream(found[0])
+            out += found
         else:
-            texts = _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperature, top_k, top_p,
-                                  repetition_penalty, stop, seed, stream, use_kernels)
-        out += texts
+            out += _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperature, top_k, top_p,
+                                 repetition_penalty, stop, seed, stream, use_kernels)
     return out
 
 

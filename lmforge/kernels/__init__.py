@@ -9,16 +9,19 @@
     LMFORGE_KERNELS=off                      # no kernels anywhere (or enabled=False to `apply`/`generating`)
 
 `lmforge.models` is plain PyTorch that runs on any device and never imports this package, which
-never imports it either. The kernels know a model only through what any PyTorch model has, and two
-documented hooks:
+never imports it either. The kernels know a model only through what any PyTorch model has, and a
+few documented hooks:
 - `nn.Linear` layers: a kernel swaps the layer's class in place (`swap.swap`: the same module,
   parameters and state-dict keys; another forward) and `remove` swaps it back;
 - functions that modules hold as attributes, each with a documented contract, which a kernel wraps
   or replaces by an equivalent: `sdpa` (the signature of `F.scaled_dot_product_attention`; lmforge's
   `Attention`), `linear_cross_entropy` (h (N, d), weight (V, d), targets (N,) -> mean loss; lmforge's
   models) and `swiglu` (h = [gate, up] (..., 2F) -> silu(gate) * up; lmforge's SwiGLU `MLP`).
+- peft's LoRA layers, known by their parts (`lora_A`, `lora_dropout`).
 
-What is chosen, by fixed rules for now (choosing by measurement on the machine comes next):
+What is chosen, by fixed rules for now (choosing by measurement on the machine comes next; the AMX
+rule is wrong on CPUs whose bf16 matmuls are fast without AMX, e.g. AMD Zen 4 with avx512_bf16, where
+the fp32 route made a gpt-mini bf16 step 0.58x as fast as PyTorch's own bf16 kernels):
 
 | kernel | for | where | module |
 |---|---|---|---|
