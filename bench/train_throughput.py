@@ -193,9 +193,10 @@ def measure_pair(label: str, sides: dict[str, tuple[str, str, bool]], weights: s
             "mfu_vs_fp32_peak": round(tok_s[name] * flops / peaks["fp32"], 3),
             "first_step_loss": round(ready[name]["first_loss"], 5),
             "first_step_seconds": round(ready[name]["first_seconds"], 1),
-            "kernels": ready[name]["kernels"],
             "rounds_disturbed_by_other_processes": disturbed,
         }
+        if ready[name]["kernels"] is not None:  # lmforge's sides: the kernels the Trainer applied
+            record["kernels"] = ready[name]["kernels"]
         if name != reference and reference in workers:
             record["ratio_vs_transformers"] = round(tok_s[name] / tok_s[reference], 3)
         emit(record)
