@@ -130,7 +130,7 @@ class TrainConfig:
     seed: int = param(1337, "seed for initialisation and batch order")
     compile: bool = param(False, "torch.compile the model")
     activation_checkpointing: bool = param(False, "recompute each block's activations in the backward pass: "
-                                                  "far less memory, about a third more compute (decoders)")
+                                                  "far less memory, about a third more compute")
 
     def validate(self) -> TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):

@@ -40,8 +40,6 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float,
     """Wrap `model` with LoRA adapters (peft) on the named linear layers; only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    from lmforge.kernels.lora_dropout import fuse_lora_dropout
-
     if rank < 1:
         raise UserError(f"--lora-rank = {rank}; expected a positive integer")
     if not 0 <= dropout < 1:
@@ -56,11 +54,7 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float,
         raise UserError(f"LoRA target modules {', '.join(unknown)} do not exist in this model; "
                         f"its linear layers are: {', '.join(linear_names)}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    peft_model = get_peft_model(model, config)
-    # the same dropout, but its mask is drawn again in the backward pass instead of kept with a copy
-    # of each adapted layer's input (lmforge.train.lora)
-    fuse_lora_dropout(peft_model)
-    return peft_model
+    return get_peft_model(model, config)  # the Trainer's kernels fuse its dropout (lmforge.kernels.lora_dropout)
 
 
 def load_trainable(source: str | Path) -> tuple[torch.nn.Module, Any]:
