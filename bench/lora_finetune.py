@@ -44,7 +44,7 @@ to run. `--activation-checkpointing` recomputes every block's activations in the
 sides (lmforge's `train.activation_checkpointing`, transformers' `gradient_checkpointing_enable`), so
 that the weights, gradients and AdamW state, which LoRA is about, decide the peak.
 `--lora-dropout 0` shows what LoRA's dropout costs: on lmforge's side nothing kept (its dropout draws
-the mask again in the backward pass, `lmforge.train.lora`); on peft's, a noise tensor and a dropped
+the mask again in the backward pass, `lmforge.kernels.lora_dropout`); on peft's, a noise tensor and a dropped
 copy of each adapted layer's input, kept for the backward pass.
 
 Prints one JSON line per figure.
