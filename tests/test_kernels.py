@@ -14,10 +14,11 @@ from torch import nn
 
 from lmforge import kernels
 from lmforge.infer.generate import generate_ids
-from lmforge.kernels import cpu
+from lmforge.kernels import cpu, remake
 from lmforge.kernels.linear import FP32_MIN_ROWS, Fp32Linear, PackedLinear, fp32_worth_it
+from lmforge.kernels.norm import lean_layer_norm, lean_rms_norm
 from lmforge.kernels.swiglu import lean_swiglu
-from lmforge.models.layers import swiglu
+from lmforge.models.layers import layer_norm, rms_norm, swiglu
 
 PACKINGS = [  # (weights' dtype, the op that multiplies through packed weights, tolerance)
     pytest.param(torch.float32, "mkl::_mkl_linear", 1e-5,
@@ -85,10 +86,60 @@ def test_lean_swiglu_keeps_only_its_input_and_gives_the_same_numbers() -> None:
     assert torch.equal(out, expected) and torch.equal(h.grad, h2.grad)
 
 
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norm_keeps_only_its_input_and_gives_the_same_numbers(kind, dtype) -> None:
+    """Output and gradients (x, weight, bias) of the plain norm, to the dtype's rounding; kept for the
+    backward pass: x, per-row statistics and the parameters, nothing else as large as x."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 5, 32, generator=g).to(dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(32, generator=g)).to(dtype).requires_grad_()
+    bias = torch.randn(32, generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(3, 5, 32, generator=g).to(dtype)
+    plain, args = (rms_norm, (weight, 1e-5)) if kind == "rmsnorm" else (layer_norm, (weight, bias, 1e-5))
+    lean = lean_rms_norm(plain) if kind == "rmsnorm" else lean_layer_norm(plain)
+    assert lean.kernel == "lean_norm" and lean.inner is plain
+    results = []
+    for fn in (lean, plain):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            out = fn(x, *args)
+        out.backward(grad)
+        tensors = (x, *args[:-1])
+        results.append((out.detach(), *(t.grad for t in tensors)))
+        for t in tensors:
+            t.grad = None
+        if fn is lean:
+            assert saved[0] is x and all(t is x or t.numel() <= 2 * 15 or t is weight or t is bias for t in saved)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_layers_that_read_lean_outputs_keep_recipes_made_again_in_backward(make_model, monkeypatch) -> None:
+    """Inside the model's forward pass (and only there) the linear layers that read a norm's output or
+    the SwiGLU product keep a recipe, remade in the backward pass: at least 3 a block (qkv, up, down)."""
+    model = make_model("llama", dropout=0.0).train()
+    kernels.apply(model, for_="train")
+    remade = []
+    make_again = remake._Recipe.remake
+    monkeypatch.setattr(remake._Recipe, "remake", lambda self: remade.append(1) or make_again(self))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+    model(ids, ids).backward()
+    assert len(remade) >= 3 * model.config.n_layer
+    with torch.no_grad():
+        model(ids)  # no autograd: nothing watched, nothing left behind
+    assert remake._live.outputs is None and remake._live.stack == []
+    block = model.blocks[0]
+    remade.clear()
+    x = torch.randn(2, 12, model.config.d_model, requires_grad=True)
+    block(x, model.rope.cos_sin(torch.arange(12)[None], x.dtype)).sum().backward()  # outside the model's forward
+    assert remade == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
-    """The same parameters and state-dict keys, and the same loss and gradients: identical in fp32 (only the
-    lean SwiGLU applies), within bf16 rounding in bf16; `remove` gives the plain model back."""
+    """The same parameters and state-dict keys, and the same loss and gradients: to fp32 rounding in fp32
+    (the lean SwiGLU and norms apply), within bf16 rounding in bf16; `remove` gives the plain model back."""
     plain = make_model("llama", dropout=0.0).to(dtype).train()
     model = make_model("llama", dropout=0.0).to(dtype).train()
     model.load_state_dict(plain.state_dict())
@@ -97,10 +148,12 @@ def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
     assert kernels.apply(model, for_="train")["applied"] == {}  # applied once only
     assert dict(model.named_parameters()) == parameters and model.state_dict().keys() == plain.state_dict().keys()
     assert chosen["applied"]["lean_swiglu"]["layers"] == [f"blocks.{i}.mlp" for i in range(model.config.n_layer)]
+    norms = [f"blocks.{i}.norm{j}" for i in range(model.config.n_layer) for j in (1, 2)] + ["norm"]
+    assert chosen["applied"]["lean_norm"]["layers"] == norms and remake.installed(model)
     if dtype == torch.float32 or not fp32_worth_it(model.head_weight):
-        assert set(chosen["applied"]) == {"lean_swiglu"} and chosen["skipped"]["fp32_linear"]
+        assert set(chosen["applied"]) == {"lean_swiglu", "lean_norm"} and chosen["skipped"]["fp32_linear"]
     else:
-        assert set(chosen["applied"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lean_swiglu"}
+        assert set(chosen["applied"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lean_swiglu", "lean_norm"}
         assert len(chosen["applied"]["fp32_linear"]["layers"]) == len(linears(model))
         assert chosen["applied"]["fp32_loss"]["layers"] == [""]  # the model itself
     assert kernels.report(model)["applied"] == chosen["applied"]
@@ -111,15 +164,21 @@ def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
         loss = m(ids, ids)
         loss.backward()
         losses.append(loss)
-    tolerance = 0.0 if dtype == torch.float32 else 2**-6
-    torch.testing.assert_close(losses[0], losses[1], rtol=tolerance, atol=tolerance)
-    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-        scale = q.grad.abs().max().item()
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=4 * tolerance * scale + 1e-9, msg=name)
+    if dtype == torch.float32:  # fp32 rounding: the lean RMSNorm's backward sums in another order
+        torch.testing.assert_close(losses[0], losses[1])
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    else:
+        tolerance = 2**-6
+        torch.testing.assert_close(losses[0], losses[1], rtol=tolerance, atol=tolerance)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            scale = q.grad.abs().max().item()
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=4 * tolerance * scale + 1e-9, msg=name)
     kernels.remove(model)
     assert kernels.report(model)["applied"] == {}
     assert all(type(m) is nn.Linear for m in linears(model)) and "sdpa" not in model.blocks[0].attn.__dict__
-    assert model.blocks[0].mlp.swiglu is swiglu
+    assert model.blocks[0].mlp.swiglu is swiglu and model.blocks[0].norm1.rms_norm is rms_norm
+    assert "rms_norm" not in model.blocks[0].norm1.__dict__ and not remake.installed(model)
 
 
 @pytest.mark.parametrize("dtype, packed_op, tolerance", PACKINGS)
@@ -184,7 +243,7 @@ def test_report_names_the_hardware_and_the_rules() -> None:
     report = kernels.report()
     assert report["enabled"] is True and report["switch"] == "LMFORGE_KERNELS="
     assert set(report["hardware"]) >= {"amx", "mkl_packing", "onednn_bf16_packing", "torch"}
-    assert set(report["rules"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lean_swiglu", "lora_dropout",
-                                    "packed_mkl", "packed_onednn"}
+    assert set(report["rules"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lean_swiglu", "lean_norm",
+                                    "lora_dropout", "packed_mkl", "packed_onednn"}
     with pytest.raises(ValueError, match="expected 'train' or 'generate'"):
         kernels.apply(nn.Linear(2, 2), for_="serve")

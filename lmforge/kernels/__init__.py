@@ -16,7 +16,12 @@ few documented hooks:
 - functions that modules hold as attributes, each with a documented contract, which a kernel wraps
   or replaces by an equivalent: `sdpa` (the signature of `F.scaled_dot_product_attention`; lmforge's
   `Attention`), `linear_cross_entropy` (h (N, d), weight (V, d), targets (N,) -> mean loss; lmforge's
-  models) and `swiglu` (h = [gate, up] (..., 2F) -> silu(gate) * up; lmforge's SwiGLU `MLP`).
+  models), `swiglu` (h = [gate, up] (..., 2F) -> silu(gate) * up; lmforge's SwiGLU `MLP`), `rms_norm`
+  ((x, weight, eps) -> x / rms(x) * weight in fp32, in x's dtype; lmforge's `RMSNorm`) and `layer_norm`
+  ((x, weight, bias, eps) -> `F.layer_norm` on the last dimension; lmforge's `LayerNorm`);
+- the model's forward pass, for the lean kernels: while it runs, saved-tensor hooks (a forward
+  pre-hook and hook on the model `apply` is given) let the layers that read a lean kernel's output
+  keep a recipe for it instead (`remake`).
 - peft's LoRA layers, known by their parts (`lora_A`, `lora_dropout`).
 
 What is chosen, by fixed rules for now (choosing by measurement on the machine comes next; the AMX
@@ -27,7 +32,8 @@ the fp32 route made a gpt-mini bf16 step 0.58x as fast as PyTorch's own bf16 ker
 |---|---|---|---|
 | `fp32_linear` | train | nn.Linear with bf16/fp16 weights on a CPU without AMX tiles | `linear.Fp32Linear` |
 | `fp32_attention`, `fp32_loss` | train | the `sdpa` / `linear_cross_entropy` hooks of such a model | `upcast` |
-| `lean_swiglu` | train | the `swiglu` hooks, any device (memory: keeps only its input) | `swiglu` |
+| `lean_swiglu` | train | the `swiglu` hooks, any device (memory: keeps only its input) | `swiglu`, `remake` |
+| `lean_norm` | train | the `rms_norm` / `layer_norm` hooks, any device (memory: keeps its input) | `norm`, `remake` |
 | `lora_dropout` | train | peft LoRA layers with dropout, any device (memory and speed) | `lora_dropout` |
 | `packed_mkl` | generate | nn.Linear with fp32 weights, 2+ rows a step, PyTorch with MKL | `linear.PackedLinear` |
 | `packed_onednn` | generate | nn.Linear with bf16 weights, a CPU with bf16 instructions | `linear.PackedLinear` |
@@ -46,7 +52,7 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.kernels import cpu
+from lmforge.kernels import cpu, remake
 from lmforge.kernels.linear import (
     FP32_WHY,
     PACKED_WHY,
@@ -59,6 +65,8 @@ from lmforge.kernels.linear import (
 )
 from lmforge.kernels.lora_dropout import WHY as LORA_WHY
 from lmforge.kernels.lora_dropout import DropoutLinear, fuse_lora_dropout, unfuse_lora_dropout
+from lmforge.kernels.norm import WHY as NORM_WHY
+from lmforge.kernels.norm import lean_layer_norm, lean_rms_norm
 from lmforge.kernels.swap import swap, swapped, unswap
 from lmforge.kernels.swiglu import WHY as SWIGLU_WHY
 from lmforge.kernels.swiglu import lean_swiglu
@@ -71,12 +79,16 @@ HOOKS = {  # hook -> kernel, wrapper, why, whether it pays for a module
     "sdpa": ("fp32_attention", fp32_attention, ATTENTION_WHY, lambda m: _first_weight_worth_fp32(m)),
     "linear_cross_entropy": ("fp32_loss", fp32_cross_entropy, LOSS_WHY, lambda m: _first_weight_worth_fp32(m)),
     "swiglu": ("lean_swiglu", lean_swiglu, SWIGLU_WHY, lambda m: True),
+    "rms_norm": ("lean_norm", lean_rms_norm, NORM_WHY, lambda m: True),
+    "layer_norm": ("lean_norm", lean_layer_norm, NORM_WHY, lambda m: True),
 }
+LEAN = ("lean_swiglu", "lean_norm")  # kernels whose outputs are remade in the backward pass (`remake`)
 RULES = {
     "fp32_linear": FP32_WHY,
     "fp32_attention": ATTENTION_WHY,
     "fp32_loss": LOSS_WHY,
     "lean_swiglu": SWIGLU_WHY,
+    "lean_norm": NORM_WHY,
     "lora_dropout": LORA_WHY,
     "packed_mkl": PACKED_WHY["mkl"].format(rows="2 or more"),
     "packed_onednn": PACKED_WHY["onednn"],
@@ -121,12 +133,19 @@ def _apply_for_training(model: nn.Module, out: dict[str, Any]) -> None:
     if linears and not chosen:
         out["skipped"]["fp32_linear"] = _why_not_fp32(linears[0].weight)
     for hook, (kernel, wrap, why, pays) in HOOKS.items():
-        hooked = [m for m in model.modules() if callable(getattr(m, hook, None))
-                  and not hasattr(getattr(m, hook), "kernel") and pays(m)]
+        hooked = [m for m in model.modules() if _plain_hook(m, hook) and pays(m)]
         for m in hooked:
             setattr(m, hook, wrap(getattr(m, hook)))
         _record(out, kernel, why, [names[id(m)] for m in hooked])
     _record(out, "lora_dropout", LORA_WHY, fuse_lora_dropout(model))
+    if any(kernel in out["applied"] for kernel in LEAN):
+        remake.install(model)
+
+
+def _plain_hook(module: nn.Module, hook: str) -> bool:
+    """Whether `module` holds a hook function `hook` (not a submodule of that name) with no kernel yet."""
+    function = getattr(module, hook, None)
+    return callable(function) and not isinstance(function, nn.Module) and not hasattr(function, "kernel")
 
 
 def _apply_for_generation(model: nn.Module, rows: int, out: dict[str, Any]) -> None:
@@ -171,6 +190,7 @@ def remove(model: nn.Module) -> None:
     """Take every kernel out of `model`: the plain layers and functions again."""
     unfuse_lora_dropout(model)
     for m in model.modules():
+        remake.uninstall(m)
         while swapped(m) and isinstance(m, (Fp32Linear, PackedLinear)):
             unswap(m)
         for hook in HOOKS:

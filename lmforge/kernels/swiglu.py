@@ -6,7 +6,9 @@ A model's SwiGLU MLP exposes its activation as a hook (`swiglu`: h = [gate, up] 
 silu(gate) * up (..., F)). Autograd's own silu and multiply keep silu(gate) besides h, as large as
 the output: F values per token and layer (on SmolLM2-135M, LoRA at batch 8 x 255 in fp32, about
 375 MB). `lean_swiglu` keeps h alone and makes silu(gate) again in the backward pass (one sigmoid),
-with the same kernels, so the gradients are the very same numbers.
+with the same kernels, so the gradients are the very same numbers. Its output is registered with
+`remake`: the layer that reads it (`down`'s LoRA adapter or weight gradient) keeps the recipe, and
+the backward pass makes the product again from h (F values per token and layer: about 375 MB more).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-WHY = "SwiGLU keeps only its input for the backward pass and makes silu(gate) again there (the same numbers)"
+from lmforge.kernels import remake
+
+WHY = ("SwiGLU keeps only its input for the backward pass and makes silu(gate), and for the layer that reads it "
+       "the product, again there (the same numbers)")
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -24,9 +34,8 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h):
-        gate, up = h.chunk(2, dim=-1)
         ctx.save_for_backward(h)
-        return F.silu(gate) * up
+        return _swiglu(h)
 
     @staticmethod
     def backward(ctx, grad):
@@ -43,7 +52,7 @@ def lean_swiglu(inner: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torc
     """The same function as `inner` (a plain SwiGLU), keeping only its input for the backward pass."""
 
     def swiglu(h: torch.Tensor) -> torch.Tensor:
-        return _SwiGLU.apply(h)
+        return remake.register(_SwiGLU.apply(h), _swiglu, h)
 
     swiglu.kernel, swiglu.inner = "lean_swiglu", inner
     return swiglu

@@ -1,6 +1,6 @@
 """The Transformer layers every lmforge model is built from: plain PyTorch, on any device.
 
-In the order data meets them: `RMSNorm` / `nn.LayerNorm`, `RotaryEmbedding`, the attention masks,
+In the order data meets them: `RMSNorm` / `LayerNorm`, `RotaryEmbedding`, the attention masks,
 `KVCache`, `Attention` (one implementation for every model: grouped-query heads, PyTorch's
 `scaled_dot_product_attention`, an optional KV cache for generation; causal or bidirectional
 self-attention, or cross-attention to an encoder's output), `MLP` (GELU or SwiGLU), `Block`, the
@@ -17,8 +17,8 @@ never holds the full logits) and `masked_mean` (pooling over real tokens).
 
 Every linear layer is an `nn.Linear`. Hardware-specific speed-ups and memory savings live in
 `lmforge.kernels`, which swaps those layers in place and wraps or replaces the functions that
-`Attention.sdpa`, `MLP.swiglu` and `LanguageModel.linear_cross_entropy` hold; nothing here knows
-about it.
+`Attention.sdpa`, `MLP.swiglu`, `RMSNorm.rms_norm`, `LayerNorm.layer_norm` and
+`LanguageModel.linear_cross_entropy` hold; nothing here knows about it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,22 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import ModelConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight on the last dimension, computed in fp32, in x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """(x - mean(x)) / std(x) * weight + bias on the last dimension (`F.layer_norm`)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Llama): x / rms(x) * weight, computed in fp32."""
+
+    # the norm's function, a hook that lmforge.kernels may replace by an equivalent one (one that
+    # keeps less for the backward pass); (x, weight, eps) -> y, as `rms_norm`
+    rms_norm = staticmethod(rms_norm)
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -42,13 +56,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return self.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` on the last dimension, whose function is a hook like RMSNorm's."""
+
+    # (x, weight, bias, eps) -> y, as `layer_norm`; lmforge.kernels may replace it by an equivalent
+    layer_norm = staticmethod(layer_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+    return LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
 class RotaryEmbedding(nn.Module):
