@@ -53,6 +53,7 @@ from lmforge.config import (
     from_text,
     is_config_type,
     is_list_type,
+    read_yaml,
     section_values,
     union_members,
 )
@@ -402,17 +403,8 @@ def short_usage(parser: argparse.ArgumentParser) -> None:
 
 def read_config_file(path: str, verb: Verb, fn: Callable[..., Any], params: list[Param]) -> dict[str, Any]:
     """A --config file's values: {parameter: value} and {"SECTION.FIELD": value} for settings sections."""
-    import yaml
-
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"config file not found: {file}")
-    try:
-        doc = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{file} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{file} must be a mapping of setting: value")
+    doc = read_yaml(file)
     by_name = {p.name: p for p in params}
     sections = dict(getattr(fn, "settings", None) or {})
     values: dict[str, Any] = {}

@@ -484,6 +484,20 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of settings as a mapping; a one-line UserError where it is missing, not YAML or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} must be a mapping of setting: value")
+    return doc
+
+
 def load_run_config(
     preset_name: str | None = None,
     config_file: str | Path | None = None,
@@ -497,14 +511,7 @@ def load_run_config(
         sections = {"model": {}, "train": to_dict(base[1])}
     if config_file is not None:
         path = Path(config_file)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(doc, dict):
-            raise UserError(f"{path} must be a mapping with model:, train: and optionally preset:")
+        doc = read_yaml(path)
         for key in doc:
             if key not in ("preset", "model", "train"):
                 raise UserError(f"{path}: unknown section {key!r}; expected preset, model, train")
