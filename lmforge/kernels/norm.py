@@ -14,7 +14,10 @@ backward is its gradient formula in fp32, equal to autograd's to fp32 rounding.
 Their outputs are also registered with `remake`: the layer that reads a norm's output (a LoRA
 adapter, the weight gradient of the next linear layer) keeps the recipe instead of the output,
 and the backward pass makes it again from the kept x and rstd. On SmolLM2-135M (LoRA, fp32, batch
-8 x 255) that is 2 tensors of 8 x 255 x 576 a layer, 30 layers: about 280 MB.
+8 x 255) that is 2 tensors of 8 x 255 x 576 a layer, 30 layers: about 280 MB. Measured there with
+`lean_swiglu`'s remade product (Trainer steps, glibc malloc, 3 processes each): peak RSS 4,051-4,208 MB
+against 4,876-4,908 MB with `lean_swiglu` alone; the step time the same within noise (in-process
+A/B on a loaded 2-core machine: 0.1-1.4% slower, median of paired rounds).
 """
 
 from __future__ import annotations
