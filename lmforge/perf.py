@@ -1,63 +1,164 @@
-"""Hardware limits, for reporting model FLOP utilisation (MFU) honestly.
+"""What this machine can do, measured once and remembered: matmul peaks, memory bandwidth, and races
+between two ways of doing one job (for `lmforge.kernels` to choose by).
 
-`matmul_peak(dtype)` measures the FLOP/s of large square matmuls on this machine (the best of a
-few runs) and caches the figure per device, dtype and thread count in the lmforge cache, so the
-trainer can show MFU without paying the measurement on every run.
+    perf.matmul_peak(torch.bfloat16)        # FLOP/s of large matmuls in bf16 (for MFU, `auto` precision)
+    perf.memory_bandwidth()                 # bytes/s of a large copy
+    perf.race({"plain": f, "packed": g})    # the best time of each, in ms, interleaved so drift hits both
+    perf.measured("key", measure)           # measure() once per machine, then from the cache
+    perf.machine()                          # the machine the measurements belong to
+    perf.forget()                           # measure everything again at next use
+
+Measurements are cached in `$LMFORGE_CACHE/machine/<machine id>.json` (default ~/.cache/lmforge), one
+file per machine: CPU model, cores, PyTorch's thread count and version. A change of any of them (another
+CPU, `OMP_NUM_THREADS`, a torch upgrade) measures again; `remeasure=True` (or `lmforge env --remeasure`)
+forces it (`forget()` drops them all).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
+def cache_dir() -> Path:
+    """Where downloads and caches go: `$LMFORGE_CACHE` if set, else `~/.cache/lmforge`."""
+    env = os.environ.get("LMFORGE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lmforge"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what `platform` says)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):  # x86; Arm boards
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def machine() -> dict[str, Any]:
+    """The facts a measurement belongs to: a change of any of them means measuring again."""
+    return {"cpu": cpu_model(), "cores": cores(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "arch": platform.machine()}
+
+
+def machine_id() -> str:
+    facts = machine()
+    slug = "".join(c if c.isalnum() else "-" for c in facts["cpu"].lower()).strip("-")[:40]
+    return f"{slug}-{hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
 def _cache_file() -> Path:
-    root = Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
-    return root / "matmul_peak.json"
+    return cache_dir() / "machine" / f"{machine_id()}.json"
 
 
-def _device_name(device: torch.device) -> str:
+def read_cache() -> dict[str, Any]:
+    """Everything measured on this machine so far: {"machine": facts, "measured": {key: value}}."""
+    try:
+        cached = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict) or not isinstance(cached.get("measured"), dict):
+        cached = {}
+    return {"machine": machine(), "measured": cached.get("measured", {})}
+
+
+def forget() -> None:
+    """Drop what was measured on this machine: the next use measures again."""
+    _cache_file().unlink(missing_ok=True)
+
+
+def measured(key: str, measure: Callable[[], Any], remeasure: bool = False) -> Any:
+    """`measure()` (a JSON value), run once per machine and then read from the cache."""
+    cached = read_cache()
+    if remeasure or key not in cached["measured"]:
+        value = measure()
+        cached = read_cache()  # another process may have written meanwhile
+        cached["measured"][key] = value
+        path = _cache_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cached, indent=2, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache: measured again next time
+        return value
+    return cached["measured"][key]
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{torch.get_num_threads()}threads"
+        torch.cuda.synchronize(device)
 
 
-def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, seconds: float = 1.0) -> float:
-    """FLOP/s of (size x size) @ (size x size) matmuls in `dtype`, best of repeated timings."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    for _ in range(2):
-        a @ b  # warm up
-    while time.perf_counter() < deadline or best == 0.0:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = max(best, 2 * size**3 / (time.perf_counter() - t))
+def race(candidates: dict[str, Callable[[], Any]], seconds: float = 0.5, device: torch.device | str = "cpu",
+         min_rounds: int = 3) -> dict[str, float]:
+    """The best time of each candidate in milliseconds. One warm-up call each, then rounds that call
+    every candidate once, in turn, until `seconds` have passed (at least `min_rounds`), so that a
+    change of clock or load during the race falls on all of them alike."""
+    device = torch.device(device)
+    for run in candidates.values():
+        run()
+    best = dict.fromkeys(candidates, float("inf"))
+    deadline, rounds = time.perf_counter() + seconds, 0
+    while rounds < min_rounds or time.perf_counter() < deadline:
+        for name, run in candidates.items():
+            _sync(device)
+            t = time.perf_counter()
+            run()
+            _sync(device)
+            best[name] = min(best[name], (time.perf_counter() - t) * 1e3)
+        rounds += 1
     return best
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
-    """The measured matmul peak in FLOP/s, from the cache when this machine measured it before."""
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", size: int = 2048,
+                        seconds: float = 1.0) -> float:
+    """FLOP/s of (size x size) @ (size x size) matmuls in `dtype`, best of repeated timings."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    ms = race({"matmul": lambda: a @ b}, seconds, device)["matmul"]
+    return 2 * size**3 / (ms / 1e3)
+
+
+def _device_key(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", remeasure: bool = False) -> float:
+    """The measured matmul peak in FLOP/s (once per machine, then from the cache)."""
     device = torch.device(device)
-    key = f"{_device_name(device)}/{str(dtype).removeprefix('torch.')}"
-    path = _cache_file()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key not in cached:
-        cached[key] = measure_matmul_peak(dtype, device)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cached, indent=2))
-        except OSError:
-            pass
-    return cached[key]
+    key = f"matmul_peak/{_device_key(device)}/{str(dtype).removeprefix('torch.')}"
+    return measured(key, lambda: measure_matmul_peak(dtype, device), remeasure)
+
+
+def memory_bandwidth(device: torch.device | str = "cpu", remeasure: bool = False, size_mb: int = 256) -> float:
+    """Bytes/s of copying a `size_mb` MB tensor (each byte read once and written once), best of a few."""
+    device = torch.device(device)
+
+    def measure() -> float:
+        src = torch.ones(size_mb * 2**20 // 4, device=device)
+        dst = torch.empty_like(src)
+        ms = race({"copy": lambda: dst.copy_(src)}, 0.5, device)["copy"]
+        return 2 * src.nbytes / (ms / 1e3)
+
+    return measured(f"memory_bandwidth/{_device_key(device)}", measure, remeasure)

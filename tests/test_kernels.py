@@ -6,16 +6,19 @@ plain model."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge import kernels
+from lmforge import kernels, perf
+from lmforge.errors import UserError
 from lmforge.infer.generate import generate_ids
-from lmforge.kernels import cpu, remake
-from lmforge.kernels.linear import FP32_MIN_ROWS, Fp32Linear, PackedLinear, fp32_worth_it
+from lmforge.kernels import cpu, measure, remake
+from lmforge.kernels.linear import FP32_MIN_ROWS, Fp32Linear, PackedLinear
+from lmforge.kernels.measure import fp32_worth_it, packing_for
 from lmforge.kernels.norm import lean_layer_norm, lean_rms_norm
 from lmforge.kernels.swiglu import lean_swiglu
 from lmforge.models.layers import layer_norm, rms_norm, swiglu
@@ -137,9 +140,11 @@ def test_layers_that_read_lean_outputs_keep_recipes_made_again_in_backward(make_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
+def test_training_kernels_train_like_the_plain_model(make_model, dtype, monkeypatch) -> None:
     """The same parameters and state-dict keys, and the same loss and gradients: to fp32 rounding in fp32
-    (the lean SwiGLU and norms apply), within bf16 rounding in bf16; `remove` gives the plain model back."""
+    (the lean SwiGLU and norms apply), within bf16 rounding in bf16 (where the fp32 route is set on,
+    whatever this CPU's races say); `remove` gives the plain model back."""
+    monkeypatch.setenv(kernels.SWITCH, "fp32_linear=on,fp32_attention=on,fp32_loss=on")
     plain = make_model("llama", dropout=0.0).to(dtype).train()
     model = make_model("llama", dropout=0.0).to(dtype).train()
     model.load_state_dict(plain.state_dict())
@@ -182,9 +187,12 @@ def test_training_kernels_train_like_the_plain_model(make_model, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype, packed_op, tolerance", PACKINGS)
-def test_packed_weights_give_the_same_logits_and_are_undone(lively_model, dtype, packed_op, tolerance) -> None:
-    """fp32: the very same numbers (MKL packs, from 2 rows on); bf16: the same up to bf16 rounding
-    (oneDNN packs, from 1 row on). Every linear layer, the head among them, multiplies packed."""
+def test_packed_weights_give_the_same_logits_and_are_undone(lively_model, dtype, packed_op, tolerance,
+                                                           monkeypatch) -> None:
+    """fp32: the very same numbers (MKL packs); bf16: the same up to bf16 rounding (oneDNN packs). Every
+    linear layer, the head among them, multiplies packed where packing is set on; where it is set off,
+    none; by default, as this machine's race says."""
+    monkeypatch.setenv(kernels.SWITCH, "packed_mkl=on,packed_onednn=on")
     model = lively_model.to(dtype)
     ids = torch.randint(0, 384, (3, 7), generator=torch.Generator().manual_seed(3))
     layers = linears(model)
@@ -205,9 +213,14 @@ def test_packed_weights_give_the_same_logits_and_are_undone(lively_model, dtype,
     torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * scale)
     torch.testing.assert_close(last, expected[:, -1:], rtol=0, atol=tolerance * scale)
     assert not any(isinstance(m, PackedLinear) for m in layers)  # even after the error
-    with kernels.generating(model, rows=1) as chosen:  # one row: fp32 is not worth packing
-        assert isinstance(model.head, PackedLinear) == (dtype == torch.bfloat16)
-        assert ("packed" in chosen["skipped"]) == (dtype == torch.float32)
+    monkeypatch.setenv(kernels.SWITCH, "packed_mkl=off,packed_onednn=off")
+    with kernels.generating(model, rows=3) as chosen:
+        assert not isinstance(model.head, PackedLinear) and "LMFORGE_KERNELS" in chosen["skipped"]["packed"]
+    monkeypatch.delenv(kernels.SWITCH)
+    for rows in (1, 8):
+        with kernels.generating(model, rows=rows) as chosen:
+            packed = packing_for(model.head.weight, rows) is not None
+            assert isinstance(model.head, PackedLinear) == packed and ("packed" in chosen["skipped"]) != packed
 
 
 @pytest.mark.skipif(not cpu.mkl_packing(), reason="needs PyTorch built with MKL (x86 CPU)")
@@ -215,6 +228,7 @@ def test_weights_are_not_packed_where_the_copies_would_crowd_memory(lively_model
     """Packing is skipped when the copies would take more than half the memory still available."""
     assert 0 < cpu.available_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     size = sum(m.weight.nbytes for m in linears(lively_model))
+    monkeypatch.setenv(kernels.SWITCH, "packed_mkl=on")
     for available, packed in ((2 * size - 1, False), (2 * size, True)):
         monkeypatch.setattr(cpu, "available_memory", lambda available=available: available)
         with kernels.generating(lively_model, rows=3) as chosen:
@@ -235,7 +249,8 @@ def test_the_switch_turns_every_kernel_off(lively_model, monkeypatch) -> None:
         assert chosen["applied"] == {} and "switched off" in chosen["skipped"]["all"]
         assert not any(isinstance(m, PackedLinear) for m in linears(lively_model))
     with kernels.generating(lively_model, rows=3, enabled=True) as chosen:
-        assert isinstance(lively_model.head, PackedLinear)
+        assert chosen["enabled"] and "all" not in chosen["skipped"]
+        assert isinstance(lively_model.head, PackedLinear) == (packing_for(lively_model.head.weight, 3) is not None)
     assert generate_ids(lively_model, prompts, 12, temperature=0) == with_kernels
 
 
@@ -247,3 +262,93 @@ def test_report_names_the_hardware_and_the_rules() -> None:
                                     "lora_dropout", "packed_mkl", "packed_onednn"}
     with pytest.raises(ValueError, match="expected 'train' or 'generate'"):
         kernels.apply(nn.Linear(2, 2), for_="serve")
+
+
+@pytest.mark.parametrize("kernel, dtype, rows", measure.runnable())
+def test_each_race_runs_on_tiny_shapes_and_its_verdict_follows_the_timings(kernel, dtype, rows) -> None:
+    """The real micro-benchmark of each kernel this machine can run, on tiny shapes: both ways are timed,
+    and the kernel is used exactly where it won by the margin."""
+    ms = measure.race(kernel, dtype, rows or 1, tiny=True)
+    assert set(ms) == {"plain", "kernel"} and all(0 < t < 1000 for t in ms.values())
+    verdict = measure.verdict(kernel, dtype, rows, tiny=True)
+    assert verdict.use == (verdict.ms["plain"] >= (1 + measure.MARGIN) * verdict.ms["kernel"])
+    assert f"{verdict.ms['plain'] / verdict.ms['kernel']:.2f}x" in verdict.why
+
+
+def test_the_decision_rule_uses_a_kernel_only_where_it_wins_by_the_margin() -> None:
+    cases = {(10.0, 9.0): True, (10.0, 9.7): False, (10.0, 10.0): False, (10.0, 20.0): False, (10.0, 2.5): True}
+    for (plain, kernel), used in cases.items():
+        verdict = measure.decide("packed_mkl", "float32, 8 rows", {"plain": plain, "kernel": kernel})
+        assert verdict.use == used, (plain, kernel)
+        assert f"{plain / kernel:.2f}x" in verdict.why and f"{kernel:.2f} ms against {plain:.2f} ms" in verdict.why
+    assert measure.decide("k", "c", {"plain": 10.0, "kernel": 9.6}, margin=0.02).use
+
+
+def test_races_are_run_once_per_machine_and_read_back_from_the_cache(tmp_path, monkeypatch) -> None:
+    """perf.measured: one measurement per key and machine; another thread count is another machine;
+    remeasure and forget measure again. A verdict comes from the cached timings: timings written into
+    the cache decide it."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    calls = []
+
+    def count() -> float:
+        calls.append(1)
+        return float(len(calls))
+
+    assert perf.measured("x", count) == 1.0 and perf.measured("x", count) == 1.0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert perf.measured("x", count) == 2.0  # another machine id
+    finally:
+        torch.set_num_threads(threads)
+    assert perf.measured("x", count) == 1.0 and perf.measured("x", count, remeasure=True) == 3.0
+    perf.forget()
+    assert perf.measured("x", count) == 4.0
+    key = "kernel/fp32_loss/bfloat16"
+    for timings, used in (({"plain": 10.0, "kernel": 5.0}, True), ({"plain": 5.0, "kernel": 10.0}, False)):
+        perf.measured(key, lambda timings=timings: timings, remeasure=True)
+        assert measure.verdict("fp32_loss", torch.bfloat16).use == used
+        assert fp32_worth_it(torch.ones(2, 2, dtype=torch.bfloat16), "fp32_loss") == used
+        assert not fp32_worth_it(torch.ones(2, 2), "fp32_loss")  # fp32 weights: nothing to upcast
+    assert key in perf.read_cache()["measured"]
+
+
+def test_lmforge_kernels_sets_a_kernel_on_or_off(monkeypatch) -> None:
+    monkeypatch.setenv(kernels.SWITCH, "fp32_linear=on, packed_mkl=off")
+    assert measure.verdict("fp32_linear", torch.bfloat16).use
+    assert not measure.verdict("packed_mkl", torch.float32, 8).use
+    assert "set on by LMFORGE_KERNELS" in measure.verdict("fp32_linear", torch.bfloat16).why
+    model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    assert "fp32_linear" in kernels.apply(model, for_="train")["applied"] and isinstance(model[0], Fp32Linear)
+    monkeypatch.setenv(kernels.SWITCH, "fp32_linear=off")
+    assert not measure.verdict("fp32_linear", torch.bfloat16).use
+    for wrong in ("fp32_linear=maybe", "turbo=on"):
+        monkeypatch.setenv(kernels.SWITCH, wrong)
+        with pytest.raises(UserError, match="is not KERNEL=on|off|auto"):
+            measure.verdict("fp32_linear", torch.bfloat16)
+
+
+def test_lmforge_env_shows_the_measurements_and_the_kernel_for_each_job(tmp_path) -> None:
+    """`lmforge env --json`: the hardware, measured peaks and bandwidth, `auto` precision and every race's
+    verdict, measured into the cache it names; the text form lists each job; a set kernel shows as set."""
+    import json
+    import subprocess
+    import sys
+
+    environ = {**os.environ, "LMFORGE_CACHE": str(tmp_path), "LMFORGE_KERNELS": "fp32_loss=off"}
+    run = subprocess.run([sys.executable, "-m", "lmforge", "env", "--json"], capture_output=True, text=True,
+                         env=environ, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["hardware"]["cores"] >= 1 and report["hardware"]["torch"] == torch.__version__
+    assert all(v > 0 for v in report["measured"]["matmul_peak_gflops"].values())
+    assert report["measured"]["memory_bandwidth_gbs"] > 0 and report["precision_auto"] in ("bf16", "fp32")
+    assert [(v["kernel"], v["case"]) for v in report["kernels"]] == [
+        (k, measure.case_of(k, d, r)) for k, d, r in measure.runnable()]
+    loss = next(v for v in report["kernels"] if v["kernel"] == "fp32_loss")
+    assert loss["use"] is False and loss["why"] == "set off by LMFORGE_KERNELS"
+    assert Path(report["cache"]).is_file() and Path(report["cache"]).parent.parent == tmp_path
+    text = subprocess.run([sys.executable, "-m", "lmforge", "env"], capture_output=True, text=True,
+                          env=environ, timeout=120).stdout
+    assert "matmul bf16" in text and "--train.precision auto ->" in text and "training, bf16" in text

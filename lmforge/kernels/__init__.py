@@ -50,21 +50,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
-from lmforge.kernels import cpu, remake
-from lmforge.kernels.linear import (
-    FP32_WHY,
-    PACKED_WHY,
-    REDUCED,
-    Fp32Linear,
-    PackedLinear,
-    fp32_worth_it,
-    pack,
-    packing_for,
-)
+from lmforge.kernels import cpu, measure, remake
+from lmforge.kernels.linear import FP32_WHY, PACKED_WHY, REDUCED, Fp32Linear, PackedLinear, pack
 from lmforge.kernels.lora_dropout import WHY as LORA_WHY
 from lmforge.kernels.lora_dropout import DropoutLinear, fuse_lora_dropout, unfuse_lora_dropout
+from lmforge.kernels.measure import SWITCH, fp32_worth_it, packing_for
 from lmforge.kernels.norm import WHY as NORM_WHY
 from lmforge.kernels.norm import lean_layer_norm, lean_rms_norm
 from lmforge.kernels.swap import swap, swapped, unswap
@@ -74,10 +67,10 @@ from lmforge.kernels.upcast import ATTENTION_WHY, LOSS_WHY, fp32_attention, fp32
 
 __all__ = ["SWITCH", "apply", "generating", "remove", "report", "switched_on"]
 
-SWITCH = "LMFORGE_KERNELS"  # "off" (or 0, false, no): no kernels
 HOOKS = {  # hook -> kernel, wrapper, why, whether it pays for a module
-    "sdpa": ("fp32_attention", fp32_attention, ATTENTION_WHY, lambda m: _first_weight_worth_fp32(m)),
-    "linear_cross_entropy": ("fp32_loss", fp32_cross_entropy, LOSS_WHY, lambda m: _first_weight_worth_fp32(m)),
+    "sdpa": ("fp32_attention", fp32_attention, ATTENTION_WHY, lambda m: _first_weight_worth_fp32(m, "fp32_attention")),
+    "linear_cross_entropy": ("fp32_loss", fp32_cross_entropy, LOSS_WHY,
+                             lambda m: _first_weight_worth_fp32(m, "fp32_loss")),
     "swiglu": ("lean_swiglu", lean_swiglu, SWIGLU_WHY, lambda m: True),
     "rms_norm": ("lean_norm", lean_rms_norm, NORM_WHY, lambda m: True),
     "layer_norm": ("lean_norm", lean_layer_norm, NORM_WHY, lambda m: True),
@@ -227,9 +220,9 @@ def _record(out: dict[str, Any], kernel: str, why: str, layers: list[str]) -> No
         entry["layers"] += layers
 
 
-def _first_weight_worth_fp32(module: nn.Module) -> bool:
+def _first_weight_worth_fp32(module: nn.Module, kernel: str) -> bool:
     weight = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return weight is not None and fp32_worth_it(weight)
+    return weight is not None and fp32_worth_it(weight, kernel)
 
 
 def _why_not_fp32(weight) -> str:
@@ -237,13 +230,14 @@ def _why_not_fp32(weight) -> str:
         return f"weights on {weight.device.type}: PyTorch's own kernels"
     if weight.dtype not in REDUCED:
         return f"{str(weight.dtype).removeprefix('torch.')} weights: PyTorch's own kernels"
-    return "the CPU has AMX tiles: PyTorch's bf16/fp16 kernels are the fast ones"
+    return measure.verdict("fp32_linear", weight.dtype).why
 
 
 def _why_not_packed(weight, rows: int) -> str:
     if weight.device.type != "cpu":
         return f"weights on {weight.device.type}: nothing to pack"
-    dtype = str(weight.dtype).removeprefix("torch.")
-    if weight.dtype.is_floating_point and weight.dtype not in REDUCED and rows < 2:
-        return f"{dtype} weights at 1 row a step: bound by reading the weights, packing gains nothing"
-    return f"{dtype} weights: no packed kernel in this PyTorch build or CPU"
+    if weight.dtype == torch.float32 and cpu.mkl_packing():
+        return measure.verdict("packed_mkl", weight.dtype, rows).why
+    if weight.dtype == torch.bfloat16 and cpu.onednn_bf16_packing():
+        return measure.verdict("packed_onednn", weight.dtype, rows).why
+    return f"{str(weight.dtype).removeprefix('torch.')} weights: no packed kernel in this PyTorch build or CPU"

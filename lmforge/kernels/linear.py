@@ -1,9 +1,10 @@
 """Two faster ways through an `nn.Linear` on a CPU, each swapped into the layer in place (`swap`).
 
-**`Fp32Linear`: bf16 and fp16 multiplied in fp32 (training).** On a CPU without AMX tiles PyTorch's
-bf16 and fp16 matmuls can run at about half the rate of its fp32 ones (140-160 against 260-280
-GFLOP/s on 2 cores of the Xeon of the README's numbers; `bench/train_throughput.py` reports both
-peaks). There the layer multiplies bf16 (or fp16) inputs and weights in fp32: the products of two
+**`Fp32Linear`: bf16 and fp16 multiplied in fp32 (training).** On some CPUs PyTorch's bf16 and fp16
+matmuls run at about half the rate of its fp32 ones (140-160 against 260-280 GFLOP/s on 2 cores of
+an Intel Xeon without AMX), on others at 4x it (an AMD Zen 4 with avx512_bf16): `lmforge.kernels.measure`
+races the two on each machine. Where fp32 wins, the layer multiplies bf16 (or fp16) inputs and
+weights in fp32: the products of two
 bf16 numbers are exact in fp32 and the sums are fp32, which is the arithmetic of a bf16 matmul with
 fp32 accumulation; the result is rounded back to the input's dtype. Only the order of the sums
 differs. Weights, activations and what the backward pass keeps stay in bf16; converting costs one
@@ -14,10 +15,11 @@ rows (one per sequence) by every weight. Intel MKL's sgemm then repacks the whol
 blocked layout on every call, which for a few rows costs more than the multiply. Packing each fp32
 weight once (`torch.ops.mkl._mkl_reorder_linear_weight`, what `torch.compile`'s CPU freezing does)
 and multiplying with `torch.ops.mkl._mkl_linear` gives bit-identical results and ~1.45x faster
-steps at batch 8 (GPT-2 124M shape, `bench/generate.py`); at one row an fp32 step is bound by
-reading the weights either way, so fp32 is packed from two rows on. bf16 weights are packed for
+steps at batch 8 (GPT-2 124M shape, `bench/generate.py`) on an Intel Xeon, but 1.4x slower ones on
+an AMD Zen 4: `lmforge.kernels.measure` races plain and packed weights at 1 and 8 rows on each
+machine. bf16 weights are packed for
 oneDNN (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`, the same numbers up to
-bf16 rounding), which reads them ~1.3x faster than PyTorch's own bf16 kernel even at one row. A
+bf16 rounding), which read them ~1.3x faster than PyTorch's own bf16 kernel even at one row (Xeon). A
 packed copy costs as much memory as its weight and is only valid while the weight does not change.
 """
 
@@ -27,22 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.kernels import cpu
-
 REDUCED = (torch.bfloat16, torch.float16)
 FP32_MIN_ROWS = 64  # fewer rows than this: converting the weight to fp32 costs more than it saves
 
-FP32_WHY = ("bf16/fp16 weights on a CPU without AMX tiles, where PyTorch's fp32 matmuls are the fast ones: "
+FP32_WHY = ("bf16/fp16 weights on a CPU where PyTorch's fp32 matmuls were measured faster: "
             f"multiplied in fp32 (exact products, fp32 sums) and rounded back, from {FP32_MIN_ROWS} rows on")
 PACKED_WHY = {
-    "mkl": "fp32 weights, {rows} rows a step: packed once for MKL's sgemm, which otherwise repacks the whole "
-           "weight at every few-row multiply (the same numbers)",
-    "onednn": "bf16 weights: packed once for oneDNN, which reads them faster than PyTorch's bf16 kernel "
+    "mkl": "fp32 weights, {rows} rows a step: packed once for MKL's sgemm, measured faster than repacking the "
+           "whole weight at every few-row multiply (the same numbers)",
+    "onednn": "bf16 weights: packed once for oneDNN, measured faster than PyTorch's bf16 kernel "
               "(the same numbers up to bf16 rounding)",
 }
 
 
-class _LinearInFp32(torch.autograd.Function):
+class LinearInFp32(torch.autograd.Function):
     """x @ weight.T + bias for reduced-precision x and weight, multiplied and summed in fp32 and
     rounded to x's dtype; the gradients likewise. Keeps x and weight as they are (bf16)."""
 
@@ -77,7 +77,7 @@ class Fp32Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype in REDUCED and self.weight.dtype == x.dtype and x.device.type == "cpu"
                 and x.numel() >= FP32_MIN_ROWS * x.shape[-1]):
-            return _LinearInFp32.apply(x, self.weight, self.bias)
+            return LinearInFp32.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -93,23 +93,6 @@ class PackedLinear(nn.Linear):
         if self.packing == "mkl":
             return torch.ops.mkl._mkl_linear(x, self.packed_weight, self.weight, self.bias, self.packed_rows)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-
-
-def fp32_worth_it(weight: torch.Tensor) -> bool:
-    """Whether `Fp32Linear` pays for a layer with this weight (a bf16/fp16 weight on a CPU without AMX)."""
-    return weight.device.type == "cpu" and weight.dtype in REDUCED and not cpu.has_amx()
-
-
-def packing_for(weight: torch.Tensor, rows: int) -> str | None:
-    """How a CPU weight is packed for `rows` rows a step ("mkl" for fp32 from 2 rows on, "onednn" for
-    bf16), or None where packing would not pay or cannot be done."""
-    if weight.device.type != "cpu":
-        return None
-    if weight.dtype == torch.float32 and rows >= 2 and cpu.mkl_packing():
-        return "mkl"
-    if weight.dtype == torch.bfloat16 and cpu.onednn_bf16_packing():
-        return "onednn"
-    return None
 
 
 @torch.no_grad()
