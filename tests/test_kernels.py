@@ -269,7 +269,8 @@ def test_each_race_runs_on_tiny_shapes_and_its_verdict_follows_the_timings(kerne
     """The real micro-benchmark of each kernel this machine can run, on tiny shapes: both ways are timed,
     and the kernel is used exactly where it won by the margin."""
     ms = measure.race(kernel, dtype, rows or 1, tiny=True)
-    assert set(ms) == {"plain", "kernel"} and all(0 < t < 1000 for t in ms.values())
+    assert set(ms) == {"plain", "kernel", *(["pack"] if kernel.startswith("packed") else [])}
+    assert all(0 < t < 1000 for t in ms.values())
     verdict = measure.verdict(kernel, dtype, rows, tiny=True)
     assert verdict.use == (verdict.ms["plain"] >= (1 + measure.MARGIN) * verdict.ms["kernel"])
     assert f"{verdict.ms['plain'] / verdict.ms['kernel']:.2f}x" in verdict.why
@@ -282,6 +283,10 @@ def test_the_decision_rule_uses_a_kernel_only_where_it_wins_by_the_margin() -> N
         assert verdict.use == used, (plain, kernel)
         assert f"{plain / kernel:.2f}x" in verdict.why and f"{kernel:.2f} ms against {plain:.2f} ms" in verdict.why
     assert measure.decide("k", "c", {"plain": 10.0, "kernel": 9.6}, margin=0.02).use
+    packing = {"plain": 10.0, "kernel": 9.0, "pack": 50.0}  # 1 ms a step saved: packing pays back after 50 steps
+    assert measure.decide("packed_mkl", "c", packing).use and measure.decide("packed_mkl", "c", packing, steps=50).use
+    short = measure.decide("packed_mkl", "c", packing, steps=49)
+    assert not short.use and "pays back after 50 steps, more than this call's 49" in short.why
 
 
 def test_races_are_run_once_per_machine_and_read_back_from_the_cache(tmp_path, monkeypatch) -> None:

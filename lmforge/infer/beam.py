@@ -67,7 +67,7 @@ def beam_search_ids(
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
     step_input = tokens.repeat_interleave(K, dim=0)
-    with kernels.generating(model, rows=B * K, enabled=use_kernels):  # on a CPU: the weights packed once
+    with kernels.generating(model, rows=B * K, enabled=use_kernels, steps=max_new_tokens):  # CPU: packed once
         for step in range(steps):
             logits = model(step_input, cache=cache, last_only=True)[:, -1].float()  # (B*K, V)
             V = logits.shape[-1]
@@ -75,9 +75,11 @@ def beam_search_ids(
             top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=-1)  # (B, 2K): enough to refill K beams
             top_scores, top_beam, top_token = top_scores.tolist(), (top_index // V).tolist(), (top_index % V).tolist()
             length = step + 1
-            next_scores = torch.full((B, K), float("-inf"), device=device)
-            next_beam = torch.zeros((B, K), dtype=torch.long)
-            next_token = torch.zeros((B, K), dtype=torch.long)
+            # the next beams are chosen on the CPU (from the lists above) and moved to the device in one copy each
+            next_scores = torch.full((B, K), float("-inf"), device="cpu")
+            next_beam = torch.zeros((B, K), dtype=torch.long, device="cpu")
+            next_token = torch.zeros((B, K), dtype=torch.long, device="cpu")
+            host: list[list[int]] | None = None  # `generated` on the CPU: read at most once a step
             for b in range(B):
                 if done[b]:
                     continue
@@ -87,7 +89,8 @@ def beam_search_ids(
                         break
                     if token == eos_id:
                         if rank < K:  # an end among the K best extensions finishes a hypothesis
-                            finished[b].append((score / length**length_penalty, generated[b * K + beam].tolist()))
+                            host = host if host is not None else generated.tolist()
+                            finished[b].append((score / length**length_penalty, host[b * K + beam]))
                         continue
                     next_scores[b, n], next_beam[b, n], next_token[b, n] = score, beam, token
                     n += 1
@@ -99,18 +102,19 @@ def beam_search_ids(
                     done[b] = early_stopping or finished[b][-1][0] >= best_running
             if all(done):
                 break
-            rows = (torch.arange(B)[:, None] * K + next_beam).view(-1).to(device)
+            rows = (torch.arange(B, device="cpu")[:, None] * K + next_beam).view(-1).to(device)
             cache.select(rows)
-            generated = torch.cat([generated[rows], next_token.view(-1, 1).to(device)], dim=1)
-            scores = next_scores
             step_input = next_token.view(-1, 1).to(device)
+            generated = torch.cat([generated[rows], step_input], dim=1)
+            scores = next_scores.to(device)
     best = []
+    last_scores, last_generated = scores.tolist(), generated.tolist()
     for b in range(B):
         hypotheses = list(finished[b])
         if not done[b]:  # out of steps: running beams compete with the finished ones
             for k in range(K):
-                if scores[b, k] > float("-inf"):
-                    hypotheses.append((scores[b, k].item() / max(generated.shape[1], 1)**length_penalty,
-                                       generated[b * K + k].tolist()))
+                if last_scores[b][k] > float("-inf"):
+                    hypotheses.append((last_scores[b][k] / max(len(last_generated[b * K + k]), 1)**length_penalty,
+                                       last_generated[b * K + k]))
         best.append(max(hypotheses, key=lambda h: h[0])[1] if hypotheses else [])
     return best

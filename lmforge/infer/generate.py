@@ -126,7 +126,7 @@ def generate_ids(
     step_input = tokens
     is_pad = torch.arange(tokens.shape[1], device=device)[None] < pad[:, None]
     prompt_text = torch.where(is_pad, tokens[:, -1:], tokens)  # for the repetition penalty: padding is not text
-    with kernels.generating(model, rows=B, enabled=use_kernels):  # on a CPU: the weights packed once
+    with kernels.generating(model, rows=B, enabled=use_kernels, steps=max_new_tokens):  # CPU: weights packed once
         for _ in range(max_new_tokens):
             if cache.length + step_input.shape[1] > cache.max_len:  # context full: slide the window
                 keep = block_size // 2
@@ -234,12 +234,10 @@ def _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperat
     generated: list[list[int]] = [[] for _ in prompts]
     shown = [0]  # characters already streamed
 
-    def watch(next_ids: torch.Tensor) -> bool:
+    def watch(next_ids: torch.Tensor) -> bool:  # each step's tokens, read on the CPU: only for stops and streams
         for row, token in enumerate(next_ids.tolist()):
             if token != eos:
                 generated[row].append(token)
-        if not stop and not stream:
-            return False
         texts = [tokenizer.decode(ids) for ids in generated]
         if stream:
             text = _cut_at_stop(texts[0], stop)
@@ -251,7 +249,7 @@ def _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperat
         return bool(stop) and all(any(s in t for s in stop) for t in texts)
 
     rows = generate_ids(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                        eos, seed, watch, condition, use_kernels)
+                        eos, seed, watch if stop or stream else None, condition, use_kernels)
     texts = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
     if stream:
         stream(texts[0][shown[0]:])

@@ -95,9 +95,11 @@ def switched_on(enabled: bool | None = None) -> bool:
     return os.environ.get(SWITCH, "").strip().lower() not in ("off", "0", "false", "no")
 
 
-def apply(model: nn.Module, for_: str = "train", rows: int = 1, enabled: bool | None = None) -> dict[str, Any]:
+def apply(model: nn.Module, for_: str = "train", rows: int = 1, enabled: bool | None = None,
+          steps: int | None = None) -> dict[str, Any]:
     """Swap in the kernels that pay on this hardware for training (`for_="train"`) or for generating
-    `rows` sequences at a time (`for_="generate"`; prefer `generating`, which also takes them out).
+    `rows` sequences at a time for `steps` steps, where known (`for_="generate"`; prefer `generating`,
+    which also takes them out).
 
     Returns {"enabled", "for", "applied": {kernel: {"why", "layers"}}, "skipped": {kernel: why}}.
     Applying twice changes nothing more.
@@ -112,7 +114,7 @@ def apply(model: nn.Module, for_: str = "train", rows: int = 1, enabled: bool | 
     elif for_ == "train":
         _apply_for_training(model, out)
     else:
-        _apply_for_generation(model, rows, out)
+        _apply_for_generation(model, rows, steps, out)
     return out
 
 
@@ -141,13 +143,13 @@ def _plain_hook(module: nn.Module, hook: str) -> bool:
     return callable(function) and not isinstance(function, nn.Module) and not hasattr(function, "kernel")
 
 
-def _apply_for_generation(model: nn.Module, rows: int, out: dict[str, Any]) -> None:
+def _apply_for_generation(model: nn.Module, rows: int, steps: int | None, out: dict[str, Any]) -> None:
     candidates = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, Fp32Linear)]
-    chosen = [(name, m, packing_for(m.weight, rows)) for name, m in candidates]
+    chosen = [(name, m, packing_for(m.weight, rows, steps)) for name, m in candidates]
     chosen = [(name, m, packing) for name, m, packing in chosen if packing is not None]
     if not chosen:
         if candidates:
-            out["skipped"]["packed"] = _why_not_packed(candidates[0][1].weight, rows)
+            out["skipped"]["packed"] = _why_not_packed(candidates[0][1].weight, rows, steps)
         return
     weights = {id(m.weight): m.weight for _, m, _ in chosen}
     size, available = sum(w.nbytes for w in weights.values()), cpu.available_memory()
@@ -164,12 +166,13 @@ def _apply_for_generation(model: nn.Module, rows: int, out: dict[str, Any]) -> N
 
 
 @contextmanager
-def generating(model: nn.Module, rows: int, enabled: bool | None = None) -> Iterator[dict[str, Any]]:
-    """Inside the block, the model's linear layers multiply through packed weights where that pays
-    (see the table in the module docstring); yields what `apply` returns. The weights must not change
-    inside the block (generation does not change them). Layers already packed by an enclosing block
-    are left to it."""
-    chosen = apply(model, "generate", rows, enabled)
+def generating(model: nn.Module, rows: int, enabled: bool | None = None,
+               steps: int | None = None) -> Iterator[dict[str, Any]]:
+    """Inside the block, the model's linear layers multiply through packed weights where that pays for
+    `rows` rows over `steps` steps (see the table in the module docstring); yields what `apply` returns.
+    The weights must not change inside the block (generation does not change them). Layers already
+    packed by an enclosing block are left to it."""
+    chosen = apply(model, "generate", rows, enabled, steps)
     try:
         yield chosen
     finally:
@@ -233,11 +236,11 @@ def _why_not_fp32(weight) -> str:
     return measure.verdict("fp32_linear", weight.dtype).why
 
 
-def _why_not_packed(weight, rows: int) -> str:
+def _why_not_packed(weight, rows: int, steps: int | None) -> str:
     if weight.device.type != "cpu":
         return f"weights on {weight.device.type}: nothing to pack"
     if weight.dtype == torch.float32 and cpu.mkl_packing():
-        return measure.verdict("packed_mkl", weight.dtype, rows).why
+        return measure.verdict("packed_mkl", weight.dtype, rows, steps=steps).why
     if weight.dtype == torch.bfloat16 and cpu.onednn_bf16_packing():
-        return measure.verdict("packed_onednn", weight.dtype, rows).why
+        return measure.verdict("packed_onednn", weight.dtype, rows, steps=steps).why
     return f"{str(weight.dtype).removeprefix('torch.')} weights: no packed kernel in this PyTorch build or CPU"

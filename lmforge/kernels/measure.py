@@ -17,7 +17,9 @@ speed kernel races PyTorch's own kernel on the shapes it would serve, at its fir
 | `fp32_loss` | a 1024 x 512 -> 8192 output head and cross-entropy: native against fp32 copies |
 | `packed_mkl`, `packed_onednn` | the linear layers of 3 GPT-2 (124M) blocks at 1 or 8 rows: plain against packed |
 
-A kernel is used where it is at least `MARGIN` (5%) faster; a tie keeps PyTorch's own kernel. The
+A kernel is used where it is at least `MARGIN` (5%) faster; a tie keeps PyTorch's own kernel. Packing
+is also timed, and a generate call packs only where its steps win that time back (an fp32 step at
+1 row may gain 10% but take 300 steps to repay the packing). The
 timings are cached per machine (`lmforge.perf.measured`: CPU model, cores, threads, torch version),
 so only the first run on a machine pays for the races (about a second each). `LMFORGE_KERNELS`
 overrides any verdict: `LMFORGE_KERNELS=fp32_linear=on,packed_mkl=off` (`on`: used wherever it can
@@ -26,6 +28,7 @@ run; `off`: never), and `LMFORGE_KERNELS=off` turns every kernel off.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ SWITCH = "LMFORGE_KERNELS"
 MARGIN = 0.05  # a kernel must beat PyTorch's own kernel by this much to be used
 RACED = ("fp32_linear", "fp32_attention", "fp32_loss", "packed_mkl", "packed_onednn")
 SETTINGS = ("on", "off", "auto")
+Candidates = dict[str, Callable[[], Any]]  # "plain", "kernel" (and "pack") -> one timed call
 
 
 @dataclass(frozen=True)
@@ -73,14 +77,22 @@ def overrides() -> dict[str, str]:
     return out
 
 
-def decide(kernel: str, case: str, ms: dict[str, float], margin: float = MARGIN) -> Verdict:
-    """The verdict of a race between "plain" (PyTorch's own kernel) and "kernel"."""
+def decide(kernel: str, case: str, ms: dict[str, float], margin: float = MARGIN, steps: int | None = None) -> Verdict:
+    """The verdict of a race between "plain" (PyTorch's own kernel) and "kernel". Where the race also
+    timed "pack" (making the packed weights, once per generate call) and the call's `steps` are known,
+    the kernel must also win the packing time back within those steps."""
     plain, faster = ms["plain"], ms["kernel"]
     speedup = plain / faster if faster > 0 else float("inf")
     times = f"{faster:.2f} ms against {plain:.2f} ms with PyTorch's own kernel"
-    if speedup >= 1 + margin:
-        return Verdict(kernel, case, True, f"measured {speedup:.2f}x faster: {times}", ms)
-    return Verdict(kernel, case, False, f"measured {speedup:.2f}x, not {1 + margin:.2f}x or more: {times}", ms)
+    if speedup < 1 + margin:
+        return Verdict(kernel, case, False, f"measured {speedup:.2f}x, not {1 + margin:.2f}x or more: {times}", ms)
+    why = f"measured {speedup:.2f}x faster: {times}"
+    if "pack" in ms:
+        breakeven = math.ceil(ms["pack"] / (plain - faster))
+        why += f"; packing ({ms['pack']:.0f} ms) pays back after {breakeven} steps"
+        if steps is not None and breakeven > steps:
+            return Verdict(kernel, case, False, f"{why}, more than this call's {steps}", ms)
+    return Verdict(kernel, case, True, why, ms)
 
 
 def _rows_case(rows: int) -> int:
@@ -94,25 +106,25 @@ def case_of(kernel: str, dtype: torch.dtype, rows: int | None = None) -> str:
     return f"{name}, 1 row" if _rows_case(rows or 1) == 1 else f"{name}, 8 rows"
 
 
-def verdict(kernel: str, dtype: torch.dtype, rows: int | None = None, tiny: bool = False) -> Verdict:
-    """Whether `kernel` pays on this machine for `dtype` weights (and `rows` rows a step, for packing):
-    LMFORGE_KERNELS where it says so, else the race, run once per machine (`tiny`: on tiny shapes, for
-    tests; not cached)."""
+def verdict(kernel: str, dtype: torch.dtype, rows: int | None = None, tiny: bool = False,
+            steps: int | None = None) -> Verdict:
+    """Whether `kernel` pays on this machine for `dtype` weights (and, for packing, `rows` rows a step
+    during a call of `steps` steps, where known): LMFORGE_KERNELS where it says so, else the race, run
+    once per machine (`tiny`: on tiny shapes, for tests; not cached)."""
     case = case_of(kernel, dtype, rows)
     setting = overrides().get(kernel, "auto")
     if setting != "auto":
         return Verdict(kernel, case, setting == "on", f"set {setting} by {SWITCH}")
     run = lambda: race(kernel, dtype, _rows_case(rows or 1), tiny)  # noqa: E731
     ms = run() if tiny else perf.measured(f"kernel/{kernel}/{case}", run)
-    return decide(kernel, case, ms)
+    return decide(kernel, case, ms, steps=steps)
 
 
 def race(kernel: str, dtype: torch.dtype, rows: int = 8, tiny: bool = False, seconds: float = 0.4) -> dict[str, float]:
     """Best times in ms of PyTorch's own kernel ("plain") and `kernel` ("kernel") on the shapes of the
     module docstring's table (`tiny`: shapes a few hundred times smaller)."""
     with torch.no_grad() if kernel.startswith("packed") else torch.enable_grad():
-        plain, fast = RACES[kernel](dtype, rows, tiny)
-        return perf.race({"plain": plain, "kernel": fast}, seconds=0.05 if tiny else seconds)
+        return perf.race(RACES[kernel](dtype, rows, tiny), seconds=0.05 if tiny else seconds)
 
 
 def _randn(*shape: int, dtype: torch.dtype, grad: bool = False) -> torch.Tensor:
@@ -126,24 +138,24 @@ def _backward(out: torch.Tensor, grad: torch.Tensor, *leaves: torch.Tensor) -> N
         leaf.grad = None
 
 
-def _linear_race(dtype: torch.dtype, rows: int, tiny: bool) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _linear_race(dtype: torch.dtype, rows: int, tiny: bool) -> Candidates:
     n, d_in, d_out = (64, 32, 48) if tiny else (2048, 512, 2048)
     x, w = _randn(n, d_in, dtype=dtype, grad=True), _randn(d_out, d_in, dtype=dtype, grad=True)
     g = _randn(n, d_out, dtype=dtype)
-    return (lambda: _backward(F.linear(x, w), g, x, w),
-            lambda: _backward(LinearInFp32.apply(x, w, None), g, x, w))
+    return {"plain": lambda: _backward(F.linear(x, w), g, x, w),
+            "kernel": lambda: _backward(LinearInFp32.apply(x, w, None), g, x, w)}
 
 
-def _attention_race(dtype: torch.dtype, rows: int, tiny: bool) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _attention_race(dtype: torch.dtype, rows: int, tiny: bool) -> Candidates:
     b, h, t, d = (1, 2, 16, 8) if tiny else (4, 8, 256, 64)
     q, k, v = (_randn(b, h, t, d, dtype=dtype, grad=True) for _ in range(3))
     g = _randn(b, h, t, d, dtype=dtype)
     upcast = fp32_attention(F.scaled_dot_product_attention)
-    return (lambda: _backward(F.scaled_dot_product_attention(q, k, v, is_causal=True), g, q, k, v),
-            lambda: _backward(upcast(q, k, v, is_causal=True), g, q, k, v))
+    return {"plain": lambda: _backward(F.scaled_dot_product_attention(q, k, v, is_causal=True), g, q, k, v),
+            "kernel": lambda: _backward(upcast(q, k, v, is_causal=True), g, q, k, v)}
 
 
-def _loss_race(dtype: torch.dtype, rows: int, tiny: bool) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _loss_race(dtype: torch.dtype, rows: int, tiny: bool) -> Candidates:
     n, d, vocab = (64, 32, 96) if tiny else (1024, 512, 8192)
     h, w = _randn(n, d, dtype=dtype, grad=True), _randn(vocab, d, dtype=dtype, grad=True)
     targets = torch.arange(n) * 7 % vocab
@@ -154,14 +166,14 @@ def _loss_race(dtype: torch.dtype, rows: int, tiny: bool) -> tuple[Callable[[], 
     def clear() -> None:
         h.grad = w.grad = None
 
-    return (lambda: (loss(h, w), clear()), lambda: (loss(h.float(), w.float()), clear()))
+    return {"plain": lambda: (loss(h, w), clear()), "kernel": lambda: (loss(h.float(), w.float()), clear())}
 
 
 GPT2_BLOCK = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of each linear layer
 
 
-def _packing_race(packing: str) -> Callable[..., tuple[Callable[[], Any], Callable[[], Any]]]:
-    def make(dtype: torch.dtype, rows: int, tiny: bool) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _packing_race(packing: str) -> Callable[..., Candidates]:
+    def make(dtype: torch.dtype, rows: int, tiny: bool) -> Candidates:
         shapes = [(32, 48), (48, 32)] if tiny else GPT2_BLOCK * 3
         weights = [_randn(d_out, d_in, dtype=dtype) for d_in, d_out in shapes]
         inputs = {d_in: _randn(rows, d_in, dtype=dtype) for d_in, _ in shapes}
@@ -179,12 +191,12 @@ def _packing_race(packing: str) -> Callable[..., tuple[Callable[[], Any], Callab
                 else:
                     torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
 
-        return plain, fast
+        return {"plain": plain, "kernel": fast, "pack": lambda: [pack(w, rows, packing) for w in weights]}
 
     return make
 
 
-RACES: dict[str, Callable[..., tuple[Callable[[], Any], Callable[[], Any]]]] = {
+RACES: dict[str, Callable[..., Candidates]] = {
     "fp32_linear": _linear_race,
     "fp32_attention": _attention_race,
     "fp32_loss": _loss_race,
@@ -211,15 +223,16 @@ def fp32_worth_it(weight: torch.Tensor, kernel: str = "fp32_linear") -> bool:
     return weight.device.type == "cpu" and weight.dtype in REDUCED and verdict(kernel, weight.dtype).use
 
 
-def packing_for(weight: torch.Tensor, rows: int) -> str | None:
-    """How a CPU weight is packed for `rows` rows a step ("mkl" for fp32, "onednn" for bf16), or None
-    where this PyTorch build cannot or the race says it does not pay."""
+def packing_for(weight: torch.Tensor, rows: int, steps: int | None = None) -> str | None:
+    """How a CPU weight is packed for `rows` rows a step over `steps` steps ("mkl" for fp32, "onednn"
+    for bf16), or None where this PyTorch build cannot or the race says it does not pay."""
     if weight.device.type != "cpu":
         return None
-    if weight.dtype == torch.float32 and cpu.mkl_packing() and verdict("packed_mkl", weight.dtype, rows).use:
+    if (weight.dtype == torch.float32 and cpu.mkl_packing()
+            and verdict("packed_mkl", weight.dtype, rows, steps=steps).use):
         return "mkl"
     if (weight.dtype == torch.bfloat16 and cpu.onednn_bf16_packing()
-            and verdict("packed_onednn", weight.dtype, rows).use):
+            and verdict("packed_onednn", weight.dtype, rows, steps=steps).use):
         return "onednn"
     return None
 
