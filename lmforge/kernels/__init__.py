@@ -24,19 +24,19 @@ few documented hooks:
   keep a recipe for it instead (`remake`).
 - peft's LoRA layers, known by their parts (`lora_A`, `lora_dropout`).
 
-What is chosen, by fixed rules for now (choosing by measurement on the machine comes next; the AMX
-rule is wrong on CPUs whose bf16 matmuls are fast without AMX, e.g. AMD Zen 4 with avx512_bf16, where
-the fp32 route made a gpt-mini bf16 step 0.58x as fast as PyTorch's own bf16 kernels):
+What is chosen: the speed kernels by a race against PyTorch's own kernel on this machine, run at
+first use and cached per machine (`lmforge.kernels.measure`; `lmforge env` shows the verdicts and
+timings; `LMFORGE_KERNELS=KERNEL=on|off,...` overrides one); the memory kernels by rule:
 
 | kernel | for | where | module |
 |---|---|---|---|
-| `fp32_linear` | train | nn.Linear with bf16/fp16 weights on a CPU without AMX tiles | `linear.Fp32Linear` |
-| `fp32_attention`, `fp32_loss` | train | the `sdpa` / `linear_cross_entropy` hooks of such a model | `upcast` |
+| `fp32_linear` | train | nn.Linear with bf16/fp16 weights on a CPU, where it won its race | `linear.Fp32Linear` |
+| `fp32_attention`, `fp32_loss` | train | the `sdpa` / `linear_cross_entropy` hooks, where each won | `upcast` |
 | `lean_swiglu` | train | the `swiglu` hooks, any device (memory: keeps only its input) | `swiglu`, `remake` |
 | `lean_norm` | train | the `rms_norm` / `layer_norm` hooks, any device (memory: keeps its input) | `norm`, `remake` |
 | `lora_dropout` | train | peft LoRA layers with dropout, any device (memory and speed) | `lora_dropout` |
-| `packed_mkl` | generate | nn.Linear with fp32 weights, 2+ rows a step, PyTorch with MKL | `linear.PackedLinear` |
-| `packed_onednn` | generate | nn.Linear with bf16 weights, a CPU with bf16 instructions | `linear.PackedLinear` |
+| `packed_mkl` | generate | nn.Linear, fp32 weights, MKL; where it won at 1 or 8 rows | `linear.PackedLinear` |
+| `packed_onednn` | generate | nn.Linear, bf16 weights, oneDNN bf16; where it won | `linear.PackedLinear` |
 
 Packed copies are made only where they take at most half the memory still available, and live only
 inside `generating` (they are copies of the weights as they were on entry). Each module's
