@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.models.decoder import Decoder
 from lmforge.models.hf import hf_family, state_dict_to_hf, to_hf_config
+from lmforge.perf import cpu_model
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -36,17 +36,6 @@ def allocator() -> str:
     if "tcmalloc" in preload:
         return "tcmalloc"
     return "glibc malloc"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_state() -> dict:
