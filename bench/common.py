@@ -18,7 +18,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.models.decoder import Decoder
 from lmforge.models.hf import hf_family, state_dict_to_hf, to_hf_config
-from lmforge.perf import cpu_model
+from lmforge.perf import OtherLoad, cpu_model
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -114,51 +114,6 @@ def max_logit_difference(model: Decoder, hf, ids: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------------
 # timing
-
-def _busy_ticks() -> int | None:
-    """Busy CPU ticks of the whole machine, time stolen by the hypervisor included (Linux)."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    except (OSError, ValueError):
-        return None
-    return user + nice + system + irq + softirq + steal
-
-
-def _process_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-class OtherLoad:
-    """How many cores other processes kept busy while a measurement ran (0 where /proc is missing).
-
-        with OtherLoad([worker_pid]) as load:
-            measure()
-        if load.cores > 0.2: ...  # disturbed: measure again
-    """
-
-    def __init__(self, pids: list[int]):
-        self.pids = [os.getpid(), *pids]
-        self.cores = 0.0
-
-    def __enter__(self) -> OtherLoad:
-        self.busy, self.ours = _busy_ticks(), sum(_process_ticks(p) for p in self.pids)
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        busy = _busy_ticks()
-        if busy is None or self.busy is None:
-            return
-        ours = sum(_process_ticks(p) for p in self.pids)
-        ticks = os.sysconf("SC_CLK_TCK")
-        self.cores = max(0.0, (busy - self.busy) - (ours - self.ours)) / ticks / (time.perf_counter() - self.start)
-
 
 def measure_quietly(measure: Callable[[], float], pids: list[int], retries: int = 3, max_other_cores: float = 0.2,
                     deadline: float | None = None, best: Callable[..., float] = min) -> tuple[float, bool]:

@@ -56,6 +56,7 @@ def env(remeasure: bool = False, json_output: bool = False) -> dict[str, Any]:
         "rules": FIXED,
         "cache": str(perf.cache_dir() / "machine" / f"{perf.machine_id()}.json"),
     }
+    report["disturbed"] = dict(perf.disturbed)  # measured now while other processes ran: not cached
     print(json.dumps(report, indent=2) if json_output else as_text(report))
     return report
 
@@ -90,6 +91,8 @@ def as_text(report: dict[str, Any]) -> str:
         f"(bf16 {peaks['bf16'] / peaks['fp32']:.2f}x fp32); memory copy {measured['memory_bandwidth_gbs']} GB/s",
         f"precision  --train.precision auto -> {report['precision_auto']}",
         f"cache      {report['cache']}",
+        *([f"disturbed  other processes kept cores busy during {', '.join(report['disturbed'])}: "
+           "used for this run, not cached"] if report["disturbed"] else []),
         "",
         f"{'job':<26}{'kernel':<16}{'used':<6}why",
     ]

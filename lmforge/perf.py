@@ -11,7 +11,8 @@ between two ways of doing one job (for `lmforge.kernels` to choose by).
 Measurements are cached in `$LMFORGE_CACHE/machine/<machine id>.json` (default ~/.cache/lmforge), one
 file per machine: CPU model, cores, PyTorch's thread count and version. A change of any of them (another
 CPU, `OMP_NUM_THREADS`, a torch upgrade) measures again; `remeasure=True` (or `lmforge env --remeasure`)
-forces it (`forget()` drops them all).
+forces it (`forget()` drops them all). A measurement that other processes disturbed is used once
+and not cached.
 """
 
 from __future__ import annotations
@@ -86,11 +87,67 @@ def forget() -> None:
     _cache_file().unlink(missing_ok=True)
 
 
+def _busy_ticks() -> int | None:
+    """Busy CPU ticks of the whole machine, time stolen by the hypervisor included (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return user + nice + system + irq + softirq + steal
+
+
+def _process_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a measurement ran (0 where /proc is missing).
+
+        with OtherLoad([worker_pid]) as load:
+            measure()
+        if load.cores > 0.2: ...  # disturbed: measure again
+    """
+
+    def __init__(self, pids: list[int] | None = None):
+        self.pids = [os.getpid(), *(pids or [])]
+        self.cores = 0.0
+
+    def __enter__(self) -> OtherLoad:
+        self.busy, self.ours = _busy_ticks(), sum(_process_ticks(p) for p in self.pids)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = _busy_ticks()
+        if busy is None or self.busy is None:
+            return
+        ours = sum(_process_ticks(p) for p in self.pids)
+        ticks = os.sysconf("SC_CLK_TCK")
+        self.cores = max(0.0, (busy - self.busy) - (ours - self.ours)) / ticks / (time.perf_counter() - self.start)
+
+
+MAX_OTHER_CORES = 0.25  # a measurement during which other processes kept more cores busy is not kept
+disturbed: dict[str, float] = {}  # key -> cores other processes kept busy, for measurements not kept
+
+
 def measured(key: str, measure: Callable[[], Any], remeasure: bool = False) -> Any:
-    """`measure()` (a JSON value), run once per machine and then read from the cache."""
+    """`measure()` (a JSON value), run once per machine and then read from the cache. A measurement
+    that other processes disturbed (they kept more than MAX_OTHER_CORES cores busy meanwhile) is used
+    but not cached, so the next run measures again (`disturbed` names it)."""
     cached = read_cache()
     if remeasure or key not in cached["measured"]:
-        value = measure()
+        with OtherLoad() as load:
+            value = measure()
+        if load.cores > MAX_OTHER_CORES:
+            disturbed[key] = round(load.cores, 2)
+            return value
+        disturbed.pop(key, None)
         cached = read_cache()  # another process may have written meanwhile
         cached["measured"][key] = value
         path = _cache_file()

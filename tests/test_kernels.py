@@ -257,7 +257,7 @@ def test_the_switch_turns_every_kernel_off(lively_model, monkeypatch) -> None:
 def test_report_names_the_hardware_and_the_rules() -> None:
     report = kernels.report()
     assert report["enabled"] is True and report["switch"] == "LMFORGE_KERNELS="
-    assert set(report["hardware"]) >= {"amx", "mkl_packing", "onednn_bf16_packing", "torch"}
+    assert set(report["hardware"]) >= {"amx", "mkl_packing", "onednn_packing", "onednn_bf16_packing", "torch"}
     assert set(report["rules"]) == {"fp32_linear", "fp32_attention", "fp32_loss", "lean_swiglu", "lean_norm",
                                     "lora_dropout", "packed_mkl", "packed_onednn"}
     with pytest.raises(ValueError, match="expected 'train' or 'generate'"):
@@ -291,9 +291,10 @@ def test_the_decision_rule_uses_a_kernel_only_where_it_wins_by_the_margin() -> N
 
 def test_races_are_run_once_per_machine_and_read_back_from_the_cache(tmp_path, monkeypatch) -> None:
     """perf.measured: one measurement per key and machine; another thread count is another machine;
-    remeasure and forget measure again. A verdict comes from the cached timings: timings written into
-    the cache decide it."""
+    remeasure and forget measure again; a measurement that other processes disturbed is not kept. A
+    verdict comes from the cached timings: timings written into the cache decide it."""
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(perf, "MAX_OTHER_CORES", float("inf"))  # whatever else runs on this machine
     calls = []
 
     def count() -> float:
@@ -310,6 +311,10 @@ def test_races_are_run_once_per_machine_and_read_back_from_the_cache(tmp_path, m
     assert perf.measured("x", count) == 1.0 and perf.measured("x", count, remeasure=True) == 3.0
     perf.forget()
     assert perf.measured("x", count) == 4.0
+    monkeypatch.setattr(perf, "MAX_OTHER_CORES", -1.0)  # every measurement counts as disturbed
+    assert perf.measured("y", count) == 5.0 and perf.measured("y", count) == 6.0 and "y" in perf.disturbed
+    assert "y" not in perf.read_cache()["measured"] and perf.measured("x", count) == 4.0
+    monkeypatch.setattr(perf, "MAX_OTHER_CORES", float("inf"))
     key = "kernel/fp32_loss/bfloat16"
     for timings, used in (({"plain": 10.0, "kernel": 5.0}, True), ({"plain": 5.0, "kernel": 10.0}, False)):
         perf.measured(key, lambda timings=timings: timings, remeasure=True)
@@ -353,7 +358,10 @@ def test_lmforge_env_shows_the_measurements_and_the_kernel_for_each_job(tmp_path
         (k, measure.case_of(k, d, r)) for k, d, r in measure.runnable()]
     loss = next(v for v in report["kernels"] if v["kernel"] == "fp32_loss")
     assert loss["use"] is False and loss["why"] == "set off by LMFORGE_KERNELS"
-    assert Path(report["cache"]).is_file() and Path(report["cache"]).parent.parent == tmp_path
+    assert Path(report["cache"]).parent.parent == tmp_path
+    kept = json.loads(Path(report["cache"]).read_text())["measured"] if Path(report["cache"]).is_file() else {}
+    assert len(kept) + len(report["disturbed"]) == 3 + len(report["kernels"]) - 1  # peaks, bandwidth, races
+    assert not set(kept) & set(report["disturbed"])
     text = subprocess.run([sys.executable, "-m", "lmforge", "env"], capture_output=True, text=True,
                           env=environ, timeout=120).stdout
     assert "matmul bf16" in text and "--train.precision auto ->" in text and "training, bf16" in text

@@ -36,7 +36,7 @@ timings; `LMFORGE_KERNELS=KERNEL=on|off,...` overrides one); the memory kernels 
 | `lean_norm` | train | the `rms_norm` / `layer_norm` hooks, any device (memory: keeps its input) | `norm`, `remake` |
 | `lora_dropout` | train | peft LoRA layers with dropout, any device (memory and speed) | `lora_dropout` |
 | `packed_mkl` | generate | nn.Linear, fp32 weights, MKL; where it won at 1 or 8 rows | `linear.PackedLinear` |
-| `packed_onednn` | generate | nn.Linear, bf16 weights, oneDNN bf16; where it won | `linear.PackedLinear` |
+| `packed_onednn` | generate | nn.Linear, fp32 or bf16 weights, oneDNN; where it won | `linear.PackedLinear` |
 
 Packed copies are made only where they take at most half the memory still available, and live only
 inside `generating` (they are copies of the weights as they were on entry). Each module's
@@ -50,7 +50,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
 from lmforge.kernels import cpu, measure, remake
@@ -83,8 +82,8 @@ RULES = {
     "lean_swiglu": SWIGLU_WHY,
     "lean_norm": NORM_WHY,
     "lora_dropout": LORA_WHY,
-    "packed_mkl": PACKED_WHY["mkl"].format(rows="2 or more"),
-    "packed_onednn": PACKED_WHY["onednn"],
+    "packed_mkl": PACKED_WHY["mkl"].format(dtype="fp32", rows="1 or more"),
+    "packed_onednn": PACKED_WHY["onednn"].format(dtype="fp32 or bf16", rows="1 or more"),
 }
 
 
@@ -162,7 +161,7 @@ def _apply_for_generation(model: nn.Module, rows: int, steps: int | None, out: d
         if id(m.weight) not in copies:
             copies[id(m.weight)] = pack(m.weight, rows, packing)
         swap(m, PackedLinear, packed_weight=copies[id(m.weight)], packing=packing, packed_rows=rows)
-        _record(out, f"packed_{packing}", PACKED_WHY[packing].format(rows=rows), [name])
+        _record(out, f"packed_{packing}", _packed_why(m, packing, rows), [name])
 
 
 @contextmanager
@@ -207,7 +206,7 @@ def report(model: nn.Module | None = None) -> dict[str, Any]:
     applied: dict[str, Any] = {"applied": {}}
     for name, m in model.named_modules():
         if isinstance(m, PackedLinear):
-            _record(applied, f"packed_{m.packing}", PACKED_WHY[m.packing].format(rows=m.packed_rows), [name])
+            _record(applied, f"packed_{m.packing}", _packed_why(m, m.packing, m.packed_rows), [name])
         elif isinstance(m, (Fp32Linear, DropoutLinear)):
             _record(applied, m.kernel, RULES[m.kernel], [name])
         for hook, (kernel, _, why, _) in HOOKS.items():
@@ -221,6 +220,10 @@ def _record(out: dict[str, Any], kernel: str, why: str, layers: list[str]) -> No
     if layers:
         entry = out["applied"].setdefault(kernel, {"why": why, "layers": []})
         entry["layers"] += layers
+
+
+def _packed_why(layer: nn.Linear, packing: str, rows: int) -> str:
+    return PACKED_WHY[packing].format(dtype=str(layer.weight.dtype).removeprefix("torch."), rows=rows)
 
 
 def _first_weight_worth_fp32(module: nn.Module, kernel: str) -> bool:
@@ -239,8 +242,7 @@ def _why_not_fp32(weight) -> str:
 def _why_not_packed(weight, rows: int, steps: int | None) -> str:
     if weight.device.type != "cpu":
         return f"weights on {weight.device.type}: nothing to pack"
-    if weight.dtype == torch.float32 and cpu.mkl_packing():
-        return measure.verdict("packed_mkl", weight.dtype, rows, steps=steps).why
-    if weight.dtype == torch.bfloat16 and cpu.onednn_bf16_packing():
-        return measure.verdict("packed_onednn", weight.dtype, rows, steps=steps).why
+    verdicts = measure.packing_verdicts(weight.dtype, rows, steps)
+    if verdicts:
+        return "; ".join(f"{v.kernel}: {v.why}" for v in verdicts)
     return f"{str(weight.dtype).removeprefix('torch.')} weights: no packed kernel in this PyTorch build or CPU"

@@ -1,7 +1,7 @@
 """What this machine's CPU and PyTorch build offer, for `lmforge.kernels` to choose from.
 
     from lmforge.kernels import cpu
-    cpu.has_amx(), cpu.mkl_packing(), cpu.onednn_bf16_packing(), cpu.available_memory()
+    cpu.has_amx(), cpu.mkl_packing(), cpu.onednn_packing(), cpu.onednn_bf16_packing(), cpu.available_memory()
     cpu.facts()          # all of them as a dict (part of `lmforge.kernels.report`)
 
 The only module of lmforge that asks PyTorch's private corners (`torch.cpu._is_amx_tile_supported`,
@@ -36,11 +36,19 @@ def mkl_packing() -> bool:
 
 
 @functools.cache
+def onednn_packing() -> bool:
+    """True where fp32 weights can be packed for oneDNN (`torch.ops.mkldnn._linear_pointwise`)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
 def onednn_bf16_packing() -> bool:
     """True where bf16 weights can be packed for oneDNN and the CPU has bf16 instructions."""
     try:
-        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return onednn_packing() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
         return False
 
@@ -60,5 +68,6 @@ def available_memory() -> int:
 def facts() -> dict[str, Any]:
     """What the kernels' rules read, as a dict."""
     return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "amx": has_amx(),
-            "mkl_packing": mkl_packing(), "onednn_bf16_packing": onednn_bf16_packing(),
+            "mkl_packing": mkl_packing(), "onednn_packing": onednn_packing(),
+            "onednn_bf16_packing": onednn_bf16_packing(),
             "cuda": torch.cuda.is_available()}

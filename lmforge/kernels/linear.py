@@ -35,10 +35,10 @@ FP32_MIN_ROWS = 64  # fewer rows than this: converting the weight to fp32 costs 
 FP32_WHY = ("bf16/fp16 weights on a CPU where PyTorch's fp32 matmuls were measured faster: "
             f"multiplied in fp32 (exact products, fp32 sums) and rounded back, from {FP32_MIN_ROWS} rows on")
 PACKED_WHY = {
-    "mkl": "fp32 weights, {rows} rows a step: packed once for MKL's sgemm, measured faster than repacking the "
+    "mkl": "{dtype} weights, {rows} rows a step: packed once for MKL's sgemm, measured faster than repacking the "
            "whole weight at every few-row multiply (the same numbers)",
-    "onednn": "bf16 weights: packed once for oneDNN, measured faster than PyTorch's bf16 kernel "
-              "(the same numbers up to bf16 rounding)",
+    "onednn": "{dtype} weights, {rows} rows a step: packed once for oneDNN, measured faster than PyTorch's "
+              "own kernel (the same numbers up to rounding)",
 }
 
 

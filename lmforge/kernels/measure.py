@@ -7,7 +7,8 @@
 
 A CPU's flags do not say which kernel is fast: without AMX tiles, bf16 matmuls run at half the fp32
 rate on an Intel Xeon but at 4x it on an AMD Zen 4 (avx512_bf16), and packing fp32 weights for MKL
-speeds up an 8-row generation step by 1.45x on the one and slows it by 1.4x on the other. So each
+speeds up an 8-row generation step by 1.45x on the one and slows it by 1.4x on the other, where
+oneDNN's packing may win instead. So each
 speed kernel races PyTorch's own kernel on the shapes it would serve, at its first use on a machine:
 
 | kernel | race (both ways, forward and backward where it trains) |
@@ -17,11 +18,12 @@ speed kernel races PyTorch's own kernel on the shapes it would serve, at its fir
 | `fp32_loss` | a 1024 x 512 -> 8192 output head and cross-entropy: native against fp32 copies |
 | `packed_mkl`, `packed_onednn` | the linear layers of 3 GPT-2 (124M) blocks at 1 or 8 rows: plain against packed |
 
-A kernel is used where it is at least `MARGIN` (5%) faster; a tie keeps PyTorch's own kernel. Packing
-is also timed, and a generate call packs only where its steps win that time back (an fp32 step at
-1 row may gain 10% but take 300 steps to repay the packing). The
-timings are cached per machine (`lmforge.perf.measured`: CPU model, cores, threads, torch version),
-so only the first run on a machine pays for the races (about a second each). `LMFORGE_KERNELS`
+fp32 weights are packed for MKL or for oneDNN, bf16 ones for oneDNN. A kernel is used where it is at
+least `MARGIN` (5%) faster; a tie keeps PyTorch's own kernel. Packing is also timed, and a generate
+call packs only where its steps win that time back (an fp32 step at 1 row may gain 10% but take 300
+steps to repay the packing). The timings are cached per machine (`lmforge.perf.measured`: CPU model,
+cores, threads, torch version), so only the first run on a machine pays for the races (about a
+second each); a race that other processes disturbed decides for this run only. `LMFORGE_KERNELS`
 overrides any verdict: `LMFORGE_KERNELS=fp32_linear=on,packed_mkl=off` (`on`: used wherever it can
 run; `off`: never), and `LMFORGE_KERNELS=off` turns every kernel off.
 """
@@ -210,10 +212,8 @@ def runnable() -> list[tuple[str, torch.dtype, int | None]]:
     cases: list[tuple[str, torch.dtype, int | None]] = [
         ("fp32_linear", torch.bfloat16, None), ("fp32_attention", torch.bfloat16, None),
         ("fp32_loss", torch.bfloat16, None)]
-    if cpu.mkl_packing():
-        cases += [("packed_mkl", torch.float32, 1), ("packed_mkl", torch.float32, 8)]
-    if cpu.onednn_bf16_packing():
-        cases += [("packed_onednn", torch.bfloat16, 1), ("packed_onednn", torch.bfloat16, 8)]
+    for dtype in (torch.float32, torch.bfloat16):
+        cases += [(kernel, dtype, rows) for kernel in packings(dtype) for rows in (1, 8)]
     return cases
 
 
@@ -223,18 +223,26 @@ def fp32_worth_it(weight: torch.Tensor, kernel: str = "fp32_linear") -> bool:
     return weight.device.type == "cpu" and weight.dtype in REDUCED and verdict(kernel, weight.dtype).use
 
 
+def packings(dtype: torch.dtype) -> list[str]:
+    """The packed kernels this PyTorch build and CPU have for weights of `dtype`."""
+    if dtype == torch.float32:
+        return [k for k, ok in (("packed_mkl", cpu.mkl_packing()), ("packed_onednn", cpu.onednn_packing())) if ok]
+    return ["packed_onednn"] if dtype == torch.bfloat16 and cpu.onednn_bf16_packing() else []
+
+
+def packing_verdicts(dtype: torch.dtype, rows: int, steps: int | None = None) -> list[Verdict]:
+    """The verdict of each packed kernel for `dtype` weights at `rows` rows over `steps` steps."""
+    return [verdict(kernel, dtype, rows, steps=steps) for kernel in packings(dtype)]
+
+
 def packing_for(weight: torch.Tensor, rows: int, steps: int | None = None) -> str | None:
-    """How a CPU weight is packed for `rows` rows a step over `steps` steps ("mkl" for fp32, "onednn"
-    for bf16), or None where this PyTorch build cannot or the race says it does not pay."""
+    """How a CPU weight is packed for `rows` rows a step over `steps` steps ("mkl" or "onednn": the
+    faster of those that won their race), or None where none did or this PyTorch build has none."""
     if weight.device.type != "cpu":
         return None
-    if (weight.dtype == torch.float32 and cpu.mkl_packing()
-            and verdict("packed_mkl", weight.dtype, rows, steps=steps).use):
-        return "mkl"
-    if (weight.dtype == torch.bfloat16 and cpu.onednn_bf16_packing()
-            and verdict("packed_onednn", weight.dtype, rows, steps=steps).use):
-        return "onednn"
-    return None
+    won = [v for v in packing_verdicts(weight.dtype, rows, steps) if v.use]
+    best = min(won, key=lambda v: v.ms.get("kernel", 0.0), default=None)
+    return best.kernel.removeprefix("packed_") if best else None
 
 
 def everything() -> list[Verdict]:
