@@ -194,13 +194,15 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
     return export_hf(load(checkpoint), out)
 
 
-def generate(model: Any, prompt: str | Sequence[str] = "", **options: Any) -> list[str]:
+def generate(model: Any, prompt: str | Sequence[str] = "", device: str | torch.device = "auto",
+             **options: Any) -> list[str]:
     """Generate from a loaded model or a checkpoint path: the model's own `generate(prompt, **options)`.
 
     Options as `lmforge.infer.generate.generate`; a seq2seq model reads `prompt` as its source texts.
+    A path is loaded onto `device` (auto: a GPU where there is one); a loaded model generates where it is.
     """
     if isinstance(model, (str, Path)):
-        model = load(model)
+        model = load(model, device=device)
     return model.generate(prompt, **options)
 
 
@@ -218,6 +220,7 @@ def print_generation(
     seed: int | None = None,
     num_samples: int = 1,
     dtype: Literal["fp32", "bf16"] = "fp32",
+    device: str = "auto",
 ) -> None:
     """Continue a prompt (--prompt, or standard input) and stream the text.
 
@@ -237,12 +240,13 @@ def print_generation(
         num_samples: samples of the prompt
         dtype: the weights' dtype while generating: bf16 keeps them in half the memory and is faster on
             CPUs with avx512_bf16 or AMX (the numbers differ from fp32 by bf16 rounding)
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
     import sys
 
     if prompt is None:
         prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    model = load(checkpoint, dtype=GENERATION_DTYPES[dtype])
+    model = load(checkpoint, device=device, dtype=GENERATION_DTYPES[dtype])
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
     if num_samples == 1:

@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lmforge.devices import DEVICE_HELP, check_device_name
 from lmforge.errors import UserError
 
 NoneType = type(None)
@@ -128,6 +129,7 @@ class TrainConfig:
     patience: int | None = param(None, "stop when validation loss has not improved for this many evaluations")
     keep_best: bool = param(False, "also keep the checkpoint of the best validation loss in OUT/best")
     seed: int = param(1337, "seed for initialisation and batch order")
+    device: str = param("auto", DEVICE_HELP)
     compile: bool = param(False, "torch.compile the model")
     activation_checkpointing: bool = param(False, "recompute each block's activations in the backward pass: "
                                                   "far less memory, about a third more compute")
@@ -139,6 +141,7 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise UserError(f"train.batch_size = {self.batch_size} is not divisible by "
                             f"train.grad_accum = {self.grad_accum}")
+        check_device_name(self.device, "train.device")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"train.precision = {self.precision!r}; expected auto, fp32, bf16 or fp16")
         if not 0 < self.lr < math.inf or not 0 <= self.min_lr <= self.lr:

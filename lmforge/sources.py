@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.devices import resolve_device
 from lmforge.errors import UserError
 from lmforge.train.checkpoint import ADAPTER_CONFIG
 
@@ -25,7 +26,8 @@ def load(
     dtype: torch.dtype | None = None,
     gguf_file: str | None = None,
 ):
-    """A model with `model.tokenizer` attached, from any source `lmforge import` takes.
+    """A model with `model.tokenizer` attached, from any source `lmforge import` takes, on `device` (cpu,
+    auto, cuda, cuda:N or mps: `lmforge.devices.resolve_device`; the verbs pass their --device).
 
     `src` is a checkpoint or run directory, a Hugging Face model directory (GPT-2, Llama, Qwen2 or
     Mistral), a .gguf file, a catalog model (`smollm2-135m-instruct`) or a hub id (where the hub can be
@@ -35,6 +37,7 @@ def load(
     from lmforge.interop import load_model, resolve_source
     from lmforge.train.checkpoint import load_checkpoint, verified_checkpoint
 
+    device = resolve_device(device)  # a missing GPU is an error before anything is read
     source = resolve_source(src, gguf_file)
     if source.kind == "lmforge":
         directory = verified_checkpoint(source.path)

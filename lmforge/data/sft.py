@@ -168,9 +168,9 @@ def example_batches(examples: Sequence[Example], batch_size: int, seed: int, pad
 def collate(examples: Sequence[Example], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: `ids` (B, T-1) and next-token `targets` (B, T-1), -100 where padded."""
     length = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long, device="cpu")  # filled on the CPU, moved once
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long, device="cpu")
     for row, e in enumerate(examples):
-        ids[row, :len(e.ids)] = torch.tensor(e.ids)
-        labels[row, :len(e.labels)] = torch.tensor(e.labels)
+        ids[row, :len(e.ids)] = torch.tensor(e.ids, device="cpu")
+        labels[row, :len(e.labels)] = torch.tensor(e.labels, device="cpu")
     return {"ids": ids[:, :-1].to(device), "targets": labels[:, 1:].to(device)}

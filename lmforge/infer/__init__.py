@@ -67,8 +67,8 @@ class Conditioned(Protocol):
 
 
 def model_device(model: Generative) -> torch.device:
-    """The device of the model's weights, where the loop puts its batches."""
-    return next(iter(model.parameters())).device
+    """The device of the model's weights, where the loop puts its batches (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def continuation_prompts(texts: Sequence[str], tokenizer: Any, start: Sequence[int] = ()) -> list[list[int]]:
@@ -95,11 +95,12 @@ def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tu
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids (B, S) right-padded with `pad_id`, and the mask (B, S) that is True at real tokens."""
+    """Ids (B, S) right-padded with `pad_id`, and the mask (B, S) that is True at real tokens, on `device`
+    (filled on the CPU, then moved in one copy each)."""
     length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), length), dtype=torch.bool, device="cpu")
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
         mask[i, :len(r)] = True
     return ids.to(device), mask.to(device)

@@ -148,7 +148,7 @@ class Finetune(Recipe):
         batch_size, pad_id = self.train.batch_size, tokenizer.eos_id
 
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            return {"val_loss": evaluate_examples(m, val, batch_size, pad_id, next(m.parameters()).device, loss_fn)}
+            return {"val_loss": evaluate_examples(m, val, batch_size, pad_id, loss_fn=loss_fn)}
 
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"fine-tuning {self.name_of_model} ({self.method}: {trainable:,} of "

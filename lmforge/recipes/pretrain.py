@@ -56,8 +56,7 @@ class Pretrain(Recipe):
 
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
             result = evaluate_tokens(m, val_tokens, block, batch_size=train.batch_size,
-                                     max_windows=train.eval_batches * train.batch_size,
-                                     device=next(m.parameters()).device)
+                                     max_windows=train.eval_batches * train.batch_size)
             return {"val_loss": result["loss"],
                     "val_bpb": bits_per_byte(result["loss"], meta["val_tokens"], meta["val_bytes"])}
 

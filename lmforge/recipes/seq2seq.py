@@ -99,7 +99,7 @@ class TrainSeq2Seq(Recipe):
                 from lmforge.recipes.vae import evaluate_conditional_elbo
 
                 return evaluate_conditional_elbo(m, val, batch_size, eos, seed=self.train.seed)
-            return {"val_loss": evaluate_pairs(m, val, batch_size, eos, next(m.parameters()).device)}
+            return {"val_loss": evaluate_pairs(m, val, batch_size, eos)}
 
         say(f"training a {self.name} model ({self.n_params:,} parameters) on {len(train)} pairs, {len(val)} held out")
         return Job(model, pair_batches(train, batch_size, self.train.seed, eos), loss_fn=loss_fn, evaluate=evaluate,

@@ -38,6 +38,7 @@ def chat(
     stop: list[str] | None = None,
     seed: int | None = None,
     dtype: Literal["fp32", "bf16"] = "fp32",
+    device: str = "auto",
 ) -> list[dict]:
     """Chat with a model in the terminal, by its chat template, streaming the answers.
 
@@ -57,11 +58,12 @@ def chat(
         stop: also stop an answer when this text appears (repeatable)
         seed: the seed of the sampling (default: a fresh one)
         dtype: the weights' dtype when the model is loaded here: fp32, or bf16 (half the memory)
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
     if isinstance(model, (str, Path)):
         from lmforge.sources import GENERATION_DTYPES, load
 
-        model = load(model, dtype=GENERATION_DTYPES[dtype])
+        model = load(model, device=device, dtype=GENERATION_DTYPES[dtype])
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
     start = [{"role": "system", "content": system}] if system else []

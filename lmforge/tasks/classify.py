@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from lmforge.errors import UserError
-from lmforge.infer import pad_right
+from lmforge.infer import model_device, pad_right
 from lmforge.recipes.classify import (  # the training half of the task; names kept importable from here
     DEFAULT_MAX_LENGTH,
     HEAD_CONFIG,
@@ -69,7 +69,8 @@ def read_texts(source: str | Path, text_field: str = "text") -> list[str]:
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """A trained classifier from its checkpoint directory, or the `best/` checkpoint of its run directory."""
+    """A trained classifier from its checkpoint directory, or the `best/` checkpoint of its run directory,
+    on `device` (as `lmforge.load` takes it)."""
     import lmforge.sources
     from lmforge.train.checkpoint import verified_checkpoint
 
@@ -78,18 +79,17 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
         raise UserError(f"{directory} is not a classifier ({HEAD_CONFIG} or {HEAD_WEIGHTS} is missing); "
                         f"train one with: lmforge classify train MODEL DATA --out DIR")
     config = json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8"))
-    classifier = Classifier(lmforge.sources.load(directory), config["labels"],
-                            config.get("max_length", DEFAULT_MAX_LENGTH))
-    head = load_file(directory / HEAD_WEIGHTS)
-    classifier.head.load_state_dict(head)
-    return classifier.to(device).eval()
+    backbone = lmforge.sources.load(directory, device=device)
+    classifier = Classifier(backbone, config["labels"], config.get("max_length", DEFAULT_MAX_LENGTH))
+    classifier.head.load_state_dict(load_file(directory / HEAD_WEIGHTS))
+    return classifier.to(model_device(backbone)).eval()
 
 
 def predict(classifier: Classifier | str | Path, texts: Sequence[str], batch_size: int = 32,
-            progress: bool = False) -> list[dict[str, Any]]:
-    """`{"label": best label, "probabilities": {label: p}}` for each text."""
+            progress: bool = False, device: str | torch.device = "auto") -> list[dict[str, Any]]:
+    """`{"label": best label, "probabilities": {label: p}}` for each text (a path is loaded onto `device`)."""
     if isinstance(classifier, (str, Path)):
-        classifier = load_classifier(classifier)
+        classifier = load_classifier(classifier, device)
     empty = [i for i, t in enumerate(texts) if not str(t).strip()]
     if empty:
         raise UserError(f"text {empty[0] + 1} is empty; every text to classify needs some words")
@@ -100,7 +100,7 @@ def predict(classifier: Classifier | str | Path, texts: Sequence[str], batch_siz
 
 
 def print_predictions(classifier: str | Path, text: list[str] | None = None, data: str | Path | None = None,
-                      text_field: str = "text") -> None:
+                      text_field: str = "text", device: str = "auto") -> None:
     """Label texts, with probabilities: one JSON line per text.
 
     Each line: {"text", "label", "probabilities": {label: p}}. Give the texts with --text or --data,
@@ -111,11 +111,12 @@ def print_predictions(classifier: str | Path, text: list[str] | None = None, dat
         text: a text to classify (repeatable)
         data: a .txt (one text a line), .jsonl or .csv file of texts
         text_field: the field / column of the text in data
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
     if bool(text) == bool(data):
         raise UserError("give the texts to classify with --text (repeatable) or --data FILE, one of the two")
     texts = text or read_texts(data, text_field)
-    for one, prediction in zip(texts, predict(classifier, texts, progress=bool(data))):
+    for one, prediction in zip(texts, predict(classifier, texts, progress=bool(data), device=device)):
         print(json.dumps({"text": one, **prediction}, ensure_ascii=False))
 
 
@@ -186,13 +187,15 @@ def label_word_scores(model: Any, texts: Sequence[str], label_words: dict[str, s
 
 
 def zero_shot(model: Any, texts: Sequence[str], label_words: str | dict[str, str],
-              template: str = DEFAULT_TEMPLATE, batch_size: int = 16, progress: bool = False) -> list[dict[str, Any]]:
-    """`{"label", "probabilities"}` for each text: the label whose word the LM prefers after the prompt."""
+              template: str = DEFAULT_TEMPLATE, batch_size: int = 16, progress: bool = False,
+              device: str | torch.device = "auto") -> list[dict[str, Any]]:
+    """`{"label", "probabilities"}` for each text: the label whose word the LM prefers after the prompt (a
+    path is loaded onto `device`)."""
     import lmforge.sources
 
     pairs = parse_label_words(label_words)
     if isinstance(model, (str, Path)):
-        model = lmforge.sources.load(model)
+        model = lmforge.sources.load(model, device=device)
     empty = [i for i, t in enumerate(texts) if not str(t).strip()]
     if empty:
         raise UserError(f"text {empty[0] + 1} is empty; every text to classify needs some words")
@@ -213,6 +216,7 @@ def run_zero_shot(
     train_data: str | Path | None = None,
     text_field: str = "text",
     label_field: str = "label",
+    device: str = "auto",
 ) -> dict[str, Any] | None:
     """Classify by the LM's likelihood of each label's word: texts, or a report on labelled data.
 
@@ -232,16 +236,18 @@ def run_zero_shot(
         train_data: training data for the TF-IDF baseline in the same report
         text_field: the field / column of the text
         label_field: the field / column of the label
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
     if bool(text) == bool(data):
         raise UserError("give DATA (labelled texts to score) or --text (texts to classify), one of the two")
     if text:
-        for one, prediction in zip(text, zero_shot(model, text, labels, template)):
+        for one, prediction in zip(text, zero_shot(model, text, labels, template, device=device)):
             print(json.dumps({"text": one, **prediction}, ensure_ascii=False))
         return None
     if out is None:
         raise UserError("zero-shot on DATA writes a report: give --out DIR")
-    return evaluate_classifier(None, data, out, split, train_data, text_field, label_field, model, labels, template)
+    return evaluate_classifier(None, data, out, split, train_data, text_field, label_field, model, labels, template,
+                               device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +284,7 @@ def evaluate_classifier(
     label_words: str | dict[str, str] | None = None,
     template: str = DEFAULT_TEMPLATE,
     name: str = "classify",
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Accuracy, macro-F1 and confusion PNGs of a classifier, next to a TF-IDF + LR baseline.
 
@@ -301,6 +308,7 @@ def evaluate_classifier(
         label_words: LABEL=WORD pairs for the zero-shot model, e.g. fresh=positive,rotten=negative
         template: the zero-shot prompt, with {text} and optionally {choices}
         name: the report's file name (NAME.json, NAME.md)
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
     from lmforge.eval.metrics import classification_scores
     from lmforge.eval.report import check_new_report, write_report
@@ -323,7 +331,7 @@ def evaluate_classifier(
                 if recorded and Path(recorded).exists():  # the file the classifier was trained on, with its fields
                     train_data = recorded
                     train_fields = (info.get("text_field", "text"), info.get("label_field", "label"))
-            classifier = load_classifier(classifier)
+            classifier = load_classifier(classifier, device)
         labels = classifier.labels
         check_known_labels(examples, labels)
         start = time.perf_counter()
@@ -347,7 +355,8 @@ def evaluate_classifier(
             raise UserError(f"--label-words gives no word for the label(s) {', '.join(missing)}")
         start = time.perf_counter()
         systems[f"zero-shot {Path(str(zero_shot_model)).name} ({', '.join(f'{k}={v}' for k, v in words.items())})"] = (
-            zero_shot(zero_shot_model, texts, words, template, progress=True), time.perf_counter() - start)
+            zero_shot(zero_shot_model, texts, words, template, progress=True, device=device),
+            time.perf_counter() - start)
     if not systems:
         raise UserError("nothing to evaluate: give a classifier, training data for the baseline, or a zero-shot model")
     labels = labels or sorted(set(gold))

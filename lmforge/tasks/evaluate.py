@@ -38,6 +38,7 @@ def evaluate(
     batch_size: int = 8,
     direction: Literal["en-ja", "ja-en"] | None = None,
     max_length: int | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Measure a model on a task: the task's metric, a JSON report and a table.
 
@@ -56,6 +57,7 @@ def evaluate(
         batch_size: examples per forward pass
         direction: translate: the direction (default: what the model was trained on)
         max_length: text tasks: tokens of prompt + answer (default: as the model was trained)
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
     from lmforge.tasks import text2text
 
@@ -64,7 +66,7 @@ def evaluate(
     if task in text2text.TASKS:
         data = data or text2text.TASKS[task].default_data
         return text2text.evaluate_text_task(task, model, data, split, out, limit, batch_size, direction,
-                                            max_length=max_length)
+                                            max_length=max_length, device=device)
     data = data or DEFAULT_DATA[task]
     out = Path(out) if out is not None else None
     if task == "classify":
@@ -73,14 +75,14 @@ def evaluate(
         if out is None or limit is not None:
             raise UserError("--task classify scores the whole split and needs --out (the report has a confusion "
                             "matrix PNG); --limit is for the other tasks")
-        return evaluate_classifier(model, data, out, split=split)
+        return evaluate_classifier(model, data, out, split=split, device=device)
     if task == "chat":
-        return evaluate_chat(model, data, "validation" if split == "test" else split, out, limit, batch_size)
-    return evaluate_lm(model, data, split, out, limit, batch_size)
+        return evaluate_chat(model, data, "validation" if split == "test" else split, out, limit, batch_size, device)
+    return evaluate_lm(model, data, split, out, limit, batch_size, device)
 
 
 def evaluate_chat(model: str | Path, data: str | Path, split: str = "validation", out: str | Path | None = None,
-                  limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+                  limit: int | None = None, batch_size: int = 8, device: str = "auto") -> dict[str, Any]:
     """Loss (and perplexity) on the assistant turns of held-out conversations."""
     from lmforge.data import load
     from lmforge.data.sft import IGNORE, load_examples
@@ -88,7 +90,7 @@ def evaluate_chat(model: str | Path, data: str | Path, split: str = "validation"
     from lmforge.eval.report import write_report
     from lmforge.train.objectives import evaluate_examples
 
-    loaded = load_decoder(model, "chat")
+    loaded = load_decoder(model, "chat", device)
     records = load(data, split)[:limit]
     start = time.perf_counter()
     examples = load_examples(records, loaded.tokenizer, loaded.config.block_size, "chat")
@@ -104,7 +106,7 @@ def evaluate_chat(model: str | Path, data: str | Path, split: str = "validation"
 
 
 def evaluate_lm(model: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
-                limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+                limit: int | None = None, batch_size: int = 8, device: str = "auto") -> dict[str, Any]:
     """Perplexity and bits per byte of `model` on the texts of `data` (scored in windows of the model's context)."""
     import numpy as np
 
@@ -113,7 +115,7 @@ def evaluate_lm(model: str | Path, data: str | Path, split: str = "test", out: s
     from lmforge.eval.report import write_report
     from lmforge.train.objectives import bits_per_byte, evaluate_tokens
 
-    loaded = load_decoder(model, "lm")
+    loaded = load_decoder(model, "lm", device)
     texts = [str(r.get("text", "")) for r in load(data, split)[:limit]]
     texts = [t for t in texts if t.strip()]
     if not texts:
@@ -133,11 +135,11 @@ def evaluate_lm(model: str | Path, data: str | Path, split: str = "test", out: s
     return {**report, "rows": [row]}
 
 
-def load_decoder(model: str | Path, task: str):
-    """`lmforge.load(model)`, which must be a causal LM (the chat and lm tasks score next tokens)."""
+def load_decoder(model: str | Path, task: str, device: str = "auto"):
+    """`lmforge.load(model, device)`, which must be a causal LM (the chat and lm tasks score next tokens)."""
     from lmforge.sources import load
 
-    loaded = load(model)
+    loaded = load(model, device)
     kind = getattr(loaded.config, "kind", "decoder")
     if kind != "decoder":
         raise UserError(f"{model} is a {kind} model; the {task} task scores a decoder (causal LM)")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.config import FinetuneTrainConfig, ModelConfig, settings
+from lmforge.config import FinetuneTrainConfig, ModelConfig, merge_settings, settings
 from lmforge.errors import UserError
 
 LANGUAGES = {"en": "English", "ja": "Japanese"}
@@ -290,7 +290,7 @@ def predict_text_task(task: TextTask, model, sources: list[str], batch_size: int
 
 
 def print_predictions(task: str, model: str | Path, text: list[str] | None = None, beam_size: int = 1,
-                      direction: Literal["en-ja", "ja-en"] | None = None) -> None:
+                      direction: Literal["en-ja", "ja-en"] | None = None, device: str = "auto") -> None:
     """Answer texts with a model trained for the task (summaries, translations), one line each.
 
     The model answers with the prompt it was trained with (its run's task.json); greedy, or beam
@@ -302,12 +302,13 @@ def print_predictions(task: str, model: str | Path, text: list[str] | None = Non
         text: a text to answer (repeatable; default: each non-empty line of standard input)
         beam_size: beam search width (encoder-decoder models)
         direction: translate: en-ja or ja-en (default: what the model was trained on)
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
     from lmforge.sources import load
 
     texts = text or [line for line in sys.stdin.read().splitlines() if line.strip()]
     trained = task_of(model, get_task(task, direction))
-    for answer in predict_text_task(get_task(task, direction) if direction else trained, load(model), texts,
+    for answer in predict_text_task(get_task(task, direction) if direction else trained, load(model, device), texts,
                                     beam_size=beam_size):
         print(answer)
 
@@ -342,6 +343,7 @@ def evaluate_text_task(
     direction: Literal["en-ja", "ja-en"] | None = None,
     beam_size: int = 1,
     max_length: int | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Measure a model on a split: the task's metric next to its baselines.
 
@@ -360,6 +362,7 @@ def evaluate_text_task(
         direction: translate: en-ja or ja-en (default: what the model was trained on)
         beam_size: beam search width (encoder-decoder models)
         max_length: tokens of prompt + answer (default: what the model was trained with)
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
     from lmforge.eval.report import check_new_report, write_report
     from lmforge.sources import load
@@ -369,7 +372,7 @@ def evaluate_text_task(
     model_name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
         task = task_of(model, task)
-        model = load(model)
+        model = load(model, device)
     if out is not None:
         check_new_report(out, task.name)
     pairs = task_pairs(task, data, split, limit)
@@ -495,7 +498,7 @@ def train_multitask(
     summary = finetune(module, [train_records[i] for i in order], out, method=method, epochs=epochs,
                        val_data=val_records, data_format="prompt_completion", max_length=context,
                        overrides=overrides, base=str(model), resume=resume)
-    trained = load(out)
+    trained = load(out, merge_settings(FinetuneTrainConfig, overrides).device)  # where it trained
     rows = []
     for task, data, _, _, _ in per_task:
         report = evaluate_text_task(task, trained, data, "test", limit=eval_limit)

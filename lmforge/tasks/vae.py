@@ -79,7 +79,7 @@ def sample(model: VAE, num_samples: int = 5, max_new_tokens: int = 50, temperatu
         raise UserError(f"--num-samples = {num_samples}; expected >= 1")
     model = require_vae(model)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None  # None: fresh draws
-    z = torch.randn(num_samples, model.config.latent_dim, generator=generator)
+    z = torch.randn(num_samples, model.config.latent_dim, generator=generator, device="cpu")  # the same z on any device
     return decode_latents(model, z, max_new_tokens, temperature, seed)
 
 
@@ -128,14 +128,14 @@ def save_latents(texts: Sequence[str], mu: np.ndarray, logvar: np.ndarray, out: 
 # the verbs: `lmforge vae sample / reconstruct / interpolate / encode CHECKPOINT ...`
 
 
-def _load_vae(checkpoint: str | Path) -> VAE:
+def _load_vae(checkpoint: str | Path, device: str) -> VAE:
     import lmforge.sources
 
-    return require_vae(lmforge.sources.load(checkpoint))
+    return require_vae(lmforge.sources.load(checkpoint, device))
 
 
 def print_samples(checkpoint: str | Path, num_samples: int = 5, max_new_tokens: int = 50, temperature: float = 0.0,
-                  seed: int = 0) -> None:
+                  seed: int = 0, device: str = "auto") -> None:
     """Texts decoded from latents drawn from the prior, one per line.
 
     Args:
@@ -144,23 +144,26 @@ def print_samples(checkpoint: str | Path, num_samples: int = 5, max_new_tokens: 
         max_new_tokens: the most tokens of a text
         temperature: 0 = greedy given z
         seed: the seed of the prior draws
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
-    for text in sample(_load_vae(checkpoint), num_samples, max_new_tokens, temperature, seed):
+    for text in sample(_load_vae(checkpoint, device), num_samples, max_new_tokens, temperature, seed):
         print(text)
 
 
-def print_reconstruction(checkpoint: str | Path, text: str, max_new_tokens: int = 50) -> None:
+def print_reconstruction(checkpoint: str | Path, text: str, max_new_tokens: int = 50, device: str = "auto") -> None:
     """A text decoded from its posterior mean.
 
     Args:
         checkpoint: a vae checkpoint or run directory
         text: the text to encode and decode
         max_new_tokens: the most tokens of the decoded text
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
-    print(reconstruct(_load_vae(checkpoint), [text], max_new_tokens)[0])
+    print(reconstruct(_load_vae(checkpoint, device), [text], max_new_tokens)[0])
 
 
-def print_interpolation(checkpoint: str | Path, a: str, b: str, steps: int = 5, max_new_tokens: int = 50) -> None:
+def print_interpolation(checkpoint: str | Path, a: str, b: str, steps: int = 5, max_new_tokens: int = 50,
+                        device: str = "auto") -> None:
     """Texts along the line between the latent codes of A and B: `t  text` per line.
 
     Args:
@@ -169,13 +172,14 @@ def print_interpolation(checkpoint: str | Path, a: str, b: str, steps: int = 5, 
         b: the second text
         steps: points along the line, ends included
         max_new_tokens: the most tokens of a decoded text
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
-    for t, text in interpolate(_load_vae(checkpoint), a, b, steps, max_new_tokens):
+    for t, text in interpolate(_load_vae(checkpoint, device), a, b, steps, max_new_tokens):
         print(f"{t:.2f}  {text}")
 
 
 def encode_file(checkpoint: str | Path, data: str | Path, out: str | Path, unit: Literal["line", "document"] = "line",
-                text_field: str = "text") -> dict[str, Any]:
+                text_field: str = "text", device: str = "auto") -> dict[str, Any]:
     """Write the latent means of the texts of a file as .npy or .json.
 
     Returns the counts and the path.
@@ -186,8 +190,9 @@ def encode_file(checkpoint: str | Path, data: str | Path, out: str | Path, unit:
         out: FILE.npy (the means, N x latent_dim) or FILE.json (text, mu and logvar per text)
         unit: one text per line, or per document
         text_field: the jsonl field / csv or parquet column of the text
+        device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
     """
-    model = _load_vae(checkpoint)
+    model = _load_vae(checkpoint, device)
     texts = read_texts(data, unit, text_field)
     mu, logvar = encode(model, texts)
     return {"texts": len(texts), "dimensions": mu.shape[1], "out": save_latents(texts, mu, logvar, out)}

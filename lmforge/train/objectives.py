@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from lmforge.data.batches import EpochBatches
 from lmforge.data.sft import IGNORE, Example, collate
+from lmforge.infer import model_device
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -62,8 +63,9 @@ class RandomWindows:
 
 @torch.no_grad()
 def evaluate_tokens(model, tokens: np.ndarray, block_size: int, batch_size: int = 8,
-                    max_windows: int | None = None, device="cpu") -> dict[str, float]:
-    """Mean loss (nats per token) over consecutive windows of `tokens`, and the token count scored.
+                    max_windows: int | None = None, device: torch.device | str | None = None) -> dict[str, float]:
+    """Mean loss (nats per token) over consecutive windows of `tokens`, and the token count scored
+    (batches on `device`; None: the model's).
 
     Every token after the first is predicted exactly once, from up to `block_size` tokens before it
     (windows do not overlap, so the first tokens of a window see less context).
@@ -73,6 +75,7 @@ def evaluate_tokens(model, tokens: np.ndarray, block_size: int, batch_size: int 
         picks = np.linspace(0, n_windows - 1, max_windows).round().astype(int)
     else:
         picks = np.arange(n_windows)
+    device = device if device is not None else model_device(model)
     total, count = 0.0, 0
     for i in range(0, len(picks), batch_size):
         starts = picks[i:i + batch_size] * block_size
@@ -91,9 +94,10 @@ def bits_per_byte(loss_nats_per_token: float, tokens: int, utf8_bytes: int) -> f
 
 
 @torch.no_grad()
-def evaluate_examples(model, examples: list[Example], batch_size: int, pad_id: int, device="cpu",
-                      loss_fn=causal_lm_loss) -> float:
-    """Mean loss per labelled token over fine-tuning `examples`."""
+def evaluate_examples(model, examples: list[Example], batch_size: int, pad_id: int,
+                      device: torch.device | str | None = None, loss_fn=causal_lm_loss) -> float:
+    """Mean loss per labelled token over fine-tuning `examples` (batches on `device`; None: the model's)."""
+    device = device if device is not None else model_device(model)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], pad_id, device)
@@ -123,11 +127,11 @@ def collate_pairs(pairs: Sequence[Pair], eos_id: int, device="cpu") -> dict[str,
 
     source, source_mask = pad_right([p.source for p in pairs], eos_id, device)
     length = max(len(p.target) for p in pairs) + 1
-    ids = torch.full((len(pairs), length), eos_id, dtype=torch.long)
-    targets = torch.full((len(pairs), length), IGNORE, dtype=torch.long)
+    ids = torch.full((len(pairs), length), eos_id, dtype=torch.long, device="cpu")  # filled on the CPU, moved once
+    targets = torch.full((len(pairs), length), IGNORE, dtype=torch.long, device="cpu")
     for row, p in enumerate(pairs):
-        ids[row, :len(p.target) + 1] = torch.tensor([eos_id] + p.target)
-        targets[row, :len(p.target) + 1] = torch.tensor(p.target + [eos_id])
+        ids[row, :len(p.target) + 1] = torch.tensor([eos_id] + p.target, device="cpu")
+        targets[row, :len(p.target) + 1] = torch.tensor(p.target + [eos_id], device="cpu")
     return {"source": source, "source_mask": source_mask, "ids": ids.to(device), "targets": targets.to(device)}
 
 
@@ -144,8 +148,10 @@ def seq2seq_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: Sequence[Pair], batch_size: int, eos_id: int, device="cpu") -> float:
-    """Mean loss per target token (end-of-text included) over `pairs`."""
+def evaluate_pairs(model, pairs: Sequence[Pair], batch_size: int, eos_id: int,
+                   device: torch.device | str | None = None) -> float:
+    """Mean loss per target token (end-of-text included) over `pairs` (batches on `device`; None: the model's)."""
+    device = device if device is not None else model_device(model)
     total, count = 0.0, 0
     for i in range(0, len(pairs), batch_size):
         batch = collate_pairs(pairs[i:i + batch_size], eos_id, device)

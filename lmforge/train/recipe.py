@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 
 from lmforge.config import ModelConfig, TrainConfig, to_dict
+from lmforge.devices import resolve_device
 from lmforge.errors import UserError
 from lmforge.files import check_new_directory
 from lmforge.train.objectives import causal_lm_loss
@@ -59,6 +60,7 @@ class Recipe:
 
     def __init__(self) -> None:
         self.train: TrainConfig | None = None
+        self.train_settings: TrainConfig | None = None  # the train settings known before build(), if any
         self.model_config: ModelConfig | None = None
         self.resumed: dict[str, Any] | None = None  # the run.yaml of the run being resumed, set before build()
 
@@ -90,6 +92,9 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict[st
             raise UserError(f"{out} already exists and holds a run; pass --resume to continue it, "
                             f"or choose another --out")
         check_new_directory(out)
+    known = recipe.train or recipe.train_settings
+    if known is not None:  # a device that is not there fails before the model and the data are read
+        resolve_device(known.device, "train.device")
     job = recipe.build()
     if stored is not None:
         check_same_run(stored, recipe, out)

@@ -24,6 +24,12 @@ CLI exits with 128 + the signal's number); `fit(resume=True)` then continues exa
 during the last step lets the run finish as usual.
 Under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU); each
 process takes its share of the same global batch, so the result matches a single process.
+
+Device: `train.device` (`--device` on the command line; `lmforge.devices.resolve_device`): auto is
+cuda:LOCAL_RANK where CUDA works, else mps, else the CPU. The model moves there, each batch is moved
+there as it is used (batches are made on the CPU), AdamW is fused on CPU and CUDA, `auto` precision
+picks bf16 weights on a GPU that has bf16, and a resumed run's checkpoint is read onto that device
+whichever device wrote it.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from tqdm.auto import tqdm
 
 from lmforge import kernels
 from lmforge.config import TrainConfig, to_dict
+from lmforge.devices import resolve_device
 from lmforge.errors import Interrupted, UserError
 from lmforge.files import remove_leftovers
 from lmforge.perf import matmul_peak
@@ -91,18 +98,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 class Distributed:
-    """Rank and world size from torchrun's environment; a single process when they are absent."""
+    """Rank and world size from torchrun's environment (a single process when they are absent), and the
+    device of this process: `device` as `lmforge.devices.resolve_device` reads it (under torchrun a GPU
+    is cuda:LOCAL_RANK)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device = "auto") -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
+        self.device = resolve_device(device, "train.device")
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
         if self.enabled and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
@@ -189,7 +196,7 @@ class Trainer:
         self.tokenizer, self.info = tokenizer, dict(info or {})
         self.tokens_per_row, self.flops_per_token = tokens_per_row, flops_per_token
         self.steps_per_epoch = steps_per_epoch
-        self.dist = Distributed()
+        self.dist = Distributed(config.device)
         rows_per_step = config.batch_size // (config.grad_accum * self.dist.world)
         if rows_per_step * config.grad_accum * self.dist.world != config.batch_size or rows_per_step == 0:
             raise UserError(f"train.batch_size = {config.batch_size} does not split evenly over "
@@ -397,7 +404,7 @@ class Trainer:
         self.model.train()
         # the random state (dropout) of a step depends only on (seed, step, rank): resumes are exact
         torch.manual_seed(config.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
-        total = 0.0
+        total = torch.zeros((), device=self.dist.device)  # summed on the device: one .item() per step
         for micro in range(config.grad_accum):
             part = micro * self.dist.world + self.dist.rank
             batch = to_device(self.batches(self.step, part, self.rows), self.dist.device)
@@ -405,7 +412,7 @@ class Trainer:
             with (contextlib.nullcontext() if sync else self.forward_model.no_sync()), self._autocast():
                 loss = self.loss_fn(self.forward_model, batch) / config.grad_accum
             self.scaler.scale(loss).backward()
-            total += loss.item()
+            total += loss.detach().float()
             if self.master is not None:
                 self._gather_master_grads(first=micro == 0)
         params = self.master if self.master is not None else [p for p in self.model.parameters()]
@@ -419,7 +426,7 @@ class Trainer:
             with torch.no_grad():
                 for p, master in zip(self.trainable, self.master):
                     p.copy_(master)
-        return total
+        return total.item()
 
     def _gather_master_grads(self, first: bool) -> None:
         """Move the bf16 gradients of this micro-batch into the fp32 master gradients."""
