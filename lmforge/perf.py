@@ -132,20 +132,22 @@ class OtherLoad:
         self.cores = max(0.0, (busy - self.busy) - (ours - self.ours)) / ticks / (time.perf_counter() - self.start)
 
 
-MAX_OTHER_CORES = 0.25  # a measurement during which other processes kept more cores busy is not kept
-disturbed: dict[str, float] = {}  # key -> cores other processes kept busy, for measurements not kept
+MAX_OTHER_CORES = 0.25  # a measurement during which other processes kept more cores busy is not cached
+disturbed: dict[str, tuple[float, Any]] = {}  # key -> (cores other processes kept busy, value): this process only
 
 
 def measured(key: str, measure: Callable[[], Any], remeasure: bool = False) -> Any:
     """`measure()` (a JSON value), run once per machine and then read from the cache. A measurement
-    that other processes disturbed (they kept more than MAX_OTHER_CORES cores busy meanwhile) is used
-    but not cached, so the next run measures again (`disturbed` names it)."""
+    that other processes disturbed (they kept more than MAX_OTHER_CORES cores busy meanwhile) holds for
+    this process only (`disturbed`): the next process measures again."""
     cached = read_cache()
+    if key in disturbed and not remeasure:
+        return disturbed[key][1]
     if remeasure or key not in cached["measured"]:
         with OtherLoad() as load:
             value = measure()
         if load.cores > MAX_OTHER_CORES:
-            disturbed[key] = round(load.cores, 2)
+            disturbed[key] = (round(load.cores, 2), value)
             return value
         disturbed.pop(key, None)
         cached = read_cache()  # another process may have written meanwhile

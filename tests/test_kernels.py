@@ -312,8 +312,10 @@ def test_races_are_run_once_per_machine_and_read_back_from_the_cache(tmp_path, m
     perf.forget()
     assert perf.measured("x", count) == 4.0
     monkeypatch.setattr(perf, "MAX_OTHER_CORES", -1.0)  # every measurement counts as disturbed
-    assert perf.measured("y", count) == 5.0 and perf.measured("y", count) == 6.0 and "y" in perf.disturbed
+    assert perf.measured("y", count) == 5.0 and perf.measured("y", count) == 5.0 and "y" in perf.disturbed
     assert "y" not in perf.read_cache()["measured"] and perf.measured("x", count) == 4.0
+    perf.disturbed.clear()  # as a new process sees it
+    assert perf.measured("y", count) == 6.0
     monkeypatch.setattr(perf, "MAX_OTHER_CORES", float("inf"))
     key = "kernel/fp32_loss/bfloat16"
     for timings, used in (({"plain": 10.0, "kernel": 5.0}, True), ({"plain": 5.0, "kernel": 10.0}, False)):
