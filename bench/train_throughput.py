@@ -32,6 +32,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def current_rss_mb() -> float:
 def worker(side: str, precision: str, compiled: bool, weights: str, threads: int) -> None:
     import transformers  # noqa: F401  (both sides import the same modules before the RSS baseline)
 
-    from lmforge.train.trainer import Trainer
+    import lmforge.train.trainer  # noqa: F401  (likewise)
 
     torch.set_num_threads(threads)
     config = preset(PRESET)
@@ -89,40 +90,10 @@ def worker(side: str, precision: str, compiled: bool, weights: str, threads: int
     state = torch.load(weights, weights_only=True)
     step_counter = [0]
     torch.manual_seed(0)
+    train_step, resolved, chosen = make_step(side, precision, compiled, state, config)
 
-    if side == "lmforge":
-        model = Decoder(config)
-        model.load_state_dict(state)
-        train_config = TrainConfig(batch_size=BATCH, precision=precision, compile=compiled, max_steps=10**6)
-        trainer = Trainer(model, train_config, out=tempfile.mkdtemp(prefix="lmforge-bench-"),
-                          batches=lambda step, part, rows: batch_for(step, config))
-        resolved = trainer.precision
-        chosen = sorted(trainer.kernels["applied"]) or trainer.kernels["skipped"]
-
-        def step() -> float:
-            trainer.step = step_counter[0]
-            return trainer.train_step()
-    else:
-        from transformers import GPT2LMHeadModel
-
-        hf = GPT2LMHeadModel(gpt2_config(config))
-        load_hf_weights(hf, state, config)
-        hf.train()
-        optimizer = torch.optim.AdamW(hf.parameters())
-        forward = torch.compile(hf) if compiled else hf
-        autocast = precision == "bf16"
-        resolved = precision
-        chosen = None
-
-        def step() -> float:
-            batch = batch_for(step_counter[0], config)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = forward(input_ids=batch["ids"], labels=batch["ids"]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.item()
+    def step() -> float:
+        return train_step(step_counter[0])
 
     def run(n: int) -> dict:
         seconds, losses = [], []
@@ -145,6 +116,50 @@ def worker(side: str, precision: str, compiled: bool, weights: str, threads: int
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(json.dumps({"peak_rss_mb": peak_mb, "baseline_rss_mb": baseline_mb}), flush=True)
             return
+
+
+def make_step(side: str, precision: str, compiled: bool, state: dict[str, torch.Tensor], config,
+              device: str = "cpu") -> tuple[Callable[[int], float], str, list[str] | None]:
+    """One side's training step on `device` as its user would run it (see the module docstring): returns
+    step(step_number) -> loss, the precision it resolved to and, for lmforge, the kernels its Trainer applied.
+
+    lmforge: its Trainer (`precision`, `compile`, `device`: bf16 weights with fp32 master copies, fused AdamW);
+    transformers: GPT2LMHeadModel under autocast in `precision`, torch.optim.AdamW (fused on CUDA)."""
+    if side == "lmforge":
+        from lmforge.train.trainer import Trainer
+
+        model = Decoder(config)
+        model.load_state_dict(state)
+        train_config = TrainConfig(batch_size=BATCH, precision=precision, compile=compiled, max_steps=10**6,
+                                   device=device)
+        trainer = Trainer(model, train_config, out=tempfile.mkdtemp(prefix="lmforge-bench-"),
+                          batches=lambda step, part, rows: batch_for(step, config))
+
+        def lmforge_step(number: int) -> float:
+            trainer.step = number
+            return trainer.train_step()
+
+        return lmforge_step, trainer.precision, sorted(trainer.kernels["applied"]) or trainer.kernels["skipped"]
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(gpt2_config(config))
+    load_hf_weights(hf, state, config)
+    hf.to(device).train()
+    optimizer = torch.optim.AdamW(hf.parameters(), fused=torch.device(device).type == "cuda" or None)
+    forward = torch.compile(hf) if compiled else hf
+    autocast = precision == "bf16"
+
+    def transformers_step(number: int) -> float:
+        ids = batch_for(number, config)["ids"].to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return transformers_step, precision, None
 
 
 class Worker(WorkerProcess):
