@@ -254,7 +254,8 @@ def main() -> None:
     train_rows = training_pairs(config, device, size, peak)
     generate_rows = generation_pairs(config, device, size)
     emit({"figure": "wall_seconds", "seconds": round(time.perf_counter() - start, 1)})
-    shape = f"{'GPT-2 124M' if size['compare'] == 'gpt2' else size['compare']} shape, batch {BATCH} x {config.block_size}"
+    name = "GPT-2 124M" if size["compare"] == "gpt2" else size["compare"]
+    shape = f"{name} shape, batch {BATCH} x {config.block_size}"
     print("\n" + table(verb_rows, train_rows, generate_rows, str(device), gpu, shape))
 
 
