@@ -133,6 +133,9 @@ class TrainConfig:
     compile: bool = param(False, "torch.compile the model")
     activation_checkpointing: bool = param(False, "recompute each block's activations in the backward pass: "
                                                   "far less memory, about a third more compute")
+    strategy: str = param("ddp", "under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: "
+                                 "parameters, gradients and AdamW state sharded over the processes, for models "
+                                 "that do not fit one device; checkpoints sharded until the last)")
 
     def validate(self) -> TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
@@ -144,6 +147,8 @@ class TrainConfig:
         check_device_name(self.device, "train.device")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"train.precision = {self.precision!r}; expected auto, fp32, bf16 or fp16")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise UserError(f"train.strategy = {self.strategy!r}; expected ddp or fsdp")
         if not 0 < self.lr < math.inf or not 0 <= self.min_lr <= self.lr:
             raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}; expected 0 <= min_lr <= lr, lr > 0")
         if self.patience is not None and self.patience < 0:

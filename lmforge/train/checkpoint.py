@@ -7,6 +7,9 @@
       tokenizer_config.json  its eos/bos tokens and chat template (Hugging Face style; only when it has them)
       lmforge.json       versions, data fingerprint, training summary, or where an imported model came from
       trainer_state.pt   optimizer, step and RNG states (only where a run can be resumed)
+      sharded/           FSDP's model and optimizer shards (torch.distributed.checkpoint), where a run
+                         trained with --train.strategy fsdp can be resumed; its last checkpoint also holds
+                         model.safetensors, and one without it loads from the shards (or `lmforge consolidate`)
 
 A LoRA fine-tuning checkpoint holds `adapter_model.safetensors` and `adapter_config.json` (peft's
 format) instead of the weights, and names its base model in lmforge.json (`base`).
@@ -36,6 +39,7 @@ import hashlib
 import json
 import pickle
 import platform
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,7 @@ from lmforge.tokenizer import Tokenizer
 CONFIG, WEIGHTS, TOKENIZER, INFO, TRAINER_STATE = (
     "config.json", "model.safetensors", "tokenizer.json", "lmforge.json", "trainer_state.pt"
 )
+SHARDED = "sharded"  # the directory of FSDP's shards, in a checkpoint of --train.strategy fsdp
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 FILES = "files"  # the key of lmforge.json that records the checkpoint's other files
 
@@ -78,14 +83,21 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     keep_previous: bool = False,
+    sharded: Path | None = None,
 ) -> Path:
     """Write `model` (or `state_dict`, e.g. fp32 master weights) and friends to `directory`, atomically.
 
     The files are recorded in lmforge.json and verified before the checkpoint takes `directory`'s
     place; with `keep_previous` the checkpoint it replaces moves to `previous_of(directory)`.
+    `sharded`: a directory of FSDP shards (lmforge.train.fsdp) moved into the checkpoint as `sharded/`;
+    the weights are then written only where `state_dict` is given.
     """
     directory = Path(directory)
     with atomic_directory(directory, previous_of(directory) if keep_previous else None) as tmp:
+        if sharded is not None:
+            sharded.rename(tmp / SHARDED)
+            if state_dict is None:
+                state_dict = {}
         weights = state_dict if state_dict is not None else model.state_dict()
         weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
         if hasattr(model, "save_head"):  # a task head on a backbone (a classifier): the head writes its own files
@@ -96,7 +108,7 @@ def save_checkpoint(
 
             save_file(get_peft_model_state_dict(model, state_dict=weights), tmp / ADAPTER_WEIGHTS)
             model.peft_config["default"].save_pretrained(tmp)
-        else:
+        elif weights or sharded is None:
             save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         if isinstance(model.config, ModelConfig):
             (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
@@ -239,14 +251,36 @@ def read_model_config(directory: Path) -> ModelConfig:
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of `directory`'s model.safetensors, once the checkpoint is verified."""
+    """The tensors of `directory`'s model.safetensors (or FSDP's `sharded/`), once the checkpoint is verified."""
     verify_checkpoint(directory)
+    if not (directory / WEIGHTS).is_file() and (directory / SHARDED).is_dir():
+        return {k: v.to(device) for k, v in _sharded_weights(directory / SHARDED).items()}
     if not (directory / WEIGHTS).is_file():
         raise UserError(f"{directory} has no {WEIGHTS}")
     try:
         return load_file(directory / WEIGHTS, device=str(device))
     except SafetensorError as e:
         raise UserError(f"damaged checkpoint: {directory / WEIGHTS} cannot be read ({_first_line(e)})") from None
+
+
+def _sharded_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's whole tensors from FSDP's shards, read in this one process (no process group)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as load_shards
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(path)
+    try:
+        entries = reader.read_metadata().state_dict_metadata
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f"damaged checkpoint: {path} cannot be read ({_first_line(e)})") from None
+    weights = {name.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
+               for name, entry in entries.items()
+               if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load_shards({"model": weights}, storage_reader=reader, no_dist=True)
+    return weights
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -23,7 +23,10 @@ processes agree): the checkpoint is saved, one line says where, and `Interrupted
 CLI exits with 128 + the signal's number); `fit(resume=True)` then continues exactly. A signal
 during the last step lets the run finish as usual.
 Under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU); each
-process takes its share of the same global batch, so the result matches a single process.
+process takes its share of the same global batch, so the result matches a single process. With
+`strategy: fsdp` it is sharded by FSDP2 instead (lmforge.train.fsdp): every process evaluates (a
+forward pass needs them all), checkpoints keep the shards in `sharded/`, and the last one of a run
+also the whole weights. One process with `fsdp` is a process group of one (sharded checkpoints).
 
 Device: `train.device` (`--device` on the command line; `lmforge.devices.resolve_device`): auto is
 cuda:LOCAL_RANK where CUDA works, else mps, else the CPU. The model moves there, each batch is moved
@@ -58,7 +61,9 @@ from lmforge.devices import resolve_device
 from lmforge.errors import Interrupted, UserError
 from lmforge.files import remove_leftovers
 from lmforge.perf import matmul_peak
+from lmforge.train import fsdp
 from lmforge.train.checkpoint import (
+    SHARDED,
     TRAINER_STATE,
     load_trainer_state,
     load_weights,
@@ -102,7 +107,8 @@ class Distributed:
     device of this process: `device` as `lmforge.devices.resolve_device` reads it (under torchrun a GPU
     is cuda:LOCAL_RANK)."""
 
-    def __init__(self, device: str | torch.device = "auto") -> None:
+    def __init__(self, device: str | torch.device = "auto", group: bool = False) -> None:
+        """`group`: make a process group even for a single process (FSDP needs one)."""
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -110,8 +116,12 @@ class Distributed:
         self.device = resolve_device(device, "train.device")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if (self.enabled or group) and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.enabled:
+                dist.init_process_group(backend)
+            else:  # a group of one, in this process: nothing to rendezvous with
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
     @property
     def main(self) -> bool:
@@ -196,7 +206,8 @@ class Trainer:
         self.tokenizer, self.info = tokenizer, dict(info or {})
         self.tokens_per_row, self.flops_per_token = tokens_per_row, flops_per_token
         self.steps_per_epoch = steps_per_epoch
-        self.dist = Distributed(config.device)
+        self.sharded = config.strategy == "fsdp"
+        self.dist = Distributed(config.device, group=self.sharded)
         rows_per_step = config.batch_size // (config.grad_accum * self.dist.world)
         if rows_per_step * config.grad_accum * self.dist.world != config.batch_size or rows_per_step == 0:
             raise UserError(f"train.batch_size = {config.batch_size} does not split evenly over "
@@ -206,19 +217,22 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.dist.device)
         self.dtype = PRECISIONS[self.precision]
         self.trainable_names = [name for name, p in model.named_parameters() if p.requires_grad]
-        if self.precision == "bf16":
+        if self.sharded:  # FSDP2: sharded parameters in place (DTensors); bf16 through its mixed precision
+            fsdp.shard(self.model, self.precision)
+            self.master = None
+        elif self.precision == "bf16":
             # fp32 master weights of the trained parameters for AdamW; the model computes in bf16
             self.master = [p.detach().float().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
             self.model.to(torch.bfloat16)
         else:
             self.master = None
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = param_groups(self.master or self.trainable, config.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
                                            fused=self.dist.device.type in ("cpu", "cuda"))
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.precision == "fp16")
         self.forward_model: nn.Module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             self.forward_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.device] if self.dist.device.type == "cuda" else None)
         if config.activation_checkpointing:  # memory: each block's activations remade in the backward pass
@@ -240,7 +254,10 @@ class Trainer:
     # state: checkpoints and resume
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The weights to save: fp32 master copies in bf16 mode, else the model's own."""
+        """The weights to save: fp32 master copies in bf16 mode, else the model's own. Under FSDP every
+        process calls it and the main one gets them all (the others nothing)."""
+        if self.sharded:
+            return fsdp.full_weights(self.model)
         if self.master is None:
             return self.model.state_dict()
         state = self.model.state_dict()
@@ -248,10 +265,22 @@ class Trainer:
             state[name] = master.detach()
         return state
 
-    def save(self, metrics: dict[str, Any], directory: str = "checkpoint", resumable: bool = True) -> None:
+    def save(self, metrics: dict[str, Any], directory: str = "checkpoint", resumable: bool = True,
+             final: bool = False) -> None:
+        """Write `directory` (from the main process; under FSDP every process calls this and writes its
+        shards). `final`: under FSDP the whole weights too (the last checkpoint of a run)."""
+        if not self.dist.main and not self.sharded:
+            return
+        shards = None
+        if self.sharded and resumable:  # every process writes its shards; the main one moves them in
+            shards = self.out / f".{directory}.tmp-{SHARDED}"  # a crash's leftover, removed on resume
+            fsdp.save_sharded(shards, self.model, self.optimizer, self.dist.main)
+        weights = self.weights() if final or not resumable or not self.sharded else None
+        if not self.dist.main:
+            return
         trainer_state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.config.strategy,
             "scaler": self.scaler.state_dict(),
             "world": self.dist.world,
             "best_val": self.best_val,
@@ -259,19 +288,37 @@ class Trainer:
             "running_loss": self.running_loss,
             "running_steps": self.running_steps,
         }
-        weights = self.weights()
-        if any(hasattr(m, "peft_config") for m in self.model.modules()):
+        if not self.sharded:  # FSDP's optimizer state is in the shards
+            trainer_state["optimizer"] = self.optimizer.state_dict()
+        if weights is not None and any(hasattr(m, "peft_config") for m in self.model.modules()):
             # only adapters are saved (of a LoRA model, or a LoRA backbone under a task head): the fp32
             # values of everything that trains travel here too
             trainer_state["trainable"] = {name: weights[name].float() for name in self.trainable_names}
         info = {**self.info, "train": to_dict(self.config), "precision": self.precision, "step": self.step, **metrics}
         save_checkpoint(self.out / directory, self.model, self.tokenizer, info,
-                        trainer_state if resumable else None, weights, keep_previous=resumable)
+                        trainer_state if resumable else None, weights, keep_previous=resumable, sharded=shards)
 
     def load(self) -> None:
         """Restore the run from its newest checkpoint that verifies (see `_checkpoint_to_resume`)."""
         directory, skipped = self._checkpoint_to_resume()
         state = load_trainer_state(directory)
+        if state.get("strategy", "ddp") != self.config.strategy:
+            raise UserError(f"{directory} was saved by a run with train.strategy = {state.get('strategy', 'ddp')!r}; "
+                            f"resume it with the same strategy")
+        if self.sharded:
+            fsdp.load_sharded(directory / SHARDED, self.model, self.optimizer)
+        else:
+            self._load_weights(directory, state)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.best_val, self.bad_evals = state.get("best_val", math.inf), state.get("bad_evals", 0)
+        self.running_loss, self.running_steps = state.get("running_loss", 0.0), state.get("running_steps", 0)
+        if skipped and self.dist.main:
+            tqdm.write(f"{skipped}; resuming from {directory} (step {self.step}) instead")
+        _truncate_metrics(self.out / "metrics.jsonl", self.step)
+
+    def _load_weights(self, directory: Path, state: dict[str, Any]) -> None:
         weights = state["trainable"] if "trainable" in state else load_weights(directory)
         parameters = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -280,14 +327,6 @@ class Trainer:
                     parameters[name].copy_(value)
             for name, master in zip(self.trainable_names, self.master or []):
                 master.copy_(weights[name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
-        self.best_val, self.bad_evals = state.get("best_val", math.inf), state.get("bad_evals", 0)
-        self.running_loss, self.running_steps = state.get("running_loss", 0.0), state.get("running_steps", 0)
-        if skipped and self.dist.main:
-            tqdm.write(f"{skipped}; resuming from {directory} (step {self.step}) instead")
-        _truncate_metrics(self.out / "metrics.jsonl", self.step)
 
     def _checkpoint_to_resume(self) -> tuple[Path, str | None]:
         """`checkpoint/`, or `checkpoint.prev/` where that one is missing or damaged; and what was wrong.
@@ -356,10 +395,11 @@ class Trainer:
                 self._log(record)
             out_of_time = config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes
             stopped_early = self.dist.any(out_of_time) and self.step < config.max_steps
-            if self.step % config.eval_interval == 0 or self.step == config.max_steps or stopped_early:
+            last = self.step == config.max_steps or stopped_early
+            if self.step % config.eval_interval == 0 or last:
                 train_loss = self.dist.mean(self.running_loss / self.running_steps)
                 self.running_loss, self.running_steps = 0.0, 0  # before the save: a resume starts afresh
-                metrics, patience_out = self.eval_and_save(train_loss)
+                metrics, patience_out = self.eval_and_save(train_loss, last)
                 saved_at = self.step
                 last_time = time.perf_counter()  # tokens/s counts training time only
             signum = int(self.dist.max(signals.signum))  # every process stops at the same step
@@ -376,7 +416,7 @@ class Trainer:
             tqdm.write(f"stopped early at step {self.step}: validation loss has not improved for "
                        f"{config.patience} evaluations (best {self.best_val:.4f}, kept in {self.out / 'best'})")
         if saved_at != self.step:  # nothing left to train (a finished run resumed)
-            metrics, _ = self.eval_and_save(None)
+            metrics, _ = self.eval_and_save(None, last=True)
         summary = {"step": self.step, "train_seconds": round(time.perf_counter() - start_time, 1), **metrics}
         if self.best_val < math.inf:
             summary["best_val_loss"] = round(self.best_val, 6)
@@ -386,7 +426,7 @@ class Trainer:
         """Save a resumable checkpoint (unless this step's evaluation just did), say so, raise `Interrupted`."""
         # the running loss of the main process is saved: make it the mean, as the next evaluation reports it
         self.running_loss = self.dist.mean(self.running_loss)
-        if not saved and self.dist.main:
+        if not saved:
             self.save({})
         self.dist.barrier()
         message = (f"stopped by {signal.Signals(signum).name} at step {self.step} of {self.config.max_steps}; "
@@ -409,7 +449,8 @@ class Trainer:
             part = micro * self.dist.world + self.dist.rank
             batch = to_device(self.batches(self.step, part, self.rows), self.dist.device)
             sync = micro == config.grad_accum - 1 or not self.dist.enabled
-            with (contextlib.nullcontext() if sync else self.forward_model.no_sync()), self._autocast():
+            with (contextlib.nullcontext() if sync or self.sharded else self.forward_model.no_sync()), \
+                    self._autocast():
                 loss = self.loss_fn(self.forward_model, batch) / config.grad_accum
             self.scaler.scale(loss).backward()
             total += loss.detach().float()
@@ -444,33 +485,34 @@ class Trainer:
             return torch.autocast(self.dist.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def eval_and_save(self, train_loss: float | None) -> tuple[dict[str, Any], bool]:
+    def eval_and_save(self, train_loss: float | None, last: bool = False) -> tuple[dict[str, Any], bool]:
         """Evaluate, log, write the checkpoint (and `best/` when validation loss improved).
 
         Returns the metrics and whether early stopping says to stop (the same on every process).
+        `last`: the run ends here (under FSDP its checkpoint then holds the whole weights too).
         """
-        config, metrics, stop = self.config, {}, False
-        if self.dist.main:
-            if train_loss is not None:
-                metrics["train_loss"] = round(train_loss, 6)
-            if self.evaluate is not None:
-                self.model.eval()
-                with torch.no_grad(), self._autocast():
-                    metrics.update({k: round(v, 6) for k, v in self.evaluate(self.model).items()})
-            improved = "val_loss" in metrics and metrics["val_loss"] < self.best_val
-            if "val_loss" in metrics:
-                self.best_val, self.bad_evals = (metrics["val_loss"], 0) if improved else (self.best_val,
-                                                                                           self.bad_evals + 1)
+        config, metrics, main = self.config, {}, self.dist.main
+        if train_loss is not None:
+            metrics["train_loss"] = round(train_loss, 6)
+        if self.evaluate is not None and (main or self.sharded):  # FSDP: a forward pass takes every process
+            self.model.eval()
+            with torch.no_grad(), self._autocast():
+                metrics.update({k: round(v, 6) for k, v in self.evaluate(self.model).items()})
+        improved = self.dist.any(main and "val_loss" in metrics and metrics["val_loss"] < self.best_val)
+        if "val_loss" in metrics:
+            self.best_val, self.bad_evals = (metrics["val_loss"], 0) if improved else (self.best_val,
+                                                                                       self.bad_evals + 1)
+        if main:
             record = {"step": self.step, **metrics}
             if self.steps_per_epoch:
                 record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), **metrics}
             self._log(record)
             tqdm.write(describe(record) + (" (best)" if improved and config.keep_best else ""))
-            if improved and config.keep_best:
-                self.save(metrics, "best", resumable=False)
-            self.save(metrics)
-            stop = config.patience is not None and self.bad_evals > config.patience
-        return metrics, self.dist.any(stop)
+        stop = self.dist.any(main and config.patience is not None and self.bad_evals > config.patience)
+        if improved and config.keep_best:
+            self.save(metrics, "best", resumable=False)
+        self.save(metrics, final=last or stop)
+        return metrics, stop
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.main:

@@ -3,16 +3,20 @@
 The subject of the resume-after-kill and DDP tests (tests/test_trainer.py):
 
     python tests/scripts/train_tiny.py --data DATA --out RUN --max-steps 10 [--resume] [--step-sleep 0.2]
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/train_tiny.py --data ...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/train_tiny.py --data ... \
+        [--strategy fsdp]
 
 `--step-sleep` makes each micro-batch take a little longer (the batches themselves are unchanged), so
-that a test can kill the run between two known steps.
+that a test can kill the run between two known steps; `--sigterm-during STEP` sends the first process
+SIGTERM while it trains that step, so the run stops (and saves) after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -39,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--style", choices=["gpt2", "llama"], default="gpt2")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep before each micro-batch")
+    p.add_argument("--sigterm-during", type=int, help="SIGTERM the first process during this step (1, 2, ...)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--summary", help="write the summary fit() returns to this JSON file")
     return p.parse_args(argv)
@@ -62,7 +68,7 @@ def build(argv: list[str] | None = None) -> Trainer:
     train_config = TrainConfig(
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps, lr=3e-3, min_lr=3e-4,
         warmup_steps=2, precision=args.precision, eval_interval=args.eval_interval, eval_batches=2,
-        log_interval=args.log_interval, seed=args.seed,
+        log_interval=args.log_interval, seed=args.seed, strategy=args.strategy,
     )
     train, val = shards.split("train"), shards.split("val")
     windows = RandomWindows(train, config.block_size, train_config.batch_size, train_config.seed)
@@ -70,6 +76,8 @@ def build(argv: list[str] | None = None) -> Trainer:
     def batches(step: int, part: int, rows: int) -> dict[str, torch.Tensor]:
         if args.step_sleep:
             time.sleep(args.step_sleep)
+        if step + 1 == args.sigterm_during and part == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
         return windows(step, part, rows)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
