@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "UserError",
     "chat",
+    "consolidate",
     "demo",
     "evaluate",
     "export",

@@ -36,8 +36,8 @@ from lmforge.tokenizer import DEFAULT_EOS, Tokenizer
 from lmforge.tokenizer import train_tokenizer as train_bpe
 from lmforge.train.checkpoint import ADAPTER_CONFIG
 
-__all__ = ["export", "finetune", "generate", "import_model", "load", "merge", "model_table", "prepare", "pretrain",
-           "read_source", "train_tokenizer"]
+__all__ = ["consolidate", "export", "finetune", "generate", "import_model", "load", "merge", "model_table", "prepare",
+           "pretrain", "read_source", "train_tokenizer"]
 
 
 def train_tokenizer(
@@ -141,6 +141,27 @@ def merge(checkpoint: str | Path, out: str | Path) -> Path:
     info = read_info(directory)
     save_checkpoint(out, model, info={"merged_from": str(directory), "base": info.get("base"),
                                       "parameters": model.num_parameters()})
+    return out
+
+
+def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
+    """Turn the sharded checkpoint of an FSDP run (`sharded/`, --train.strategy fsdp) into a normal one.
+
+    The shards are put together in this one process (no torchrun needed) and written with the model's
+    whole weights, without the optimizer state. Returns the directory.
+
+    Args:
+        checkpoint: an FSDP run or checkpoint directory (one stopped before the end holds only shards)
+        out: the checkpoint directory to create
+    """
+    from lmforge.train.checkpoint import SHARDED, load_checkpoint, read_info, resolve_checkpoint, save_checkpoint
+
+    directory = resolve_checkpoint(checkpoint)
+    if not (directory / SHARDED).is_dir():
+        raise UserError(f"{directory} holds no FSDP shards ({SHARDED}/ is missing); it is a normal checkpoint already")
+    out = Path(out)
+    check_new_directory(out)
+    save_checkpoint(out, load_checkpoint(directory), info={**read_info(directory), "consolidated_from": str(directory)})
     return out
 
 

@@ -106,6 +106,8 @@ VERBS = {v.name: v for v in [
     Verb("finetune", "lmforge.recipes.finetune:finetune", required=("out",), hide=("base", "defaults"),
          aliases={"--format": "data_format", **DEVICE}, done="lmforge.recipes.finetune:finetuned"),
     Verb("merge", "lmforge.api:merge", required=("out",), done="merged the adapters of {checkpoint} into {result}"),
+    Verb("consolidate", "lmforge.api:consolidate", required=("out",),
+         done="wrote the sharded checkpoint {checkpoint} as a normal checkpoint in {result}"),
     Verb("chat", "lmforge.tasks.chat:chat"),
     Verb("augment", "lmforge.data.augment:augment_file", required=("data", "out"),
          done="wrote {result[records]:,} records and {result[augmented]:,} augmented copies to {out}"),

@@ -149,6 +149,9 @@ class TrainConfig:
             raise UserError(f"train.precision = {self.precision!r}; expected auto, fp32, bf16 or fp16")
         if self.strategy not in ("ddp", "fsdp"):
             raise UserError(f"train.strategy = {self.strategy!r}; expected ddp or fsdp")
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise UserError("train.precision = 'fp16' does not work with train.strategy = 'fsdp' (its loss scaler "
+                            "would see only this process's shard of the gradients); use bf16 or fp32")
         if not 0 < self.lr < math.inf or not 0 <= self.min_lr <= self.lr:
             raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}; expected 0 <= min_lr <= lr, lr > 0")
         if self.patience is not None and self.patience < 0:

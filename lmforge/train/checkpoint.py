@@ -254,7 +254,7 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[st
     """The tensors of `directory`'s model.safetensors (or FSDP's `sharded/`), once the checkpoint is verified."""
     verify_checkpoint(directory)
     if not (directory / WEIGHTS).is_file() and (directory / SHARDED).is_dir():
-        return {k: v.to(device) for k, v in _sharded_weights(directory / SHARDED).items()}
+        return {k: v.to(device) for k, v in sharded_weights(directory / SHARDED).items()}
     if not (directory / WEIGHTS).is_file():
         raise UserError(f"{directory} has no {WEIGHTS}")
     try:
@@ -263,7 +263,7 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[st
         raise UserError(f"damaged checkpoint: {directory / WEIGHTS} cannot be read ({_first_line(e)})") from None
 
 
-def _sharded_weights(path: Path) -> dict[str, torch.Tensor]:
+def sharded_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model's whole tensors from FSDP's shards, read in this one process (no process group)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as load_shards

@@ -35,14 +35,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lmforge.errors import UserError
-
 
 def shard(model: nn.Module, precision: str) -> None:
-    """Apply FSDP2 in place: every block of the model's `nn.ModuleList`s, then the root module."""
-    if precision == "fp16":
-        raise UserError("train.precision = 'fp16' does not work with train.strategy = 'fsdp' (its loss scaler "
-                        "sees only this process's shard of the gradients); use bf16 or fp32")
+    """Apply FSDP2 in place: every block of the model's `nn.ModuleList`s, then the root module.
+
+    `precision`: fp32, or bf16 (bf16 compute on fp32 shards); fp16 is refused by TrainConfig.validate."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision == "bf16" else MixedPrecisionPolicy()
     for blocks in reversed([m for m in model.modules() if isinstance(m, nn.ModuleList)]):  # the innermost first
