@@ -30,7 +30,7 @@ from lmforge.config import TrainConfig
 from lmforge.errors import Interrupted, UserError
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
+from lmforge.train.checkpoint import SHARDED, load_checkpoint, read_info, save_checkpoint, sharded_weights
 from lmforge.train.objectives import RandomWindows, evaluate_tokens
 from lmforge.train.trainer import Trainer
 
@@ -118,12 +118,19 @@ def assert_same_run(expected: Path, got: Path, steps: int) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    state_a = torch.load(expected / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
-    state_b = torch.load(got / "checkpoint" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    state_a, state_b = optimizer_state(expected), optimizer_state(got)
     assert state_a.keys() == state_b.keys()
-    for i in state_a:
-        for key in state_a[i]:
-            assert torch.equal(state_a[i][key], state_b[i][key]), (i, key)
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+def optimizer_state(run: Path) -> dict[tuple, torch.Tensor]:
+    """AdamW's tensors in the run's checkpoint: from trainer_state.pt, or from FSDP's shards."""
+    checkpoint = run / "checkpoint"
+    if (checkpoint / SHARDED).is_dir():
+        return {(k,): v for k, v in sharded_weights(checkpoint / SHARDED, "optimizer").items()}
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    return {(i, key): value for i in state for key, value in state[i].items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -263,8 +263,10 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[st
         raise UserError(f"damaged checkpoint: {directory / WEIGHTS} cannot be read ({_first_line(e)})") from None
 
 
-def sharded_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model's whole tensors from FSDP's shards, read in this one process (no process group)."""
+def sharded_weights(path: Path, part: str = "model") -> dict[str, torch.Tensor]:
+    """The model's whole tensors from FSDP's shards, read in this one process (no process group).
+
+    `part="optimizer"`: AdamW's tensors instead, by flattened name ("state.blocks.0.mlp.fc.weight.exp_avg")."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as load_shards
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -274,12 +276,12 @@ def sharded_weights(path: Path) -> dict[str, torch.Tensor]:
         entries = reader.read_metadata().state_dict_metadata
     except (OSError, pickle.UnpicklingError, EOFError) as e:
         raise UserError(f"damaged checkpoint: {path} cannot be read ({_first_line(e)})") from None
-    weights = {name.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
+    weights = {name.removeprefix(part + "."): torch.empty(entry.size, dtype=entry.properties.dtype)
                for name, entry in entries.items()
-               if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+               if name.startswith(part + ".") and isinstance(entry, TensorStorageMetadata)}
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        load_shards({"model": weights}, storage_reader=reader, no_dist=True)
+        load_shards({part: weights}, storage_reader=reader, no_dist=True)
     return weights
 
 
