@@ -3,6 +3,7 @@
 FSDP over two CPU processes (gloo) equals one process; a run stopped by SIGTERM and resumed from its
 sharded checkpoint equals an uninterrupted one exactly; the shards make a normal checkpoint that
 `lmforge.load` reads (in one process, no torchrun) and that generates as the FSDP-trained weights do;
+one process resumes what two saved;
 bad settings are one-line errors. Two launchers with `--nnodes 2` and a c10d rendezvous on 127.0.0.1
 train as one process does. The runs are tests/scripts/train_tiny.py, as in tests/test_trainer.py.
 """
@@ -100,6 +101,22 @@ def test_fsdp_resume_after_sigterm_equals_uninterrupted(fsdp_runs) -> None:
     assert SHARDED in names and WEIGHTS not in names  # a checkpoint before the last one: shards only
     assert len(list((stopped / "checkpoint" / SHARDED).glob("*.distcp"))) == 2  # one file per process
     assert_same_run(fsdp_runs["fsdp"], fsdp_runs["resumed"], 8)  # metrics and weights exactly equal
+
+
+def test_fsdp_resumes_on_another_number_of_processes(fsdp_runs, shards, tmp_path, train_tiny) -> None:  # noqa: F811
+    """The shards of two processes, read back by one (torch.distributed.checkpoint reshards them)."""
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_runs["stopped"], run)
+    try:
+        assert train_tiny.main(argv(shards, run, strategy="fsdp", resume=True, **OPTIONS))["step"] == 8
+    finally:
+        dist.destroy_process_group()
+    one, resumed = train_losses(fsdp_runs["fsdp"]), train_losses(run)
+    for step in one:
+        assert resumed[step] == pytest.approx(one[step], rel=1e-5), step
+    a, b = weights(fsdp_runs["fsdp"]), weights(run)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=WEIGHTS_ATOL, rtol=0, msg=name)
 
 
 def test_fsdp_shards_consolidate_to_a_normal_checkpoint(fsdp_runs, tmp_path) -> None:
