@@ -48,7 +48,7 @@ VOCAB_RANGE = (512, 8192)
 OLD_VOCAB = 8192
 # (n_layer, d_model), smallest first; heads of 64 dimensions
 SHAPES = [(2, 128), (4, 128), (4, 192), (4, 256), (5, 320), (6, 384), (8, 512), (12, 768)]
-TOKENS_PER_PARAMETER = 0.4  # sized_model: the least tokens per non-embedding parameter the budget must give
+TOKENS_PER_PARAMETER = 0.25  # sized_model: the least tokens per non-embedding parameter the budget must give
 BLOCK = 256
 BATCH_TOKENS = 4096  # tokens per optimizer step: 16 windows of 256
 MUON_LR = 0.02  # muon: Keller Jordan's default, the same for every width
