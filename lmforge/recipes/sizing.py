@@ -136,8 +136,9 @@ def plan_run(corpus_bytes: int, minutes: float, vocab_size: int, measure: Measur
     optimizer = given["train"].get("optimizer", "muon" if rules.muon else "adamw")
 
     def probe(config: ModelConfig, batch: int) -> float:
-        return measure(config, TrainConfig(batch_size=batch, precision=given["train"].get("precision", "auto"),
-                                           optimizer=optimizer, max_steps=10, warmup_steps=1))
+        settings = {k: given["train"][k] for k in ("precision", "device") if k in given["train"]}
+        return measure(config, TrainConfig(batch_size=batch, optimizer=optimizer, max_steps=10, warmup_steps=1,
+                                           **settings))
 
     batch = given["train"].get("batch_size", BATCH_TOKENS // BLOCK if rules.sized_model else TrainConfig.batch_size)
     if preset is None and rules.sized_model and not given["model"]:
