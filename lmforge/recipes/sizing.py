@@ -15,10 +15,10 @@ ablation in the README measures each on and off at a fixed wall-clock budget):
 - `llama`: Llama-style blocks, RMSNorm, SwiGLU, RoPE, no biases (off: GPT-2's).
 - `sized_model`: the shape, compute-optimally for the budget: the largest shape of `SHAPES` whose
   throughput, measured here, lets it see at least `TOKENS_PER_PARAMETER` tokens per non-embedding
-  parameter in the budget; batches of `BATCH_TOKENS` tokens, windows of `BLOCK` (off: gpt-micro's
-  4 x 256 shape in batches of 8).
-- `high_lr`: a peak AdamW learning rate that grows as the model narrows, 3e-3 at width 256, at most
-  6e-3 (off: 1e-3).
+  parameter in the budget (off: gpt-micro's 4 x 256 shape). Either way, batches of `BATCH_TOKENS`
+  tokens in windows of `BLOCK`: on a budget of minutes, more steps beat larger batches.
+- `high_lr`: a peak AdamW learning rate of 3e-3 up to width 256, falling as 1 / width above it
+  (off: 1e-3).
 - `muon`: Muon at `MUON_LR` on the hidden matrices, AdamW on the rest (off: AdamW everywhere).
 - `wsd`: warmup, stable, then a linear warm-down to zero over the last 40% of the steps (off: cosine
   decay to a tenth, as before).
@@ -43,14 +43,14 @@ import torch
 from lmforge.config import PRESETS, ModelConfig, TrainConfig, from_dict, param, split_overrides, to_dict
 from lmforge.errors import UserError
 
-BYTES_PER_TOKEN_TYPE = 2500  # small_vocab: one vocabulary entry per this many bytes of text
+BYTES_PER_TOKEN_TYPE = 5000  # small_vocab: one vocabulary entry per this many bytes of text
 VOCAB_RANGE = (512, 8192)
 OLD_VOCAB = 8192
 # (n_layer, d_model), smallest first; heads of 64 dimensions
 SHAPES = [(2, 128), (4, 128), (4, 192), (4, 256), (5, 320), (6, 384), (8, 512), (12, 768)]
-TOKENS_PER_PARAMETER = 0.25  # sized_model: the least tokens per non-embedding parameter the budget must give
+TOKENS_PER_PARAMETER = 0.5  # sized_model: the least tokens per non-embedding parameter the budget must give
 BLOCK = 256
-BATCH_TOKENS = 4096  # tokens per optimizer step: 16 windows of 256
+BATCH_TOKENS = 2048  # tokens per optimizer step: 8 windows of 256
 MUON_LR = 0.02  # muon: Keller Jordan's default, the same for every width
 BUDGET_SHARE = 0.9  # of the budget spent in training steps; evaluations and checkpoints take the rest
 OLD_PRESET = "gpt-micro"
@@ -64,9 +64,10 @@ class Sizing:
 
     small_vocab: bool = param(True, "a vocabulary sized to the corpus, 512..8192 (off: 8192 tokens)")
     llama: bool = param(True, "Llama-style blocks: RMSNorm, SwiGLU, RoPE, no biases (off: GPT-2 blocks)")
-    sized_model: bool = param(True, "the model shape and batch from the budget and the measured throughput "
-                                    "(off: gpt-micro's 4 x 256 in batches of 8)")
-    high_lr: bool = param(True, "a higher learning rate for narrower models, 3e-3 at width 256 (off: 1e-3)")
+    sized_model: bool = param(True, "the model shape from the budget and the measured throughput "
+                                    "(off: gpt-micro's 4 x 256)")
+    high_lr: bool = param(True, "a peak AdamW learning rate of 3e-3 up to width 256, 3e-3 x 256 / width above "
+                                "(off: 1e-3)")
     muon: bool = param(True, "Muon for the hidden matrices, AdamW for the rest (off: AdamW everywhere)")
     wsd: bool = param(True, "warmup, stable, linear warm-down to zero over the last 40% (off: cosine to lr/10)")
 
@@ -159,7 +160,7 @@ def plan_run(corpus_bytes: int, minutes: float, vocab_size: int, measure: Measur
                        f"{tokens_per_s:,.0f} tokens/s measured here")
     steps = max(10, int(seconds * tokens_per_s / (batch * model.block_size)))
     reasons.append(f"batch: {batch} x {model.block_size} tokens, {steps:,} steps in {minutes:g} minutes")
-    lr = min(6e-3, 3e-3 * 256 / model.d_model) if rules.high_lr else TrainConfig.lr
+    lr = 3e-3 * min(1.0, 256 / model.d_model) if rules.high_lr else TrainConfig.lr
     train = {"batch_size": batch, "max_steps": steps, "max_minutes": minutes, "optimizer": optimizer, "lr": lr,
              "eval_interval": max(1, steps // 5), "eval_batches": 8, "log_interval": max(1, min(10, steps // 50))}
     if optimizer == "muon":
