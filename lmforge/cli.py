@@ -91,7 +91,7 @@ def _imported(out: Path, a: dict[str, Any]) -> str:
 _T2T = "lmforge.tasks.text2text"
 DEVICE = {"--device": "train.device"}  # training verbs take --device as inference verbs do
 VERBS = {v.name: v for v in [
-    Verb("demo", "lmforge.demo:demo"),
+    Verb("demo", "lmforge.demo:demo", aliases=DEVICE),
     Verb("env", "lmforge.env:env", aliases={"--json": "json_output"}),
     Verb("tokenizer train", "lmforge.api:train_tokenizer", required=("data", "out"),
          done="saved a {result.vocab_size}-token tokenizer to {out}/tokenizer.json"),

@@ -117,6 +117,12 @@ class TrainConfig:
     lr: float = param(1e-3, "peak learning rate")
     min_lr: float = param(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = param(100, "steps of linear warmup")
+    schedule: str = param("cosine", "cosine (decay to min_lr at max_steps) or wsd (warmup, stable, then a linear "
+                                    "warm-down to min_lr over the last decay_fraction of the run)")
+    decay_fraction: float = param(0.4, "wsd: the share of the run spent in the warm-down")
+    optimizer: str = param("adamw", "adamw, or muon (Muon on the hidden layers' matrices at muon_lr, AdamW at lr "
+                                     "on embeddings, head, norms and biases)")
+    muon_lr: float = param(0.02, "muon: the peak learning rate of the matrices Muon updates")
     weight_decay: float = param(0.1, "AdamW weight decay, applied to matrices only")
     beta1: float = param(0.9, "AdamW beta1")
     beta2: float = param(0.95, "AdamW beta2")
@@ -156,6 +162,17 @@ class TrainConfig:
             raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}; expected 0 <= min_lr <= lr, lr > 0")
         if self.patience is not None and self.patience < 0:
             raise UserError(f"train.patience = {self.patience}; expected >= 0")
+        if self.schedule not in ("cosine", "wsd"):
+            raise UserError(f"train.schedule = {self.schedule!r}; expected cosine or wsd")
+        if not 0 <= self.decay_fraction <= 1:
+            raise UserError(f"train.decay_fraction = {self.decay_fraction}; expected a value in [0, 1]")
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"train.optimizer = {self.optimizer!r}; expected adamw or muon")
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            raise UserError("train.optimizer = 'muon' does not work with train.strategy = 'fsdp' (Muon "
+                            "orthogonalizes whole matrices; each process holds a shard); use adamw or ddp")
+        if not 0 < self.muon_lr < math.inf:
+            raise UserError(f"train.muon_lr = {self.muon_lr}; expected a positive number")
         if self.warmup_steps < 0:
             raise UserError(f"train.warmup_steps = {self.warmup_steps}; expected >= 0")
         if self.max_minutes is not None and self.max_minutes <= 0:

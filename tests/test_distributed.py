@@ -140,6 +140,8 @@ def test_fsdp_shards_consolidate_to_a_normal_checkpoint(fsdp_runs, tmp_path) -> 
 def test_fsdp_bad_settings_are_one_line_errors(shards, tmp_path, train_tiny) -> None:  # noqa: F811
     with pytest.raises(UserError, match="fp16.*does not work with train.strategy = 'fsdp'"):
         TrainConfig(strategy="fsdp", precision="fp16").validate()
+    with pytest.raises(UserError, match="muon.*does not work with train.strategy = 'fsdp'"):
+        TrainConfig(strategy="fsdp", optimizer="muon").validate()
     with pytest.raises(UserError, match="train.strategy = 'zero'; expected ddp or fsdp"):
         TrainConfig(strategy="zero").validate()
     # one process with fsdp: a process group of one, sharded checkpoints; resumed as ddp: refused

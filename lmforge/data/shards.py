@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +35,12 @@ SPLITS = ("train", "val")
 META_FILE = "meta.json"
 QUALITY_FILE = "quality.json"
 _BATCH_CHARS = 1 << 20  # text tokenized per encode_batch call
+# a single document is held out by sections: its headings, else its blank-line breaks
+HEADING = re.compile(r"^[ \t]*(?:ACT|Act|SCENE|Scene|CHAPTER|Chapter|BOOK|Book|PART|Part)[ \t]+(?:[IVXLC]+|\d+)\b",
+                     re.MULTILINE)
+BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+MIN_SECTIONS = 4
+MIN_SECTION_CHARS = 200
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -49,15 +56,24 @@ def split_documents(docs: Sequence[Document], val_fraction: float) -> tuple[list
     Documents are visited in the order of the SHA-1 of their names and go to validation until it
     holds `val_fraction` of the characters (a document that would overshoot twice that is passed
     over), so the choice is deterministic and stable when documents are added. There is always at
-    least one validation and one training document; a single document is cut at the line break
-    nearest `1 - val_fraction` of its length into "NAME[train]" and "NAME[val]".
+    least one validation and one training document.
+
+    A single document (one text file) is cut into sections where it has them (`sections`): at its
+    headings (ACT, SCENE, CHAPTER, BOOK, PART followed by a number), else at its runs of two or more
+    blank lines; whole sections are held out as above, and each run of consecutive sections of one
+    split becomes one document, "NAME#FIRST-LAST" (section numbers). A document without sections is
+    cut at the line break nearest `1 - val_fraction` of its length into "NAME[train]" and "NAME[val]".
     """
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise UserError(f"val_fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}")
     if not docs:
         raise UserError("no documents to prepare")
     if len(docs) == 1:
-        return _split_one(docs[0], val_fraction)
+        parts = sections(docs[0])
+        if len(parts) < MIN_SECTIONS:
+            return _split_one(docs[0], val_fraction)
+        train_parts, val_parts = split_documents(parts, val_fraction)
+        return _joined(train_parts, docs[0].name), _joined(val_parts, docs[0].name)
     total = sum(len(d.text) for d in docs)
     target = val_fraction * total
     order = sorted(range(len(docs)), key=lambda i: (hashlib.sha1(docs[i].name.encode("utf-8")).hexdigest(), i))
@@ -75,6 +91,40 @@ def split_documents(docs: Sequence[Document], val_fraction: float) -> tuple[list
     train_docs = [d for i, d in enumerate(docs) if i not in val]
     val_docs = [d for i, d in enumerate(docs) if i in val]
     return train_docs, val_docs
+
+
+def sections(doc: Document) -> list[Document]:
+    """`doc` cut before each of its headings (a line starting "ACT", "SCENE", "CHAPTER", "BOOK" or "PART"
+    and a number), or where it has fewer than MIN_SECTIONS of them, at each run of two or more blank
+    lines; each section named "NAME#N" (N from 1). A section shorter than MIN_SECTION_CHARS joins the
+    next (an "ACT II." line joins its first scene). The sections' texts add up to the document's."""
+    cuts = [m.start() for m in HEADING.finditer(doc.text)]
+    if len(cuts) < MIN_SECTIONS:
+        cuts = [m.end() for m in BLANK_LINES.finditer(doc.text)]
+    pieces, start = [], 0
+    for cut in [*cuts, len(doc.text)]:
+        if cut - start >= MIN_SECTION_CHARS or cut == len(doc.text):
+            pieces.append(doc.text[start:cut])
+            start = cut
+    if len(pieces) > 1 and len(pieces[-1]) < MIN_SECTION_CHARS:
+        pieces[-2:] = [pieces[-2] + pieces[-1]]
+    return [Document(f"{doc.name}#{i}", text) for i, text in enumerate(pieces, 1) if text]
+
+
+def _joined(parts: list[Document], name: str) -> list[Document]:
+    """Runs of consecutive sections ("NAME#N") as one document each, "NAME#FIRST-LAST"."""
+    runs: list[list[Document]] = []
+    for part in sorted(parts, key=_section_number):
+        if runs and _section_number(part) == _section_number(runs[-1][-1]) + 1:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return [Document(f"{name}#{_section_number(run[0])}" + (f"-{_section_number(run[-1])}" if len(run) > 1 else ""),
+                     "".join(d.text for d in run)) for run in runs]
+
+
+def _section_number(doc: Document) -> int:
+    return int(doc.name.rpartition("#")[2])
 
 
 def _split_one(doc: Document, val_fraction: float) -> tuple[list[Document], list[Document]]:

@@ -7,10 +7,17 @@ Settings merge in order: the preset, the dotted `overrides` (on the command line
 YAML file with `preset:`, `model:`, `train:`). A resumed run starts from its own `run.yaml`, so the
 same command plus `resume=True` continues it; only a model setting that differs from the run's is
 refused.
+
+A new run with a time budget (`train.max_minutes`) and no preset is sized to it
+(`lmforge.recipes.sizing`): the model shape, batch, learning rate, optimizer, schedule and steps come
+from the corpus, the budget and the throughput measured on this machine, under the settings given;
+`sizing=False` (`--no-sizing`) leaves the plain defaults.
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,7 @@ from lmforge.config import ModelConfig, TrainConfig, from_dict, load_run_config,
 from lmforge.data import TokenShards
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, flops_per_token
+from lmforge.recipes.sizing import Plan, Sizing, measure_throughput, plan_run
 from lmforge.train.objectives import RandomWindows, bits_per_byte, evaluate_tokens
 from lmforge.train.recipe import Job, Recipe, run_recipe
 
@@ -27,9 +35,10 @@ from lmforge.train.recipe import Job, Recipe, run_recipe
 class Pretrain(Recipe):
     name = "pretrain"
 
-    def __init__(self, data: str | Path, preset: str | None = None, overrides: dict[str, Any] | None = None):
+    def __init__(self, data: str | Path, preset: str | None = None, overrides: dict[str, Any] | None = None,
+                 sizing: Sizing | None = None):
         super().__init__()
-        self.data, self.preset, self.overrides = data, preset, dict(overrides or {})
+        self.data, self.preset, self.overrides, self.sizing = data, preset, dict(overrides or {}), sizing
 
     def settings(self) -> dict[str, Any]:
         return {"data": str(Path(self.data).resolve())}
@@ -40,7 +49,11 @@ class Pretrain(Recipe):
         if self.resumed is not None and "model" in self.resumed:
             base = (from_dict(ModelConfig, self.resumed["model"], "run.yaml: model"),
                     from_dict(TrainConfig, self.resumed.get("train") or {}, "run.yaml: train"))
-        model_config, self.train = load_run_config(self.preset, None, self.overrides, base)
+        overrides = self.overrides
+        if base is None and self.preset is None and self.sizing is not None and "train.max_minutes" in overrides:
+            plan = sized_run(shards, overrides["train.max_minutes"], self.sizing, given=overrides)
+            overrides = {**plan.overrides(), **overrides}
+        model_config, self.train = load_run_config(self.preset, None, overrides, base)
         if base is None or self.preset or any(k.startswith("model.") for k in self.overrides):
             model_config.vocab_size = shards.vocab_size
         if model_config.vocab_size < shards.vocab_size:
@@ -81,6 +94,7 @@ def pretrain(
     preset: str | None = None,
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
+    sizing: Sizing | bool = True,
 ) -> dict[str, Any]:
     """Pretrain a decoder-only LM on token shards; under torchrun, with DistributedDataParallel.
 
@@ -96,8 +110,29 @@ def pretrain(
         preset: the model preset (see lmforge models; default: gpt-mini's sizes)
         overrides: model.FIELD and train.FIELD settings
         resume: continue the run in --out from its last checkpoint
+        sizing: with --train.max_minutes and no --preset, size the model, batch, learning rate, optimizer,
+            schedule and steps to the budget and this machine's measured speed (--no-sizing: the defaults)
     """
-    return run_recipe(Pretrain(data, preset, overrides), out, resume)
+    rules = Sizing() if sizing is True else sizing or None
+    return run_recipe(Pretrain(data, preset, overrides, rules), out, resume)
+
+
+def sized_run(shards: TokenShards, minutes: float, rules: Sizing, preset: str | None = None,
+              given: dict[str, Any] | None = None) -> Plan:
+    """The plan of a run of `minutes` on `shards` (its vocabulary fixed by their tokenizer) under the
+    settings `given`, said on stderr (see `lmforge.recipes.sizing.plan_run`)."""
+    corpus_bytes = shards.meta["train_bytes"] + shards.meta["val_bytes"]
+    say(f"sizing the run to {minutes:g} minutes (measuring this machine's training throughput)")
+    given = {k: v for k, v in (given or {}).items() if k not in ("model.vocab_size", "train.max_minutes")}
+    plan = plan_run(corpus_bytes, minutes, shards.vocab_size, measure_throughput, rules, preset, given)
+    block = min(plan.model.block_size, shards.num_tokens("train") - 1, shards.num_tokens("val") - 1)
+    plan.model = replace(plan.model, block_size=block)
+    say(plan.describe())
+    return plan
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def pretrained(summary: dict[str, Any], arguments: dict[str, Any]) -> str | None:

@@ -72,25 +72,9 @@ from lmforge.train.checkpoint import (
     verify_checkpoint,
 )
 from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.optim import build_optimizer, lr_at
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - config.min_lr)
-
-
-def param_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (embeddings, linear weights); none on biases and norm gains."""
-    params = [p for p in params if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -227,9 +211,8 @@ class Trainer:
         else:
             self.master = None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        groups = param_groups(self.master or self.trainable, config.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                                           fused=self.dist.device.type in ("cpu", "cuda"))
+        self.optimizer = build_optimizer(self.trainable_names, self.master or self.trainable, config,
+                                         fused=self.dist.device.type in ("cpu", "cuda"))
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.precision == "fp16")
         self.forward_model: nn.Module = self.model
         if self.dist.enabled and not self.sharded:
@@ -440,7 +423,7 @@ class Trainer:
         config = self.config
         lr = lr_at(self.step, config)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.model.train()
         # the random state (dropout) of a step depends only on (seed, step, rank): resumes are exact
         torch.manual_seed(config.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
