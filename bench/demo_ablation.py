@@ -15,8 +15,8 @@ not favoured).
 Variants: `old-demo` (`--no-sizing`: the demo before sizing, gpt-micro, 8,192 tokens, AdamW 1e-3,
 cosine); `nanogpt` (nanoGPT's published CPU recipe run through lmforge: byte-level (258 tokens),
 4 layers x 128, 4 heads, no biases, context 64, batch 12, AdamW lr 1e-3 to 1e-4 cosine, beta2 0.99,
-steps for the budget at its measured throughput); `chosen` (every sizing rule on); and one
-`no-RULE` per rule of `lmforge.recipes.sizing.Sizing`, that rule off.
+steps for the budget at its measured throughput); `chosen` (the default rules); and one
+`no-RULE` (or `with-RULE`) per rule of `lmforge.recipes.sizing.Sizing`, that rule switched from its default.
 
 `--steps-from-throughput`: the steps of each run are what its measured throughput holds in the
 budget (as always), but training is not cut off by the clock when it falls behind, so that a load
@@ -59,11 +59,13 @@ def variants() -> dict[str, tuple[str, dict[str, Any]]]:
         "old-demo": ("the demo before sizing (--no-sizing)", {"sizing": False}),
         "nanogpt": ("nanoGPT's CPU recipe: bytes, 4 x 128, context 64, batch 12, AdamW 1e-3",
                     {"sizing": Sizing.off(), "vocab_size": 258, "overrides": NANOGPT}),
-        "chosen": ("every sizing rule on", {"sizing": Sizing()}),
+        "chosen": ("the default rules", {"sizing": Sizing()}),
     }
     for name, help_text in rules.items():
-        table[f"no-{name.replace('_', '-')}"] = (f"{name} off: {help_text.split('(off: ')[-1].rstrip(')')}",
-                                                 {"sizing": replace(Sizing(), **{name: False})})
+        on = getattr(Sizing(), name)  # each rule switched from its default: "no-RULE" or "with-RULE"
+        what = f"{name} off: {help_text.split('(off: ')[-1].rstrip(')')}" if on else f"{name} on: {help_text}"
+        variant = f"{'no' if on else 'with'}-{name.replace('_', '-')}"
+        table[variant] = (what, {"sizing": replace(Sizing(), **{name: not on})})
     return table
 
 

@@ -70,7 +70,9 @@ def test_the_model_grows_with_the_budget_and_the_machine() -> None:
         assert plan.train["max_steps"] == max(10, int(tokens / (batch * block)))
         assert plan.model.norm == "rmsnorm" and plan.model.mlp == "swiglu" and plan.model.position == "rope"
         assert plan.train["optimizer"] == "muon" and plan.train["schedule"] == "wsd"
-        assert plan.train["lr"] == 3e-3 * min(1.0, 256 / plan.model.d_model)
+        assert plan.train["lr"] == 1e-3  # high_lr is off by default (it lost the ablation)
+        high = plan_run(5_000_000, minutes, 2048, flops_bound(speed), Sizing(high_lr=True))
+        assert high.train["lr"] == 3e-3 * min(1.0, 256 / high.model.d_model)
         assert "tokens per parameter" in plan.describe() and "--model.n_layer" in plan.describe()
 
 
