@@ -17,7 +17,6 @@ import glob
 import io
 import itertools
 import json
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 from lmforge.errors import UserError
+from lmforge.perf import cache_dir
 
 SUPPORTED_EXTENSIONS = (".txt", ".md", ".jsonl", ".csv", ".parquet")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -40,10 +40,7 @@ class Document:
     text: str
 
 
-def default_cache_dir() -> Path:
-    """Where downloads and caches go: `$LMFORGE_CACHE` if set, else `~/.cache/lmforge`."""
-    env = os.environ.get("LMFORGE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lmforge"
+default_cache_dir = cache_dir  # where downloads and caches go: $LMFORGE_CACHE, else ~/.cache/lmforge
 
 
 def read_documents(source: str | Path, text_field: str = "text") -> list[Document]:

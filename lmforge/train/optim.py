@@ -86,10 +86,8 @@ def build_optimizer(names: Sequence[str], params: Sequence[torch.Tensor], config
                     fused: bool = False) -> torch.optim.Optimizer | Optimizers:
     """The optimizer of `config.optimizer` over the trainable `params` (named by `names`, same order)."""
     adamw = dict(lr=config.lr, betas=(config.beta1, config.beta2), fused=fused)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups(params, config.weight_decay), **adamw)
-    muon = [p for name, p in zip(names, params, strict=True) if for_muon(name, p)]
-    if not muon:
+    muon = [p for name, p in zip(names, params, strict=True) if for_muon(name, p)] if config.optimizer == "muon" else []
+    if not muon:  # adamw, or a model with no hidden matrices
         return torch.optim.AdamW(param_groups(params, config.weight_decay), **adamw)
     chosen = {id(p) for p in muon}
     rest = [p for p in params if id(p) not in chosen]
