@@ -56,7 +56,7 @@ def env(remeasure: bool = False, json_output: bool = False) -> dict[str, Any]:
         "rules": FIXED,
         "cache": str(perf.cache_dir() / "machine" / f"{perf.machine_id()}.json"),
     }
-    report["disturbed"] = {key: cores for key, (cores, _) in perf.disturbed.items()}  # not cached
+    report["disturbed"] = dict(perf.disturbed)  # measured now while other processes ran: not cached
     print(json.dumps(report, indent=2) if json_output else as_text(report))
     return report
 

@@ -17,6 +17,7 @@ and not cached.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lmforge"
 
 
+@functools.cache
 def cpu_model() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what `platform` says)."""
     try:
@@ -85,6 +87,7 @@ def read_cache() -> dict[str, Any]:
 def forget() -> None:
     """Drop what was measured on this machine: the next use measures again."""
     _cache_file().unlink(missing_ok=True)
+    known.clear()
 
 
 def _busy_ticks() -> int | None:
@@ -133,35 +136,44 @@ class OtherLoad:
 
 
 MAX_OTHER_CORES = 0.25  # a measurement during which other processes kept more cores busy is not cached
-disturbed: dict[str, tuple[float, Any]] = {}  # key -> (cores other processes kept busy, value): this process only
+known: dict[tuple[Path, str], Any] = {}  # (cache file, key) -> the value this process read or measured
+disturbed: dict[str, float] = {}  # key -> cores other processes kept busy while it was measured: not cached
 
 
 def measured(key: str, measure: Callable[[], Any], remeasure: bool = False) -> Any:
-    """`measure()` (a JSON value), run once per machine and then read from the cache. A measurement
-    that other processes disturbed (they kept more than MAX_OTHER_CORES cores busy meanwhile) holds for
-    this process only (`disturbed`): the next process measures again."""
+    """`measure()` (a JSON value), run once per machine and then read from the cache; within a process,
+    from memory after the first use. A measurement that other processes disturbed (they kept more than
+    MAX_OTHER_CORES cores busy meanwhile) holds for this process only (`disturbed` names it): the next
+    process measures again."""
+    where = (_cache_file(), key)
+    if where in known and not remeasure:
+        return known[where]
     cached = read_cache()
-    if key in disturbed and not remeasure:
-        return disturbed[key][1]
     if remeasure or key not in cached["measured"]:
         with OtherLoad() as load:
             value = measure()
         if load.cores > MAX_OTHER_CORES:
-            disturbed[key] = (round(load.cores, 2), value)
-            return value
-        disturbed.pop(key, None)
-        cached = read_cache()  # another process may have written meanwhile
-        cached["measured"][key] = value
-        path = _cache_file()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached, indent=2, sort_keys=True))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only cache: measured again next time
-        return value
-    return cached["measured"][key]
+            disturbed[key] = round(load.cores, 2)
+        else:
+            disturbed.pop(key, None)
+            _write(key, value)
+    else:
+        value = cached["measured"][key]
+    known[where] = value
+    return value
+
+
+def _write(key: str, value: Any) -> None:
+    cached = read_cache()  # another process may have written meanwhile
+    cached["measured"][key] = value
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=2, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache: measured again next time
 
 
 def _sync(device: torch.device) -> None:

@@ -314,7 +314,7 @@ def test_races_are_run_once_per_machine_and_read_back_from_the_cache(tmp_path, m
     monkeypatch.setattr(perf, "MAX_OTHER_CORES", -1.0)  # every measurement counts as disturbed
     assert perf.measured("y", count) == 5.0 and perf.measured("y", count) == 5.0 and "y" in perf.disturbed
     assert "y" not in perf.read_cache()["measured"] and perf.measured("x", count) == 4.0
-    perf.disturbed.clear()  # as a new process sees it
+    perf.known.clear()  # as a new process sees it
     assert perf.measured("y", count) == 6.0
     monkeypatch.setattr(perf, "MAX_OTHER_CORES", float("inf"))
     key = "kernel/fp32_loss/bfloat16"
