@@ -31,12 +31,14 @@ __all__ = [
     "model_table",
     "prepare",
     "pretrain",
+    "quantize",
     "train_tokenizer",
 ]
 
 
 _HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.recipes.finetune", "chat": "lmforge.tasks.chat",
-          "evaluate": "lmforge.tasks.evaluate"}
+          "evaluate": "lmforge.tasks.evaluate",
+          "quantize": "lmforge.infer.quantize"}
 
 
 def __getattr__(name: str) -> Any:

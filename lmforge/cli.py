@@ -105,6 +105,8 @@ VERBS = {v.name: v for v in [
          done="exported {checkpoint} as a Hugging Face ({format}) checkpoint to {result}"),
     Verb("finetune", "lmforge.recipes.finetune:finetune", required=("out",), hide=("base", "defaults"),
          aliases={"--format": "data_format", **DEVICE}, done="lmforge.recipes.finetune:finetuned"),
+    Verb("quantize", "lmforge.infer.quantize:quantize", required=("out",),
+         done="wrote the {bits}-bit ({method}) checkpoint to {result}"),
     Verb("merge", "lmforge.api:merge", required=("out",), done="merged the adapters of {checkpoint} into {result}"),
     Verb("consolidate", "lmforge.api:consolidate", required=("out",),
          done="wrote the sharded checkpoint {checkpoint} as a normal checkpoint in {result}"),

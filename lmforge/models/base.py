@@ -75,16 +75,21 @@ class LanguageModel(nn.Module):
         return n
 
 
+def _tied(model: LanguageModel) -> bool:
+    """Whether the head is the token embedding's (not where a quantized layer has replaced it)."""
+    return model.config.tie_embeddings and isinstance(model.head, nn.Linear)
+
+
 def _leave_out_tied_head(model: LanguageModel, state_dict, prefix: str, local_metadata) -> None:
-    if model.config.tie_embeddings:
+    if _tied(model):
         state_dict.pop(prefix + "head.weight", None)
 
 
 def _fill_in_tied_head(model: LanguageModel, state_dict, prefix: str, *args) -> None:
-    if model.config.tie_embeddings and prefix + "tok_emb.weight" in state_dict:
+    if _tied(model) and prefix + "tok_emb.weight" in state_dict:
         state_dict.setdefault(prefix + "head.weight", state_dict[prefix + "tok_emb.weight"])
 
 
 def _tie_head(model: LanguageModel, incompatible_keys) -> None:
-    if model.config.tie_embeddings:  # loading with assign=True puts a new Parameter in each module
+    if _tied(model):  # loading with assign=True puts a new Parameter in each module
         model.head.weight = model.tok_emb.weight

@@ -1,8 +1,9 @@
 """The checkpoint directory: the one format every lmforge model is saved in and loaded from.
 
     CHECKPOINT/
-      config.json        the ModelConfig (kind and sizes)
-      model.safetensors  the weights (fp32)
+      config.json        the ModelConfig (kind and sizes); in a quantized checkpoint also `quantization`
+                         (bits, group size, method, the layers: lmforge.infer.quantize)
+      model.safetensors  the weights (fp32; a quantized layer's integer codes and fp32 scales)
       tokenizer.json     the tokenizer
       tokenizer_config.json  its eos/bos tokens and chat template (Hugging Face style; only when it has them)
       lmforge.json       versions, data fingerprint, training summary, or where an imported model came from
@@ -51,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import MODEL_KINDS, ModelConfig, from_dict, to_dict
 from lmforge.errors import UserError
 from lmforge.files import atomic_directory
+from lmforge.kernels.quantized import quantize_layers
 from lmforge.models import build_model
 from lmforge.tokenizer import Tokenizer
 
@@ -59,6 +61,7 @@ CONFIG, WEIGHTS, TOKENIZER, INFO, TRAINER_STATE = (
 )
 SHARDED = "sharded"  # the directory of FSDP's shards, in a checkpoint of --train.strategy fsdp
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+QUANTIZATION = "quantization"  # the key of config.json that says which layers are quantized, and how
 FILES = "files"  # the key of lmforge.json that records the checkpoint's other files
 
 _verified: set[tuple] = set()  # signatures (names, sizes, mtimes, inodes) of checkpoints found whole
@@ -99,7 +102,8 @@ def save_checkpoint(
             if state_dict is None:
                 state_dict = {}
         weights = state_dict if state_dict is not None else model.state_dict()
-        weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+        weights = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
+                   for k, v in weights.items()}  # integer tensors: a quantized model's codes
         if hasattr(model, "save_head"):  # a task head on a backbone (a classifier): the head writes its own files
             weights = model.save_head(tmp, weights)  # and returns the backbone's weights, saved below as usual
             model = model.backbone
@@ -111,7 +115,9 @@ def save_checkpoint(
         elif weights or sharded is None:
             save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         if isinstance(model.config, ModelConfig):
-            (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
+            quantization = getattr(model, "quantization", None)  # lmforge.infer.quantize: which layers, how
+            values = {**to_dict(model.config), **({QUANTIZATION: quantization} if quantization else {})}
+            (tmp / CONFIG).write_text(json.dumps(values, indent=2) + "\n")
         else:  # a transformers model with no native port: its config.json, so transformers loads the directory
             (tmp / CONFIG).write_text(model.config.to_json_string())
         tokenizer = tokenizer or getattr(model, "tokenizer", None)
@@ -243,6 +249,7 @@ def _read_json(path: Path) -> Any:
 
 def read_model_config(directory: Path) -> ModelConfig:
     values = _read_json(directory / CONFIG)
+    values.pop(QUANTIZATION, None)  # read by load_checkpoint
     kind = values.get("kind", "decoder")
     if kind not in MODEL_KINDS:
         raise UserError(f"{directory / CONFIG}: model kind {kind!r} is not supported; "
@@ -293,15 +300,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     directory = verified_checkpoint(path)
     config = read_model_config(directory)
     state = load_weights(directory, device)
+    quantization = _read_json(directory / CONFIG).get(QUANTIZATION)
     with torch.device("meta"):
         model = build_model(config)
+        if quantization:
+            try:
+                quantize_layers(model, quantization)
+            except (KeyError, ValueError, TypeError, AttributeError) as e:
+                raise UserError(f"damaged checkpoint: {directory / CONFIG} has an invalid {QUANTIZATION} entry "
+                                f"({_first_line(e)})") from None
+            model.quantization = quantization
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+                     or state[k].is_floating_point() != expected[k].is_floating_point())
     if missing or unexpected or resized:
         raise UserError(f"{directory / WEIGHTS} does not match {CONFIG}: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}, of other sizes {resized[:3]}")
+                        f"unexpected {unexpected[:3]}, of other sizes or types {resized[:3]}")
     model.load_state_dict(state, assign=True)
     if dtype is not None:
         model.to(dtype)
