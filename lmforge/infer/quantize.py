@@ -27,19 +27,22 @@ errors, nothing written.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.data.sources import read_source
 from lmforge.errors import UserError
 from lmforge.files import check_new_directory
 from lmforge.kernels.quantized import QuantizedLinear, int4_codes, int4_grid, int8_codes, int8_scales
+from lmforge.recipes.classify import DEFAULT_MAX_LENGTH, HEAD_CONFIG, HEAD_WEIGHTS, Classifier
 from lmforge.sources import load
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.train.checkpoint import resolve_checkpoint, save_checkpoint
 
 HEAD = "head"
 
@@ -103,9 +106,25 @@ def quantize(
                           **({"calibration": {"data": str(calib), "samples": calib_samples,
                                               "tokens": calib_tokens}} if calib else {}),
                           "layers": plan}
-    save_checkpoint(out, model, info={"quantized_from": str(checkpoint), "parameters": parameters,
-                                      "quantization": {k: v for k, v in model.quantization.items() if k != "layers"}})
+    summary = {k: v for k, v in model.quantization.items() if k != "layers"}
+    save_checkpoint(out, with_classifier_head(model, checkpoint),
+                    info={"quantized_from": str(checkpoint), "parameters": parameters, "quantization": summary})
     return out
+
+
+def with_classifier_head(backbone: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """The quantized backbone under its classifier head where `checkpoint` is a classifier (the head stays
+    in float: a few thousand weights), else the backbone itself."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return backbone
+    directory = resolve_checkpoint(path)
+    if not (directory / HEAD_CONFIG).is_file():
+        return backbone
+    config = json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8"))
+    classifier = Classifier(backbone, config["labels"], config.get("max_length", DEFAULT_MAX_LENGTH))
+    classifier.head.load_state_dict(load_file(directory / HEAD_WEIGHTS))
+    return classifier
 
 
 def layer_plan(model: nn.Module, bits: int, head_bits: int, group_size: int) -> dict[str, int]:

@@ -170,6 +170,10 @@ class QuantizedLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._prepared.clear()
         super()._load_from_state_dict(*args, **kwargs)
+        if self.qweight.device.type == "cpu" and self.qweight.data_ptr() % 64:
+            # safetensors' tensors lie wherever the file put them; PyTorch's int8 kernel reads its weight
+            # with aligned vector loads (a misaligned one crashed it): a copy of our own
+            self.qweight = self.qweight.clone()
 
     def _apply(self, fn, recurse=True):
         self._prepared.clear()  # moved or cast: the packed copies are made again at the next call
@@ -177,7 +181,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = kernel_for(self.bits, self.group_size, x.numel() // x.shape[-1], x.device)
-        flat = x.reshape(-1, self.in_features)
+        flat = x.reshape(-1, self.in_features).contiguous()  # the low-bit kernels read rows back to back
         y = KERNEL_CALLS[kernel](self, flat).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
