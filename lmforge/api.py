@@ -165,12 +165,14 @@ def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def import_model(source: str | Path, out: str | Path, gguf_file: str | None = None) -> Path:
+def import_model(source: str | Path, out: str | Path, gguf_file: str | None = None, dequantize: bool = False) -> Path:
     """Convert a Hugging Face or GGUF model into an lmforge checkpoint directory.
 
-    Supported: GPT-2, Llama (SmolLM), Qwen2 and Mistral checkpoints, and GGUF files of them. OUT must
-    not exist (nothing is ever written over); the checkpoint is written atomically and its
-    lmforge.json records where the model came from. Returns the directory.
+    Supported: GPT-2, Llama (SmolLM), Qwen2 and Mistral checkpoints, and GGUF files of them. A GGUF
+    file's 4-bit layers (Q4_0, Q4_1, Q4_K) stay 4-bit (lmforge's int4 layers hold the very same codes;
+    a Q8_0 or 4-bit output head becomes int8), unless --dequantize. OUT must not exist (nothing is ever
+    written over); the checkpoint is written atomically and its lmforge.json records where the model
+    came from. Returns the directory.
 
     Args:
         source: a Hugging Face model directory (config.json + weights), a .gguf file, a hub id
@@ -178,8 +180,9 @@ def import_model(source: str | Path, out: str | Path, gguf_file: str | None = No
             (smollm2-135m-instruct)
         out: the checkpoint directory to create
         gguf_file: which .gguf file of SOURCE (a directory or hub id) to read
+        dequantize: a GGUF file: every weight in fp32 (the 4-bit layers too)
     """
-    from lmforge.interop import load_model, resolve_source
+    from lmforge.interop import keep_gguf_quantization, load_model, resolve_source
     from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
 
     out = Path(out)
@@ -191,7 +194,10 @@ def import_model(source: str | Path, out: str | Path, gguf_file: str | None = No
         origin = {**resolved.origin, "info": read_info(resolved.path)}
     else:
         model, origin = load_model(resolved)
-    save_checkpoint(out, model, info={"source": origin, "parameters": model.num_parameters()})
+    parameters = model.num_parameters()
+    if resolved.kind == "gguf" and not dequantize:
+        model.quantization = keep_gguf_quantization(model, resolved.path / resolved.gguf_file)
+    save_checkpoint(out, model, info={"source": origin, "parameters": parameters})
     return out
 
 
@@ -212,7 +218,7 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
         raise UserError(f"--format {format!r} is not supported; supported: hf")
     out = Path(out)
     check_new_directory(out)
-    return export_hf(load(checkpoint), out)
+    return export_hf(load(checkpoint, dequantize=True), out)
 
 
 def generate(model: Any, prompt: str | Sequence[str] = "", device: str | torch.device = "auto",

@@ -319,6 +319,127 @@ def _load_gguf(source: Source) -> tuple[Decoder, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# GGUF's 4-bit blocks kept as they are (`lmforge import FILE.gguf OUT`)
+
+GGUF_LAYERS = {  # our linear layer -> the GGUF tensors stacked into it, in row order
+    "attn.qkv": ("attn_q", "attn_k", "attn_v"), "attn.proj": ("attn_output",),
+    "mlp.up": ("ffn_gate", "ffn_up"), "mlp.down": ("ffn_down",),
+}
+GGUF_GPT2_LAYERS = {"attn.qkv": ("attn_qkv",), "attn.proj": ("attn_output",), "mlp.up": ("ffn_up",),
+                    "mlp.down": ("ffn_down",)}
+GGUF_4BIT = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def gguf_4bit_blocks(tensor_type: str, data: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes (rows, cols: uint8 0..15), scales and offsets (rows, cols / 32) of a Q4_0, Q4_1 or Q4_K
+    tensor's raw blocks `data` (rows, bytes a row): w = code * scale + offset, exactly as llama.cpp reads them.
+
+    Q4_0 (18 bytes / 32 weights): fp16 d, 16 bytes of codes: w = d * (q - 8). Q4_1 (20 / 32): fp16 d and m:
+    w = d * q + m. In both, byte j holds weight j (low nibble) and weight j + 16 (high). Q4_K (144 / 256):
+    fp16 d and dmin, 12 bytes of 6-bit scales and mins of 8 sub-blocks of 32, 128 bytes of codes (each 32
+    bytes: sub-block 2i in the low nibbles, 2i + 1 in the high): w = d * sc * q - dmin * m.
+    """
+    import numpy as np
+
+    raw = np.ascontiguousarray(data).view(np.uint8)
+    rows = raw.shape[0]
+    if tensor_type in ("Q4_0", "Q4_1"):
+        size = 18 if tensor_type == "Q4_0" else 20
+        blocks = raw.reshape(rows, -1, size)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., size - 16:]
+        codes = np.concatenate([qs & 15, qs >> 4], axis=-1)  # (rows, blocks, 32)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        offset = -8 * d if tensor_type == "Q4_0" else m
+        return torch.from_numpy(codes.reshape(rows, -1).copy()), torch.from_numpy(d), torch.from_numpy(offset)
+    blocks = raw.reshape(rows, -1, 144)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)[..., None]
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)[..., None]
+    packed = blocks[..., 4:16].astype(np.int32)
+    low = np.concatenate([packed[..., 0:4] & 63, (packed[..., 8:12] & 15) | ((packed[..., 0:4] >> 6) << 4)], -1)
+    mins = np.concatenate([packed[..., 4:8] & 63, (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)], -1)
+    qs = blocks[..., 16:].reshape(rows, -1, 4, 32)
+    codes = np.stack([qs & 15, qs >> 4], axis=3)  # (rows, blocks, 4, 2, 32): sub-blocks 2i, 2i + 1
+    scale, offset = (d * low).astype(np.float32), (-dmin * mins).astype(np.float32)  # (rows, blocks, 8)
+    return (torch.from_numpy(codes.reshape(rows, -1).copy()), torch.from_numpy(scale.reshape(rows, -1)),
+            torch.from_numpy(offset.reshape(rows, -1)))
+
+
+def _unpermute_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's converter interleaves the rotary halves of each head's q / k rows; undo it (as transformers)."""
+    half = rows.shape[0] // heads // 2
+    return rows.reshape(heads, half, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+@torch.no_grad()
+def keep_gguf_quantization(model: Decoder, file: Path) -> dict[str, Any] | None:
+    """Replace each linear layer of `model` (converted from `file`, in float) whose GGUF tensors are 4-bit
+    blocks (Q4_0, Q4_1, Q4_K) by a QuantizedLinear with those very codes (int4, group 32), and a Q8_0 head
+    by an int8 one (rounded per row: the int8 kernels take one scale a row). Each layer is checked against
+    the float weights first and kept in float where it differs (an unknown layout). Returns the
+    quantization record (None where nothing was kept)."""
+    from gguf import GGUFReader
+
+    from lmforge.kernels.quantized import QuantizedLinear
+
+    tensors = {t.name: t for t in GGUFReader(file).tensors}
+    c = model.config
+    table = GGUF_LAYERS if c.mlp == "swiglu" else GGUF_GPT2_LAYERS
+    layers, types = {}, set()
+    for i, block in enumerate(model.blocks):
+        for ours, theirs in table.items():
+            parts = [tensors.get(f"blk.{i}.{name}.weight") for name in theirs]
+            if not all(p is not None and p.tensor_type.name in GGUF_4BIT for p in parts):
+                continue
+            decoded = [gguf_4bit_blocks(p.tensor_type.name, p.data) for p in parts]
+            heads = {"attn_q": c.n_head, "attn_k": c.n_kv_head}
+            linear = block.get_submodule(ours)
+            found = _matching_rows(decoded, theirs, heads, linear.weight)
+            if found is None:
+                continue
+            codes, scales, offsets = found
+            layer = QuantizedLinear(linear.in_features, linear.out_features, 4, 32, linear.bias is not None)
+            layer.set_codes(codes, scales, offsets + 8 * scales)
+            if linear.bias is not None:
+                layer.bias.data.copy_(linear.bias.data)
+            parent, _, child = f"blocks.{i}.{ours}".rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+            layers[f"blocks.{i}.{ours}"] = 4
+            types.update(p.tensor_type.name for p in parts)
+    head = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if layers and head is not None and head.tensor_type.name in GGUF_4BIT + ("Q8_0",):
+        model.head = QuantizedLinear.from_weight(model.head.weight, None, 8)
+        layers["head"] = 8
+        types.add(head.tensor_type.name)
+    if not layers:
+        return None
+    return {"bits": 4, "group_size": 32, "method": "gguf " + "/".join(sorted(types)), "head_bits": 8,
+            "layers": layers}
+
+
+def _matching_rows(decoded, names, heads, weight) -> tuple[torch.Tensor, ...] | None:
+    """The decoded blocks stacked in the row order of the float `weight` (undoing llama.cpp's q / k
+    interleave where that is what matches), or None where they do not stand for it."""
+    stacked, start = [], 0
+    for (codes, scale, offset), name in zip(decoded, names):
+        end = start + codes.shape[0]
+        target = weight[start:end]
+        options = [lambda t: t]
+        if name in heads:
+            options.append(lambda t, h=heads[name]: _unpermute_rows(t, h))
+        for order in options:
+            parts = tuple(order(t) for t in (codes, scale, offset))
+            w = parts[0].float() * parts[1].repeat_interleave(32, 1) + parts[2].repeat_interleave(32, 1)
+            if torch.allclose(w, target, rtol=1e-3, atol=1e-3 * float(target.abs().max())):
+                stacked.append(parts)
+                break
+        else:
+            return None
+        start = end
+    return tuple(torch.cat(column) for column in zip(*stacked))
+
+
+# ----------------------------------------------------------------------------------------------
 # export
 
 

@@ -15,6 +15,7 @@ import torch
 
 from lmforge.devices import resolve_device
 from lmforge.errors import UserError
+from lmforge.kernels.quantized import dequantize_layers
 from lmforge.train.checkpoint import ADAPTER_CONFIG
 
 GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the --dtype choices of generate and chat
@@ -25,6 +26,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     gguf_file: str | None = None,
+    dequantize: bool = False,
 ):
     """A model with `model.tokenizer` attached, from any source `lmforge import` takes, on `device` (cpu,
     auto, cuda, cuda:N or mps: `lmforge.devices.resolve_device`; the verbs pass their --device).
@@ -32,7 +34,9 @@ def load(
     `src` is a checkpoint or run directory, a Hugging Face model directory (GPT-2, Llama, Qwen2 or
     Mistral), a .gguf file, a catalog model (`smollm2-135m-instruct`) or a hub id (where the hub can be
     reached). Sources other than native checkpoints are converted in memory; nothing is written but the
-    cache of GGUF conversions (`$LMFORGE_CACHE/converted/`).
+    cache of GGUF conversions (`$LMFORGE_CACHE/converted/`). A quantized checkpoint (`lmforge quantize`,
+    a GGUF import) keeps its int8/int4 layers, or with `dequantize` gets them back in fp32 (to train or
+    export it).
     """
     from lmforge.interop import load_model, resolve_source
     from lmforge.train.checkpoint import load_checkpoint, verified_checkpoint
@@ -43,7 +47,10 @@ def load(
         directory = verified_checkpoint(source.path)
         if (directory / ADAPTER_CONFIG).is_file():
             return load_adapter(directory).to(device=device, dtype=dtype)
-        return load_checkpoint(directory, device=device, dtype=dtype)
+        model = load_checkpoint(directory, device=device)
+        if dequantize:
+            dequantize_layers(model)
+        return model.to(dtype=dtype) if dtype is not None else model
     model, _ = load_model(source)
     return model.to(device=device, dtype=dtype)
 
@@ -58,7 +65,7 @@ def load_adapter(directory: Path):
     base_source = read_info(directory).get("base")
     if not base_source:
         raise UserError(f"{directory} holds LoRA adapters but its lmforge.json names no base model")
-    base = load(base_source)
+    base = load(base_source, dequantize=True)  # adapters are trained on (and merged into) float weights
     model = PeftModel.from_pretrained(base, directory).merge_and_unload()
     model.tokenizer = Tokenizer.load(directory)
     return model.eval()

@@ -246,8 +246,9 @@ def test_gpt2_bpe_files_give_transformers_ids(tmp_path) -> None:
     assert direct.to_json() == ours.to_json()
 
 
-def write_tiny_gguf(path: Path, hf, tokenizer: Tokenizer) -> None:
-    """A Llama GGUF file (fp32 tensors) the way llama.cpp's converter writes one, tokenizer and template included."""
+def write_tiny_gguf(path: Path, hf, tokenizer: Tokenizer, qtype: str | None = None) -> None:
+    """A Llama GGUF file (fp32 tensors) the way llama.cpp's converter writes one, tokenizer and template included;
+    with `qtype` (Q4_0, Q4_1, Q8_0) its linear layers and output head in those blocks instead."""
     gguf = pytest.importorskip("gguf")
     c = hf.config
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -278,6 +279,13 @@ def write_tiny_gguf(path: Path, hf, tokenizer: Tokenizer) -> None:
     def permute(w: torch.Tensor, heads: int) -> torch.Tensor:  # llama.cpp's q/k layout; transformers undoes it
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
+    def add(name: str, array, quantized: bool) -> None:
+        if qtype and quantized:
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, array)
+
     s = hf.state_dict()
     writer.add_tensor("token_embd.weight", s["model.embed_tokens.weight"].numpy())
     for i in range(c.num_hidden_layers):
@@ -291,9 +299,9 @@ def write_tiny_gguf(path: Path, hf, tokenizer: Tokenizer) -> None:
             "ffn_down": s[h + "mlp.down_proj.weight"],
         }
         for name, tensor in layer.items():
-            writer.add_tensor(f"blk.{i}.{name}.weight", tensor.contiguous().numpy())
+            add(f"blk.{i}.{name}.weight", tensor.contiguous().numpy(), quantized=tensor.dim() == 2)
     writer.add_tensor("output_norm.weight", s["model.norm.weight"].numpy())
-    writer.add_tensor("output.weight", s["lm_head.weight"].numpy())
+    add("output.weight", s["lm_head.weight"].numpy(), quantized=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -183,3 +183,63 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(float_checkpoint, tmp_p
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="damaged checkpoint"):
         lmforge.load(broken)
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF files: their 4-bit blocks imported as they are
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_blocks_decode_as_llama_cpp_reads_them(qtype):
+    """Random raw blocks (any bytes are a valid block once the fp16 scales are finite) decoded by lmforge
+    and by the gguf package's reference dequantizer give the same weights."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from lmforge.interop import gguf_4bit_blocks
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    block_weights, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(6, 2 * block_bytes), dtype=np.uint8)
+    blocks = raw.reshape(6, 2, block_bytes)
+    for start in (0, 2) if qtype != "Q4_0" else (0,):  # fp16 scales (and mins) of a sane size
+        blocks[..., start:start + 2] = np.frombuffer(rng.uniform(0.01, 0.1, (6, 2)).astype(np.float16).tobytes(),
+                                                     np.uint8).reshape(6, 2, 2)
+    codes, scales, offsets = gguf_4bit_blocks(qtype, raw)
+    ours = codes.float() * scales.repeat_interleave(32, 1) + offsets.repeat_interleave(32, 1)
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    assert ours.shape == reference.shape == (6, 2 * block_weights)
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_import_keeps_the_4bit_layers_and_matches_transformers(qtype, tmp_path):
+    pytest.importorskip("gguf")
+    import transformers
+    from test_convert import LLAMA_SHAPE, chat_tokenizer, randomize, write_tiny_gguf
+
+    tokenizer = chat_tokenizer.__wrapped__()
+    config = transformers.LlamaConfig(**LLAMA_SHAPE, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    write_tiny_gguf(tmp_path / "tiny.gguf", randomize(transformers.LlamaForCausalLM(config), seed=3), tokenizer, qtype)
+    assert main(["import", str(tmp_path / "tiny.gguf"), str(tmp_path / "kept")]) == 0
+    assert main(["import", str(tmp_path / "tiny.gguf"), str(tmp_path / "float"), "--dequantize"]) == 0
+    spec = json.loads((tmp_path / "kept" / "config.json").read_text())["quantization"]
+    assert spec["method"] == f"gguf {qtype}" and spec["layers"]["blocks.1.mlp.up"] == 4 and spec["layers"]["head"] == 8
+    assert "quantization" not in json.loads((tmp_path / "float" / "config.json").read_text())
+    kept, dense = lmforge.load(tmp_path / "kept"), lmforge.load(tmp_path / "float")
+    for name in ("blocks.0.attn.qkv", "blocks.1.mlp.up", "blocks.1.mlp.down"):  # the file's very codes
+        assert torch.allclose(kept.get_submodule(name).dequantize(), dense.get_submodule(name).weight, atol=1e-6)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    ids = torch.randint(0, LLAMA_SHAPE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = kept(ids), reference(ids).logits
+    assert (ours - theirs).norm() / theirs.norm() < 0.02  # the head alone differs: Q4 blocks -> int8 rows
+    # a quantized checkpoint is a base that trains in float, and exports to transformers in float
+    assert main(["export", str(tmp_path / "kept"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    in_float = lmforge.load(tmp_path / "kept", dequantize=True)
+    assert not any(isinstance(m, Q.QuantizedLinear) for m in in_float.modules())
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, in_float(ids), atol=1e-4)

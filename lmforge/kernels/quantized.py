@@ -317,3 +317,20 @@ def quantize_layers(model: nn.Module, spec: dict[str, Any], device: torch.device
         layer = QuantizedLinear(old.in_features, old.out_features, bits, spec.get("group_size"),
                                 old.bias is not None, device=device)
         setattr(parent, child, layer)
+
+
+@torch.no_grad()
+def dequantize_layers(model: nn.Module) -> None:
+    """Replace every QuantizedLinear of `model` by an nn.Linear holding the weight it stands for (fp32), for
+    training or exporting a quantized model; the model's `quantization` record goes."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                               device=module.qweight.device)
+            linear.weight.copy_(module.dequantize())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    if hasattr(model, "quantization"):
+        del model.quantization

@@ -273,7 +273,7 @@ class TrainClassifier(Recipe):
                                             [e.text for e in val])
         train = [replace(train[r["i"]], text=r["text"]) for r in records]
 
-        backbone = load(self.model)
+        backbone = load(self.model, dequantize=True)  # a quantized model trains in float
         tokenizer = backbone.tokenizer
         if tokenizer is None or not hasattr(backbone, "hidden_states"):
             raise UserError(f"{self.model}: expected a decoder with a tokenizer (a checkpoint or a model "

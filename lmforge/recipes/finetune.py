@@ -77,7 +77,7 @@ def load_trainable(source: str | Path) -> tuple[torch.nn.Module, Any]:
             model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32)
             model.tokenizer = Tokenizer.from_hf(resolved.path)
             return model, logits_causal_lm_loss
-    model = load(source)
+    model = load(source, dequantize=True)  # a quantized model trains in float
     kind = getattr(model.config, "kind", "decoder")
     if kind != "decoder":
         raise UserError(f"{source} is a {kind} model; fine-tuning takes a decoder (causal LM)")
