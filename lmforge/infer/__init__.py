@@ -3,6 +3,7 @@
     lmforge.infer.generate    the one generate loop (sampling, stop strings, streaming), which every
                               model's `generate` calls
     lmforge.infer.beam        beam search, on the same protocol
+    lmforge.infer.speculative speculative decoding (a draft model or prompt lookup), which the loop calls
     lmforge.infer (here)      the protocol, and the batches the loop makes of token ids
 
 The generate loop and beam search sit below `lmforge.models` and never import it: any model with
@@ -12,6 +13,7 @@ ConditionalVAE do; so would another implementation, or a wrapper of one).
     model.config.block_size                         the context length, in tokens
     model.new_cache(batch_size, max_len, pad)       an empty `Cache`; `pad` (B,) counts each row's left padding
     model(ids, cache=cache, last_only=True)         logits (B, 1, vocab) after ids (B, T) follow the cached ones
+                                                    (last_only=False: (B, T, vocab), for speculative decoding)
     model.parameters()                              (an nn.Module's) the device the batches go to
 
 A conditioned model (seq2seq: the encoder's output of a source text; vae: a latent z) reads its

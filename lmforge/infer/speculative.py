@@ -179,9 +179,11 @@ def speculative_ids(
         return float(torch.rand(1, generator=generator, device=device))
 
     new: list[int] = []
-    with ExitStack() as packed:  # CPU: weights packed once, the model's and the draft model's
-        for m in [model] + ([drafter.model] if isinstance(drafter, DraftModel) else []):
-            packed.enter_context(kernels.generating(m, rows=1, enabled=use_kernels, steps=max_new_tokens))
+    with ExitStack() as packed:  # CPU: weights packed once, for the model's K + 1 rows and the draft's 1 row
+        packed.enter_context(kernels.generating(model, rows=draft_tokens + 1, enabled=use_kernels,
+                                                steps=max_new_tokens))
+        if isinstance(drafter, DraftModel):
+            packed.enter_context(kernels.generating(drafter.model, rows=1, enabled=use_kernels, steps=max_new_tokens))
         while len(new) < max_new_tokens:
             if cache.length + len(step_input) > cache.max_len:  # context full: slide the window as the loop does
                 step_input = seq[-(block_size // 2):]
