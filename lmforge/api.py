@@ -248,6 +248,8 @@ def print_generation(
     num_samples: int = 1,
     dtype: Literal["fp32", "bf16"] = "fp32",
     device: str = "auto",
+    draft: str | None = None,
+    draft_tokens: int = 4,
 ) -> None:
     """Continue a prompt (--prompt, or standard input) and stream the text.
 
@@ -268,14 +270,25 @@ def print_generation(
         dtype: the weights' dtype while generating: bf16 keeps them in half the memory and is faster on
             CPUs with avx512_bf16 or AMX (the numbers differ from fp32 by bf16 rounding)
         device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
+        draft: speculative decoding: a smaller model's checkpoint with the same tokenizer, or prompt-lookup
+            (drafts copied from the prompt); the same text when greedy, the same distribution when sampling
+        draft_tokens: the tokens drafted per step of the model (with --draft)
     """
     import sys
+
+    from lmforge.infer.speculative import PROMPT_LOOKUP, check_draft
 
     if prompt is None:
         prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     model = load(checkpoint, device=device, dtype=GENERATION_DTYPES[dtype])
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
+    if draft is not None:
+        if draft_tokens < 1:
+            raise UserError(f"--draft-tokens = {draft_tokens}; expected >= 1")
+        drafter = draft if draft == PROMPT_LOOKUP else load(draft, device=device, dtype=GENERATION_DTYPES[dtype])
+        check_draft(model, drafter, draft_tokens)
+        options.update(draft=drafter, draft_tokens=draft_tokens)
     if num_samples == 1:
         print(prompt, end="", flush=True)
         model.generate(prompt, stream=True, **options)

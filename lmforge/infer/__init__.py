@@ -3,6 +3,7 @@
     lmforge.infer.generate    the one generate loop (sampling, stop strings, streaming), which every
                               model's `generate` calls
     lmforge.infer.beam        beam search, on the same protocol
+    lmforge.infer.speculative speculative decoding (a draft model or prompt lookup), which the loop calls
     lmforge.infer (here)      the protocol, and the batches the loop makes of token ids
 
 The generate loop and beam search sit below `lmforge.models` and never import it: any model with
@@ -12,6 +13,7 @@ ConditionalVAE do; so would another implementation, or a wrapper of one).
     model.config.block_size                         the context length, in tokens
     model.new_cache(batch_size, max_len, pad)       an empty `Cache`; `pad` (B,) counts each row's left padding
     model(ids, cache=cache, last_only=True)         logits (B, 1, vocab) after ids (B, T) follow the cached ones
+                                                    (last_only=False: (B, T, vocab), for speculative decoding)
     model.parameters()                              (an nn.Module's) the device the batches go to
 
 A conditioned model (seq2seq: the encoder's output of a source text; vae: a latent z) reads its
@@ -26,6 +28,10 @@ A model without it continues each text (`continuation_prompts`), all in one batc
 
     tokens, pad = left_pad([[5, 6, 7], [8]], "cpu")      # (2, 3) and (2,): the batch generation starts from
     ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0)     # (2, 3) and its True-at-real-tokens mask
+
+What a sampling step draws from, the same for the loop and for speculative decoding (whose draft and
+target distributions must be shaped alike): `apply_repetition_penalty`, then `warp_logits`
+(temperature, top-k, top-p), then softmax.
 """
 
 from __future__ import annotations
@@ -104,3 +110,26 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device |
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
         mask[i, :len(r)] = True
     return ids.to(device), mask.to(device)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (as in transformers): shrink the logits of tokens already in `seen` (B, S)."""
+    scores = logits.gather(1, seen)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(1, seen, scores)
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """The fp32 logits (B, V) that sampling draws from (softmax of them): divided by `temperature` (> 0),
+    with -inf outside the `top_k` most likely tokens and outside the nucleus of probability `top_p`."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits

@@ -11,7 +11,8 @@ padding is masked out of attention and positions. When a sequence reaches the mo
 cache is rebuilt from the last half of the context and generation goes on (a sliding window). A
 conditioned model (seq2seq: the encoder's output; vae: the latent z) gets its condition through the
 cache (`generate_ids(model, prompts, condition=...)`). Beam search is `lmforge.infer.beam.beam_search_ids`,
-on the same protocol (`generate(..., beam_size=4)`). On a CPU the steps multiply through weights
+on the same protocol (`generate(..., beam_size=4)`); speculative decoding is `lmforge.infer.speculative`
+(`generate(..., draft=small_model or "prompt-lookup")`). On a CPU the steps multiply through weights
 packed once per call (`lmforge.kernels.generating`; `use_kernels=False` or LMFORGE_KERNELS=off: not).
 
 One output convention for every model kind: `generate` returns a list of texts, one per prompt and
@@ -28,8 +29,17 @@ import torch
 
 from lmforge import kernels
 from lmforge.errors import UserError
-from lmforge.infer import Generative, batches, continuation_prompts, left_pad, model_device
+from lmforge.infer import (
+    Generative,
+    apply_repetition_penalty,
+    batches,
+    continuation_prompts,
+    left_pad,
+    model_device,
+    warp_logits,
+)
 from lmforge.infer.beam import beam_search_ids
+from lmforge.infer.speculative import check_draft, speculative_ids
 
 
 def sample_next(
@@ -42,24 +52,8 @@ def sample_next(
     """Next token ids (B,) from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
+    probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (as in transformers): shrink the logits of tokens already in `seen` (B, S)."""
-    scores = logits.gather(1, seen)
-    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
-    return logits.scatter(1, seen, scores)
 
 
 def check_stream(stream: Callable[[str], None] | bool | None, n_outputs: int) -> None:
@@ -97,6 +91,9 @@ def generate_ids(
     on_tokens: Callable[[torch.Tensor], bool] | None = None,
     condition: dict[str, torch.Tensor] | None = None,
     use_kernels: bool | None = None,
+    draft: Generative | str | None = None,
+    draft_tokens: int = 4,
+    stats: dict[str, int] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return only the new ids of each.
 
@@ -104,6 +101,10 @@ def generate_ids(
     tokens just chosen (B,); returning True stops the whole batch (used for stop strings).
     `condition` (tensors with one row per prompt) is put in the model's cache for it to read.
     `use_kernels=False` multiplies through the model's own layers (None: LMFORGE_KERNELS decides).
+    `draft` (a draft model with the same tokenizer, or "prompt-lookup") decodes speculatively, proposing
+    `draft_tokens` tokens per step (`lmforge.infer.speculative`: the same output as without it when
+    greedy, the same distribution when sampling; one prompt only; `on_tokens` then gets the tokens one
+    at a time); `stats` (a dict) is filled with its counts (drafted, accepted, passes, new_tokens).
     """
     _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, 1)
     block_size = model.config.block_size
@@ -116,6 +117,11 @@ def generate_ids(
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     B = len(prompts)
+    if draft is not None:
+        if B > 1 or condition:
+            raise UserError("speculative decoding (--draft) continues one prompt at a time, without a condition")
+        return [speculative_ids(model, prompts[0], draft, draft_tokens, max_new_tokens, temperature, top_k, top_p,
+                                repetition_penalty, eos_id, generator, on_tokens, stats, use_kernels)]
     tokens, pad = left_pad(prompts, device)  # (B, T), (B,)
     new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # filled column by column
     n = 0  # columns of `new` filled
@@ -178,6 +184,9 @@ def generate(
     early_stopping: bool = True,
     batch_size: int | None = None,
     use_kernels: bool | None = None,
+    draft: Generative | str | None = None,
+    draft_tokens: int = 4,
+    stats: dict[str, int] | None = None,
     **options: Any,
 ) -> list[str]:
     """Generate from `prompt` (or each of a list of prompts) `num_samples` times; return the new texts.
@@ -189,7 +198,9 @@ def generate(
     samples). A conditioned model turns the texts into prompts and conditions itself
     (`generation_batches`, which takes `options`, e.g. a seq2seq model's `too_long`). At most
     `batch_size` sequences generate at once (None: all). `beam_size` > 1 searches (`lmforge.infer.beam`;
-    the sampling options then do not apply, a stream gets the text once complete).
+    the sampling options then do not apply, a stream gets the text once complete). `draft`,
+    `draft_tokens` and `stats` decode speculatively (`generate_ids`), one prompt and sample at a time
+    (the i-th with seed `seed + i`).
     """
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -201,13 +212,18 @@ def generate(
     if stream is True:
         stream = lambda piece: print(piece, end="", flush=True)  # noqa: E731
     check_stream(stream, len(texts))
+    if draft is not None:
+        check_draft(model, draft, draft_tokens, tokenizer)
+        if beam_size > 1:
+            raise UserError("--draft decodes without beam search; use --beam-size 1")
+        batch_size = 1
     make_batches = getattr(model, "generation_batches", None)
     if make_batches is None:
         if options:
             raise UserError(f"{', '.join(options)}: not an option of this model's generate")
         make_batches = _continuation_batches
     out: list[str] = []
-    for prompts, condition in make_batches(texts, tokenizer, batch_size, seed, **options):
+    for i, (prompts, condition) in enumerate(make_batches(texts, tokenizer, batch_size, seed, **options)):
         if beam_size > 1:
             rows = beam_search_ids(model, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,
                                    tokenizer.eos_id, condition, use_kernels)
@@ -216,8 +232,9 @@ def generate(
                 stream(found[0])
             out += found
         else:
+            row_seed = seed + i if seed is not None and draft is not None else seed
             out += _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperature, top_k, top_p,
-                                 repetition_penalty, stop, seed, stream, use_kernels)
+                                 repetition_penalty, stop, row_seed, stream, use_kernels, draft, draft_tokens, stats)
     return out
 
 
@@ -228,7 +245,8 @@ def _continuation_batches(texts: Sequence[str], tokenizer: Any, batch_size: int 
 
 
 def _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperature, top_k, top_p,
-                  repetition_penalty, stop, seed, stream, use_kernels) -> list[str]:
+                  repetition_penalty, stop, seed, stream, use_kernels, draft=None, draft_tokens=4, stats=None
+                  ) -> list[str]:
     """One batch through `generate_ids`, decoded, stopped at `stop` strings and streamed as it goes."""
     eos = tokenizer.eos_id
     generated: list[list[int]] = [[] for _ in prompts]
@@ -249,7 +267,8 @@ def _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperat
         return bool(stop) and all(any(s in t for s in stop) for t in texts)
 
     rows = generate_ids(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                        eos, seed, watch if stop or stream else None, condition, use_kernels)
+                        eos, seed, watch if stop or stream else None, condition, use_kernels, draft, draft_tokens,
+                        stats)
     texts = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
     if stream:
         stream(texts[0][shown[0]:])
