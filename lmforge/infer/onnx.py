@@ -207,6 +207,28 @@ def export_onnx(model: nn.Module, out: str | Path, dtype: Literal["fp32", "int8"
     return out
 
 
+def quantize_export(directory: str | Path, out: str | Path) -> Path:
+    """An int8 copy of the fp32 ONNX export in `directory` (onnxruntime's `quantize_dynamic`), written
+    atomically to OUT (which must not exist or be empty), without tracing the model again. Returns OUT."""
+    directory, out = Path(directory), Path(out)
+    if not is_onnx_directory(directory) or not (directory / CONFIG).is_file():
+        raise UserError(f"{directory} is not an ONNX export with its {CONFIG}; "
+                        "make one with lmforge export --format onnx")
+    info = json.loads((directory / INFO).read_text()) if (directory / INFO).is_file() else {}
+    if info.get("dtype", "fp32") != "fp32":
+        raise UserError(f"{directory} is an {info['dtype']} export already; quantize an fp32 one")
+    _require("onnxruntime.quantization", "int8 ONNX export")
+    check_new_directory(out)
+    with atomic_directory(out) as tmp:
+        _quantize_int8(directory / GRAPH, tmp / GRAPH)
+        for name in (CONFIG, "tokenizer.json", "tokenizer_config.json"):
+            if (directory / name).is_file():
+                (tmp / name).write_bytes((directory / name).read_bytes())
+        info = {**info, "dtype": "int8", "quantized_from": str(directory)}
+        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
