@@ -20,8 +20,9 @@ versions). The graph has Hugging Face's decoder layout (that of optimum's ORTMod
 
 with dynamic batch, sequence and past lengths (P = 0 for the prefill). Left padding is what lmforge's
 decoder does with its KV cache's `pad`: padded keys are never attended and positions start at each
-row's first real token. `int8` quantizes the MatMul weights with onnxruntime's `quantize_dynamic`
-(int8 weights, activations quantized per call). The export needs `onnx` and `onnxscript` (torch's
+row's first real token. `int8` quantizes the linear layers with onnxruntime's `quantize_dynamic`
+(int8 weights per output channel, activations quantized per call; the MLPs' down projections and the
+output head stay fp32, see `_quantize_int8`). The export needs `onnx` and `onnxscript` (torch's
 dynamo exporter), running needs `onnxruntime`: `pip install 'lmforge[onnx]'`. The engine runs on
 the CPU (onnxruntime's CPU execution provider), in fp32 or int8.
 """
@@ -154,17 +155,31 @@ def _export_graph(model: nn.Module, path: Path) -> None:
     exporter_log.setLevel(level)
 
 
-def _quantize_int8(source: Path, target: Path) -> None:
-    """onnxruntime's dynamic quantization: MatMul weights to int8, activations quantized at run time."""
+def _quantize_int8(source: Path, target: Path, config: ModelConfig) -> None:
+    """onnxruntime's dynamic quantization: the linear layers' weights to int8 (one scale per output
+    channel), their inputs quantized at run time, per tensor.
+
+    The MLPs' down projections stay fp32: their inputs (after GELU or SwiGLU) carry the outlier
+    activations that one scale per tensor crushes (SmolLM2-135M, 196 tokens of English: the fp32
+    graph's top token kept at 41% of positions with them quantized, 75% without). The output head
+    stays fp32 too (with tied embeddings its weight is the embedding table's, transposed in the graph).
+    """
     import logging
 
+    import onnx
+
     quantization = _require("onnxruntime.quantization", "int8 ONNX export")
+    graph = onnx.load(str(source), load_external_data=False).graph
+    down = [config.d_ff, config.d_model]
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    keep = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and shapes.get(n.input[1]) == down]
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process the graph (shape inference: no gain for MatMuls)
     try:
         quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
-                                      op_types_to_quantize=["MatMul", "Gemm"],
+                                      op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                                      nodes_to_exclude=keep,
                                       use_external_data_format=source.with_name(source.name + ".data").exists())
     finally:
         root.setLevel(level)
@@ -196,7 +211,7 @@ def export_onnx(model: nn.Module, out: str | Path, dtype: Literal["fp32", "int8"
         else:
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out.name}.fp32-") as fp32:
                 _export_graph(model, Path(fp32) / GRAPH)
-                _quantize_int8(Path(fp32) / GRAPH, tmp / GRAPH)
+                _quantize_int8(Path(fp32) / GRAPH, tmp / GRAPH, model.config)
         (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
         if model.tokenizer is not None:
             model.tokenizer.save(tmp)
@@ -220,7 +235,7 @@ def quantize_export(directory: str | Path, out: str | Path) -> Path:
     _require("onnxruntime.quantization", "int8 ONNX export")
     check_new_directory(out)
     with atomic_directory(out) as tmp:
-        _quantize_int8(directory / GRAPH, tmp / GRAPH)
+        _quantize_int8(directory / GRAPH, tmp / GRAPH, _read_config(directory / CONFIG))
         for name in (CONFIG, "tokenizer.json", "tokenizer_config.json"):
             if (directory / name).is_file():
                 (tmp / name).write_bytes((directory / name).read_bytes())
