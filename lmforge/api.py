@@ -238,11 +238,12 @@ def generate(model: Any, prompt: str | Sequence[str] = "", device: str | torch.d
 
 
 def generation_model(checkpoint: str | Path, engine: str = "auto", device: str | torch.device = "auto",
-                     dtype: str = "fp32") -> Any:
+                     dtype: str | None = None) -> Any:
     """The model `lmforge generate` runs: a checkpoint on torch, or an ONNX export on onnxruntime.
 
     engine auto: onnxruntime for an ONNX export directory (`lmforge export --format onnx`), else torch;
-    onnxruntime on a checkpoint runs its fp32 export, made once into $LMFORGE_CACHE/onnx/.
+    onnxruntime on a checkpoint runs its fp32 export, made once into $LMFORGE_CACHE/onnx/. `dtype`
+    (fp32, bf16; None: the checkpoint's own) is torch's.
     """
     from lmforge.infer.onnx import cached_export, is_onnx_directory, load_onnx
 
@@ -251,10 +252,10 @@ def generation_model(checkpoint: str | Path, engine: str = "auto", device: str |
     if engine == "torch":
         if exported:
             raise UserError(f"{checkpoint} is an ONNX export; run it with --engine onnxruntime (or auto)")
-        return load(checkpoint, device=device, dtype=GENERATION_DTYPES[dtype])
+        return load(checkpoint, device=device, dtype=GENERATION_DTYPES[dtype] if dtype else None)
     if engine != "onnxruntime":
         raise UserError(f"--engine {engine!r} is not supported; supported: auto, torch, onnxruntime")
-    if dtype != "fp32":
+    if dtype not in (None, "fp32"):
         raise UserError(f"--dtype {dtype}: the onnxruntime engine runs the export's own weights "
                         "(fp32, or int8 with lmforge export --onnx-dtype int8); use --dtype fp32")
     if str(device) not in ("auto", "cpu"):

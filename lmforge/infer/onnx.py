@@ -149,9 +149,13 @@ def _export_graph(model: nn.Module, path: Path) -> None:
     exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" notes
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
         warnings.simplefilter("ignore")
-        torch.onnx.export(DecoderGraph(model), (ids, mask, positions, past), str(path), input_names=inputs,
-                          output_names=outputs, dynamic_shapes=shapes, dynamo=True, external_data=large,
-                          optimize=True)
+        try:
+            torch.onnx.export(DecoderGraph(model), (ids, mask, positions, past), str(path), input_names=inputs,
+                              output_names=outputs, dynamic_shapes=shapes, dynamo=True, external_data=large,
+                              optimize=True)
+        except TypeError as e:  # an older torch.onnx.export, without the dynamo exporter's arguments
+            raise UserError(f"ONNX export needs torch's dynamo exporter (torch >= 2.6); this is torch "
+                            f"{torch.__version__}: {e}") from None
     exporter_log.setLevel(level)
 
 
