@@ -9,7 +9,7 @@ Models: the GPT-2 124M shape (preset "gpt2") with random weights, and SmolLM2-13
 attention). Each is exported once with `lmforge.infer.onnx.export_onnx` (fp32; the export time is a
 figure) and quantized to int8 from that graph (`quantize_export`: onnxruntime's `quantize_dynamic`).
 Before timing, the fp32 graph's logits are checked against torch's (a left-padded batch, prefill and
-one decode step).
+one decode step; within 1e-3).
 
 Each row is a 32-token prompt (random ids); each side generates exactly 200 new tokens greedily
 through the same loop (`generate_ids`, temperature 0): lmforge's torch path (fp32, with its own
@@ -45,6 +45,7 @@ from lmforge.infer.onnx import export_onnx, load_onnx, quantize_export  # noqa: 
 from lmforge.models.decoder import Decoder  # noqa: E402
 
 PROMPT_LEN = 32
+TOLERANCE = 1e-3  # fp32 logits: SmolLM2's 30 layers of real weights differ from torch by ~1e-4 of rounding
 MODELS = {"gpt2": "GPT-2 124M shape, random weights", "smollm2": "SmolLM2-135M-Instruct (catalog)",
           "tiny": "preset tiny, random weights (a check that the benchmark runs)"}
 
@@ -94,8 +95,8 @@ def measure_model(name: str, args: argparse.Namespace, rounds: int, deadline: fl
     threads = torch.get_num_threads()
     engines = {"onnxruntime_fp32": load_onnx(fp32_dir, threads), "onnxruntime_int8": load_onnx(int8_dir, threads)}
     diff = parity(model, engines["onnxruntime_fp32"], vocab)
-    emit({"figure": "onnx_parity", "model": name, "max_abs_logit_difference_fp32": diff, "ok": diff <= 1e-4})
-    if diff > 1e-4:
+    emit({"figure": "onnx_parity", "model": name, "max_abs_logit_difference_fp32": diff, "ok": diff <= TOLERANCE})
+    if diff > TOLERANCE:
         raise SystemExit(f"{name}: the fp32 graph disagrees with torch: the benchmark would be meaningless")
     generator = torch.Generator().manual_seed(1)
     for batch in args.batch:
