@@ -201,24 +201,35 @@ def import_model(source: str | Path, out: str | Path, gguf_file: str | None = No
     return out
 
 
-def export(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
-    """Write a checkpoint in another format (hf: Hugging Face transformers).
+def export(checkpoint: str | Path, out: str | Path, format: str = "hf",
+           onnx_dtype: Literal["fp32", "int8"] = "fp32") -> Path:
+    """Write a checkpoint in another format (hf: Hugging Face transformers; onnx: ONNX Runtime).
 
     hf: config.json, model.safetensors and tokenizer files that transformers' AutoModelForCausalLM
-    and AutoTokenizer load. Returns the directory.
+    and AutoTokenizer load. onnx: model.onnx (a decoder graph with past keys and values, Hugging
+    Face's layout), config.json and the tokenizer, which `lmforge generate OUT` runs on onnxruntime
+    (`lmforge.infer.onnx`; needs pip install 'lmforge[onnx]'). Returns the directory.
 
     Args:
         checkpoint: a checkpoint or run directory (or any source lmforge import takes)
         out: the directory to create (it must not exist, or be empty)
-        format: the output format (the only one so far: hf)
+        format: the output format: hf or onnx
+        onnx_dtype: onnx: the graph's weights: fp32, or int8 (onnxruntime's dynamic quantization of the matmuls)
     """
     from lmforge.interop import export_hf
 
-    if format != "hf":
-        raise UserError(f"--format {format!r} is not supported; supported: hf")
+    if format not in ("hf", "onnx"):
+        raise UserError(f"--format {format!r} is not supported; supported: hf, onnx")
+    if format == "hf" and onnx_dtype != "fp32":
+        raise UserError(f"--onnx-dtype {onnx_dtype} applies to --format onnx only")
     out = Path(out)
     check_new_directory(out)
-    return export_hf(load(checkpoint, dequantize=True), out)
+    model = load(checkpoint, dequantize=True)  # a quantized checkpoint goes out in float
+    if format == "onnx":
+        from lmforge.infer.onnx import export_onnx
+
+        return export_onnx(model, out, onnx_dtype, source=str(checkpoint))
+    return export_hf(model, out)
 
 
 def generate(model: Any, prompt: str | Sequence[str] = "", device: str | torch.device = "auto",
@@ -229,8 +240,34 @@ def generate(model: Any, prompt: str | Sequence[str] = "", device: str | torch.d
     A path is loaded onto `device` (auto: a GPU where there is one); a loaded model generates where it is.
     """
     if isinstance(model, (str, Path)):
-        model = load(model, device=device)
+        model = generation_model(model, device=device)
     return model.generate(prompt, **options)
+
+
+def generation_model(checkpoint: str | Path, engine: str = "auto", device: str | torch.device = "auto",
+                     dtype: str | None = None) -> Any:
+    """The model `lmforge generate` runs: a checkpoint on torch, or an ONNX export on onnxruntime.
+
+    engine auto: onnxruntime for an ONNX export directory (`lmforge export --format onnx`), else torch;
+    onnxruntime on a checkpoint runs its fp32 export, made once into $LMFORGE_CACHE/onnx/. `dtype`
+    (fp32, bf16; None: the checkpoint's own) is torch's.
+    """
+    from lmforge.infer.onnx import cached_export, is_onnx_directory, load_onnx
+
+    exported = is_onnx_directory(checkpoint)
+    engine = ("onnxruntime" if exported else "torch") if engine == "auto" else engine
+    if engine == "torch":
+        if exported:
+            raise UserError(f"{checkpoint} is an ONNX export; run it with --engine onnxruntime (or auto)")
+        return load(checkpoint, device=device, dtype=GENERATION_DTYPES[dtype] if dtype else None)
+    if engine != "onnxruntime":
+        raise UserError(f"--engine {engine!r} is not supported; supported: auto, torch, onnxruntime")
+    if dtype not in (None, "fp32"):
+        raise UserError(f"--dtype {dtype}: the onnxruntime engine runs the export's own weights "
+                        "(fp32, or int8 with lmforge export --onnx-dtype int8); use --dtype fp32")
+    if str(device) not in ("auto", "cpu"):
+        raise UserError(f"--device {device}: the onnxruntime engine runs on the CPU; use --device cpu")
+    return load_onnx(checkpoint if exported else cached_export(checkpoint, load))
 
 
 
@@ -250,6 +287,7 @@ def print_generation(
     device: str = "auto",
     draft: str | None = None,
     draft_tokens: int = 4,
+    engine: Literal["auto", "torch", "onnxruntime"] = "auto",
 ) -> None:
     """Continue a prompt (--prompt, or standard input) and stream the text.
 
@@ -273,6 +311,8 @@ def print_generation(
         draft: speculative decoding: a smaller model's checkpoint with the same tokenizer, or prompt-lookup
             (drafts copied from the prompt); the same text when greedy, the same distribution when sampling
         draft_tokens: the tokens drafted per step of the model (with --draft)
+        engine: what runs the model: torch, onnxruntime (an ONNX export; a checkpoint is exported once to
+            a cache) or auto (onnxruntime for a directory written by lmforge export --format onnx, else torch)
     """
     import sys
 
@@ -280,7 +320,7 @@ def print_generation(
 
     if prompt is None:
         prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    model = load(checkpoint, device=device, dtype=GENERATION_DTYPES[dtype])
+    model = generation_model(checkpoint, engine, device, dtype)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, stop=stop or [], seed=seed)
     if draft is not None:

@@ -78,6 +78,9 @@ def _text_trained(summary: dict[str, Any], a: dict[str, Any]) -> str:
     return f"validation loss {summary.get('best_val_loss', float('nan')):.4f} at best; model in {a['out']}"
 
 
+EXPORTS = {"hf": "a Hugging Face (hf) checkpoint", "onnx": "an ONNX graph (onnx)"}
+
+
 def _imported(out: Path, a: dict[str, Any]) -> str:
     info = json.loads((out / "lmforge.json").read_text())
     kind = info["source"].get("model_type", "lmforge")
@@ -102,7 +105,7 @@ VERBS = {v.name: v for v in [
     Verb("models", "lmforge.api:print_models"),
     Verb("import", "lmforge.api:import_model", done=_imported),
     Verb("export", "lmforge.api:export", required=("out",),
-         done="exported {checkpoint} as a Hugging Face ({format}) checkpoint to {result}"),
+         done=lambda out, a: f"exported {a['checkpoint']} as {EXPORTS.get(a['format'], a['format'])} to {out}"),
     Verb("finetune", "lmforge.recipes.finetune:finetune", required=("out",), hide=("base", "defaults"),
          aliases={"--format": "data_format", **DEVICE}, done="lmforge.recipes.finetune:finetuned"),
     Verb("quantize", "lmforge.infer.quantize:quantize", required=("out",),
