@@ -96,6 +96,8 @@ def make_checkpoints(own: str | None) -> dict[str, tuple[Path, str]]:
                     root / f"{family}-int4-{method}-g{group}",
                     lambda p, b=base, g=group, m=method, c=calib: lmforge.quantize(b, p, bits=4, group_size=g,
                                                                                    method=m, **c)), "fp32")
+    out["smollm2 int4 gptq g32, int4 head"] = (once(root / "smollm2-int4-gptq-g32-head4", lambda p: lmforge.quantize(
+        families["smollm2"], p, bits=4, group_size=32, method="gptq", calib="kjv", head_bits=4)), "fp32")
     out["smollm2 gguf q4_1"] = (once(root / "smollm2-gguf", lambda p: lmforge.import_model(
         "smollm2-135m-instruct", p)), "fp32")
 

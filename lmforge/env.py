@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lmforge import kernels, perf
-from lmforge.kernels import cpu, measure
+from lmforge.kernels import cpu, measure, quantized
 from lmforge.train.trainer import resolve_precision
 
 FIXED = {  # kernels chosen by a rule, not a race: they save memory, at no measured cost in speed
@@ -53,6 +53,8 @@ def env(remeasure: bool = False, json_output: bool = False) -> dict[str, Any]:
         "precision_auto": resolve_precision("auto", torch.device("cpu")),
         "switch": os.environ.get(measure.SWITCH, ""),
         "kernels": [verdict.__dict__ for verdict in measure.everything()] if kernels.switched_on() else [],
+        "quantized": [quantized.verdict(bits, 32, rows) for bits in quantized.BITS for rows in (1, 8, 128)]
+        if kernels.switched_on() else [],
         "rules": FIXED,
         "cache": str(perf.cache_dir() / "machine" / f"{perf.machine_id()}.json"),
     }
@@ -100,6 +102,10 @@ def as_text(report: dict[str, Any]) -> str:
         lines.append(f"{'every job':<26}{'(all)':<16}{'no':<6}switched off ({measure.SWITCH}=off)")
     for v in report["kernels"]:
         lines.append(f"{_job(v['kernel'], v['case']):<26}{v['kernel']:<16}{_yes(v['use']):<6}{v['why']}")
+    for v in report["quantized"]:
+        ms = ", ".join(f"{k} {t:.2f} ms" for k, t in sorted(v["ms"].items(), key=lambda kv: kv[1]))
+        job = "int{} layers, {}".format(*v["case"].removeprefix("quantized/int").split("/")).replace("-g32", " (g32)")
+        lines.append(f"{job:<26}{v['kernel']:<16}{'yes':<6}the fastest measured: {ms}")
     for kernel, why in report["rules"].items():
         lines.append(f"{'training, any precision':<26}{kernel:<16}{'yes':<6}{why}")
     lines.append(f"{'training':<26}{'torch.compile':<16}{'no':<6}not raced (compiling takes 30-60 s on a CPU): "
