@@ -180,12 +180,15 @@ class QuantizedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = kernel_for(self.bits, self.group_size, x.numel() // x.shape[-1], x.device)
-        flat = x.reshape(-1, self.in_features).contiguous()  # the low-bit kernels read rows back to back
-        y = KERNEL_CALLS[kernel](self, flat).to(x.dtype)
+        rows = x.numel() // self.in_features
+        kernel = kernel_for(self.bits, self.group_size, rows, x.device)
+        flat = x.reshape(rows, self.in_features).contiguous()  # the low-bit kernels read rows back to back
+        y = KERNEL_CALLS[kernel](self, flat)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def prepared(self, kernel: str) -> Any:
         """What `kernel` multiplies with, made once (packed weights, scales in the activations' dtype)."""
@@ -211,15 +214,19 @@ PREPARE: dict[str, Callable[[QuantizedLinear], Any]] = {
 
 
 def _int4pack(dtype: torch.dtype) -> Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]:
+    name = f"int4pack_{'bf16' if dtype == torch.bfloat16 else 'fp32'}"
+
     def call(m: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-        packed, scales_and_zeros = m.prepared(f"int4pack_{'bf16' if dtype == torch.bfloat16 else 'fp32'}")
+        packed, scales_and_zeros = m.prepared(name)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, m.group_size, scales_and_zeros)
     return call
 
 
 def _int8pack(dtype: torch.dtype) -> Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]:
+    name = f"int8pack_{'bf16' if dtype == torch.bfloat16 else 'fp32'}"
+
     def call(m: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-        scales = m.prepared(f"int8pack_{'bf16' if dtype == torch.bfloat16 else 'fp32'}")
+        scales = m.prepared(name)
         return torch.ops.aten._weight_int8pack_mm(x.to(dtype), m.qweight, scales)
     return call
 
@@ -242,22 +249,20 @@ KERNEL_CALLS: dict[str, Callable[[QuantizedLinear, torch.Tensor], torch.Tensor]]
 # which kernel: a race on this machine
 
 
-def _switched_off() -> bool:
-    return os.environ.get(SWITCH, "").strip().lower() in ("off", "0", "false", "no")
-
-
-_chosen: dict[tuple, str] = {}
+_chosen: dict[tuple, str] = {}  # (bits, group size, rows case) -> kernel, for this process
 
 
 def kernel_for(bits: int, group_size: int, rows: int, device: torch.device) -> str:
     """The kernel a layer of `bits` (and `group_size`) uses for `rows` rows on `device`: the race's
-    winner on a CPU (measured once per machine), `dequantize` elsewhere or with LMFORGE_KERNELS=off."""
-    if device.type != "cpu" or _switched_off():
+    winner on a CPU (measured once per machine), `dequantize` elsewhere or with LMFORGE_KERNELS=off.
+    Called at every multiply: a few dictionary lookups."""
+    if device.type != "cpu" or os.environ.get(SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
         return "dequantize"
-    key = (bits, group_size if bits == 4 else None, rows_case(rows))
-    if key not in _chosen:
-        _chosen[key] = verdict(bits, group_size, rows)["kernel"]
-    return _chosen[key]
+    key = (bits, group_size, 1 if rows <= 1 else 8 if rows <= 8 else 128)
+    kernel = _chosen.get(key)
+    if kernel is None:
+        kernel = _chosen[key] = verdict(bits, group_size, rows)["kernel"]
+    return kernel
 
 
 def verdict(bits: int, group_size: int | None, rows: int, tiny: bool = False) -> dict[str, Any]:
