@@ -9,8 +9,8 @@ Formats: fp32, bf16 (the fp32 checkpoint cast), int8 (RTN, per channel), int4 RT
 128 (GPTQ calibrated on 32 x 256 tokens of kjv's training verses), and the SmolLM2 GGUF imported with its
 own Q4_1 codes (`lmforge import`, int8 head). Unless the head is the subject, it is int8.
 
-Quality: perplexity and bits per byte on held-out text: the first verses of kjv's test split and the
-first 40,000 characters of the Shakespeare test play (As You Like It), scored in windows of the
+Quality: perplexity and bits per byte on held-out text: the first 400 verses of kjv's test split and the
+first 24,000 characters of the Shakespeare test play (As You Like It), scored in windows of the
 model's context (`lmforge.train.objectives.evaluate_tokens`). Mind that SmolLM2's weights come from a
 Q4_1 GGUF: they sit on a group-32 4-bit grid already, so int4 at group 32 reproduces them almost
 exactly and says nothing about int4's cost; group 128 and `--own` do.
@@ -120,9 +120,9 @@ def held_out(tokenizer, quick: bool) -> dict[str, tuple[list[int], int]]:
     """{name: (token ids, UTF-8 bytes)} of the two held-out texts."""
     from lmforge.data import load
 
-    verses = [r["text"] for r in load("kjv", "test")[: 150 if quick else 600]]
+    verses = [r["text"] for r in load("kjv", "test")[: 100 if quick else 400]]
     play = next(r["text"] for r in load("shakespeare", "test") if r["title"] == "as_you_like_it")
-    texts = {"kjv test": "\n".join(verses), "shakespeare held-out": play[: 10_000 if quick else 40_000]}
+    texts = {"kjv test": "\n".join(verses), "shakespeare held-out": play[: 8_000 if quick else 24_000]}
     return {name: ([tokenizer.eos_id, *tokenizer.encode(text)], len(text.encode("utf-8")))
             for name, text in texts.items()}
 

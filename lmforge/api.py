@@ -267,9 +267,7 @@ def generation_model(checkpoint: str | Path, engine: str = "auto", device: str |
                         "(fp32, or int8 with lmforge export --onnx-dtype int8); use --dtype fp32")
     if str(device) not in ("auto", "cpu"):
         raise UserError(f"--device {device}: the onnxruntime engine runs on the CPU; use --device cpu")
-    return load_onnx(checkpoint if exported else cached_export(checkpoint, load))
-
-
+    return load_onnx(checkpoint if exported else cached_export(checkpoint, lambda c: load(c, dequantize=True)))
 
 
 def print_generation(

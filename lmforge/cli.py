@@ -5,7 +5,8 @@
     lmforge prepare --data corpus/ --out runs/data [--tokenizer runs/tok] [--no-clean] [--clean.near_threshold 0.9]
     lmforge pretrain --data runs/data --out runs/x --preset gpt-mini [--config run.yaml] [--train.lr 3e-4] [--resume]
     lmforge generate runs/x --prompt "ROMEO:" --max-new-tokens 100
-    lmforge import smollm2-135m-instruct runs/smollm2 ; lmforge export runs/smollm2 --format hf --out runs/hf
+    lmforge import smollm2-135m-instruct runs/smollm2 ; lmforge export runs/smollm2 --format hf|onnx --out runs/hf
+    lmforge quantize runs/x --bits 4 --method gptq --calib kjv --out runs/x-int4 ; lmforge generate runs/x --draft D
     lmforge finetune smollm2-135m-instruct chatterbot --out runs/chat --method lora ; lmforge chat runs/chat
     lmforge classify train|predict|eval|zero-shot ... ; lmforge summarize|translate train|predict|eval ...
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize

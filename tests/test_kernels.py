@@ -362,8 +362,12 @@ def test_lmforge_env_shows_the_measurements_and_the_kernel_for_each_job(tmp_path
     assert loss["use"] is False and loss["why"] == "set off by LMFORGE_KERNELS"
     assert Path(report["cache"]).parent.parent == tmp_path
     kept = json.loads(Path(report["cache"]).read_text())["measured"] if Path(report["cache"]).is_file() else {}
-    assert len(kept) + len(report["disturbed"]) == 3 + len(report["kernels"]) - 1  # peaks, bandwidth, races
+    quantized = {v["case"] for v in report["quantized"]}  # int4 and int8 layers at 1, 8 and prompt rows
+    assert len(quantized) == 6 and all(v["kernel"] in v["ms"] for v in report["quantized"])
+    # peaks, bandwidth, races
+    assert len(kept) + len(report["disturbed"]) == 3 + len(report["kernels"]) - 1 + len(quantized)
     assert not set(kept) & set(report["disturbed"])
     text = subprocess.run([sys.executable, "-m", "lmforge", "env"], capture_output=True, text=True,
                           env=environ, timeout=120).stdout
     assert "matmul bf16" in text and "--train.precision auto ->" in text and "training, bf16" in text
+    assert "int4 (g32) layers, 1 row" in text
