@@ -6,14 +6,15 @@
     python bench/quantize.py --no-llama-cpp   # skip the llama.cpp anchor
 
 Formats: fp32, bf16 (the fp32 checkpoint cast), int8 (RTN, per channel), int4 RTN and GPTQ at group 32 and
-128 (GPTQ calibrated on 32 x 256 tokens of kjv's training verses), and the SmolLM2 GGUF imported with its
+128 (64 for SmolLM2, whose width of 576 is not a multiple of 128; GPTQ calibrated on 32 x 256 tokens
+of kjv's training verses), and the SmolLM2 GGUF imported with its
 own Q4_1 codes (`lmforge import`, int8 head). Unless the head is the subject, it is int8.
 
 Quality: perplexity and bits per byte on held-out text: the first 400 verses of kjv's test split and the
 first 24,000 characters of the Shakespeare test play (As You Like It), scored in windows of the
 model's context (`lmforge.train.objectives.evaluate_tokens`). Mind that SmolLM2's weights come from a
 Q4_1 GGUF: they sit on a group-32 4-bit grid already, so int4 at group 32 reproduces them almost
-exactly and says nothing about int4's cost; group 128 and `--own` do.
+exactly and says nothing about int4's cost; group 64 (two of its groups under one scale) and `--own` do.
 
 Speed: greedy tokens/s of `generate_ids` from a 32-token prompt, 200 new tokens (`--quick`: 50), at
 batch 1 and 8, best of 2 rounds, each format in its own process (so its peak memory, `ru_maxrss`, is
@@ -83,13 +84,16 @@ def make_checkpoints(own: str | None) -> dict[str, tuple[Path, str]]:
     families = {"smollm2": once(root / "smollm2-fp32", lambda p: lmforge.import_model(
         "smollm2-135m-instruct", p, dequantize=True))}
     if own:
-        families["own"] = Path(own)
+        from lmforge.train.checkpoint import resolve_checkpoint
+
+        families["own"] = resolve_checkpoint(own)
     for family, base in families.items():
         out[f"{family} fp32"] = (base, "fp32")
         out[f"{family} bf16"] = (base, "bf16")
         out[f"{family} int8"] = (once(root / f"{family}-int8", lambda p, b=base: lmforge.quantize(b, p, bits=8)),
                                  "fp32")
-        for group in (32, 128):
+        width = json.loads((base / "config.json").read_text())["d_model"]
+        for group in (32, 128 if width % 128 == 0 else 64):  # SmolLM2's 576 = 4.5 x 128: group 64 there
             for method in ("rtn", "gptq"):
                 calib = {"calib": "kjv"} if method == "gptq" else {}
                 out[f"{family} int4 {method} g{group}"] = (once(

@@ -97,6 +97,9 @@ def quantize(
     parameters = model.num_parameters()
     hessians = None
     if method == "gptq":
+        if getattr(model.config, "kind", "decoder") != "decoder":
+            raise UserError(f"--method gptq calibrates decoders (causal LMs); {checkpoint} is a "
+                            f"{model.config.kind} model: use --method rtn")
         tokenizer = model.tokenizer
         sequences = calibration_sequences(calib, tokenizer, calib_samples,
                                           min(calib_tokens, model.config.block_size), text_field)
