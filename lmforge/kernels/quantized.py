@@ -258,7 +258,7 @@ def kernel_for(bits: int, group_size: int, rows: int, device: torch.device) -> s
     Called at every multiply: a few dictionary lookups."""
     if device.type != "cpu" or os.environ.get(SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
         return "dequantize"
-    key = (bits, group_size, 1 if rows <= 1 else 8 if rows <= 8 else 128)
+    key = (bits, group_size, rows_case(rows))
     kernel = _chosen.get(key)
     if kernel is None:
         kernel = _chosen[key] = verdict(bits, group_size, rows)["kernel"]
