@@ -41,16 +41,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig, from_dict, to_dict
+from lmforge.config import ModelConfig, to_dict
 from lmforge.errors import UserError
 from lmforge.files import atomic_directory, check_new_directory
 from lmforge.infer.generate import generate
 from lmforge.perf import cache_dir
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import read_model_config
 
-# Like the generate loop, this module never imports lmforge.models (nor train or sources, which do): a
-# decoder is anything with a Decoder's parts (`config.kind == "decoder"`, tok_emb, pos_emb, rope,
-# blocks, norm, head), so the packages' imports stay free of cycles.
+# Like the generate loop, this module does not import lmforge.models: a decoder is anything with a
+# Decoder's parts (`config.kind == "decoder"`, tok_emb, pos_emb, rope, blocks, norm, head). It reads an
+# export's config.json as a checkpoint's is read (`lmforge.train.checkpoint.read_model_config`).
 GRAPH, INFO, CONFIG = "model.onnx", "onnx.json", "config.json"
 ONNX_DTYPES = ("fp32", "int8")
 INSTALL = "pip install 'lmforge[onnx]'"
@@ -239,7 +240,7 @@ def quantize_export(directory: str | Path, out: str | Path) -> Path:
     _require("onnxruntime.quantization", "int8 ONNX export")
     check_new_directory(out)
     with atomic_directory(out) as tmp:
-        _quantize_int8(directory / GRAPH, tmp / GRAPH, _read_config(directory / CONFIG))
+        _quantize_int8(directory / GRAPH, tmp / GRAPH, read_model_config(directory))
         for name in (CONFIG, "tokenizer.json", "tokenizer_config.json"):
             if (directory / name).is_file():
                 (tmp / name).write_bytes((directory / name).read_bytes())
@@ -361,7 +362,7 @@ def load_onnx(directory: str | Path, threads: int | None = None) -> OnnxDecoder:
         raise UserError(f"{directory / CONFIG} is missing; an ONNX export needs the config.json written beside "
                         f"{GRAPH} by lmforge export --format onnx")
     ort = _require("onnxruntime", "the onnxruntime engine")
-    config = _read_config(directory / CONFIG)
+    config = read_model_config(directory)
     if config.kind != "decoder":
         raise UserError(f"{directory / CONFIG}: model kind {config.kind!r}; the ONNX engine runs decoders")
     info_file = directory / INFO
@@ -381,14 +382,3 @@ def load_onnx(directory: str | Path, threads: int | None = None) -> OnnxDecoder:
         raise UserError(f"{directory / GRAPH} does not match {directory / CONFIG}: inputs {names[:4]}..., "
                         f"expected {expected[:4]}... for {config.n_layer} layers")
     return OnnxDecoder(directory, config, tokenizer, session, info)
-
-
-def _read_config(path: Path) -> ModelConfig:
-    """The ModelConfig of a config.json; a one-line UserError naming the file where it is not one."""
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path} must hold a JSON object (a ModelConfig)")
-    return from_dict(ModelConfig, values, str(path)).validate()

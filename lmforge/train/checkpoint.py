@@ -248,13 +248,21 @@ def _read_json(path: Path) -> Any:
 
 
 def read_model_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of `directory`'s config.json; a one-line UserError naming the file where it is not one."""
+    return read_config_file(directory)[0]
+
+
+def read_config_file(directory: Path) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """config.json's ModelConfig and its quantization record (None for a model in float), read once."""
     values = _read_json(directory / CONFIG)
-    values.pop(QUANTIZATION, None)  # read by load_checkpoint
+    if not isinstance(values, dict):
+        raise UserError(f"{directory / CONFIG} must hold a JSON object (a ModelConfig)")
+    quantization = values.pop(QUANTIZATION, None)
     kind = values.get("kind", "decoder")
     if kind not in MODEL_KINDS:
         raise UserError(f"{directory / CONFIG}: model kind {kind!r} is not supported; "
                         f"supported: {', '.join(MODEL_KINDS)}")
-    return from_dict(ModelConfig, values, str(directory / CONFIG)).validate()
+    return from_dict(ModelConfig, values, str(directory / CONFIG)).validate(), quantization
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -298,9 +306,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     The class follows the config's `kind`: a Decoder, a Seq2Seq or a VAE (`lmforge.models.build_model`).
     """
     directory = verified_checkpoint(path)
-    config = read_model_config(directory)
+    config, quantization = read_config_file(directory)
     state = load_weights(directory, device)
-    quantization = _read_json(directory / CONFIG).get(QUANTIZATION)
     with torch.device("meta"):
         model = build_model(config)
         if quantization:
