@@ -176,3 +176,19 @@ class WorkerProcess:
         answer = self.send(op="quit")
         self.process.wait()
         return answer
+
+
+def add_disturbance_arguments(parser, retries: int = 2, budget: float = 600) -> None:
+    """--retries and --budget: how long `measure_quietly` keeps repeating rounds other processes disturbed."""
+    parser.add_argument("--retries", type=int, default=retries,
+                        help="times a round is repeated while other processes keep the CPUs busy")
+    parser.add_argument("--budget", type=float, default=budget,
+                        help="seconds after which disturbed rounds are no longer repeated")
+
+
+def add_generation_arguments(parser) -> None:
+    """The shape of a generation benchmark: --quick, --rounds, --new-tokens, --batch."""
+    parser.add_argument("--quick", action="store_true", help="1 round per batch size")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])

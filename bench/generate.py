@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     JEMALLOC,
     JEMALLOC_CONF,
+    add_disturbance_arguments,
+    add_generation_arguments,
     emit,
     hf_gpt2,
     machine_state,
@@ -63,15 +65,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 round per batch size")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    add_generation_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--retries", type=int, default=2,
-                        help="times a round is repeated while other processes keep the CPUs busy")
-    parser.add_argument("--budget", type=float, default=180,
-                        help="seconds after which disturbed rounds are no longer repeated")
+    add_disturbance_arguments(parser, budget=180)
     parser.add_argument("--jemalloc", action="store_true", help="run under jemalloc (where installed)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="weight dtypes, each measured on both sides (bf16: both models cast to bf16)")

@@ -36,7 +36,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_state, measure_quietly, median, timed  # noqa: E402
+from common import (  # noqa: E402
+    add_disturbance_arguments,
+    add_generation_arguments,
+    emit,
+    machine_state,
+    measure_quietly,
+    median,
+    timed,
+)
 
 from lmforge.config import preset  # noqa: E402
 from lmforge.infer import left_pad  # noqa: E402
@@ -136,16 +144,10 @@ def measure_batch(name: str, sides: dict, prompts: list[list[int]], args: argpar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 round per batch size")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    add_generation_arguments(parser)
     parser.add_argument("--models", nargs="+", default=["gpt2", "smollm2"], choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=2, help="torch's threads, and onnxruntime's intra-op threads")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="times a round is repeated while other processes keep the CPUs busy")
-    parser.add_argument("--budget", type=float, default=600,
-                        help="seconds after which disturbed rounds are no longer repeated")
+    add_disturbance_arguments(parser, budget=600)
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     deadline = time.perf_counter() + args.budget

@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_state, measure_quietly, median, timed  # noqa: E402
+from common import (  # noqa: E402
+    add_disturbance_arguments,
+    emit,
+    machine_state,
+    measure_quietly,
+    median,
+    timed,
+)
 
 import lmforge  # noqa: E402
 from lmforge.data import datasets  # noqa: E402
@@ -80,10 +87,7 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, default=8, help="blocks of the layer-skip draft (of 30)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--retries", type=int, default=2,
-                        help="times a round is repeated while other processes keep the CPUs busy")
-    parser.add_argument("--budget", type=float, default=1200,
-                        help="seconds after which disturbed rounds are no longer repeated")
+    add_disturbance_arguments(parser, budget=1200)
     args = parser.parse_args()
     if args.quick:
         args.documents, args.draft_tokens, args.rounds = 3, [4], 1
