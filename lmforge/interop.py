@@ -402,8 +402,7 @@ def keep_gguf_quantization(model: Decoder, file: Path) -> dict[str, Any] | None:
             layer.set_codes(codes, scales, offsets + 8 * scales)
             if linear.bias is not None:
                 layer.bias.data.copy_(linear.bias.data)
-            parent, _, child = f"blocks.{i}.{ours}".rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
+            model.set_submodule(f"blocks.{i}.{ours}", layer)
             layers[f"blocks.{i}.{ours}"] = 4
             types.update(p.tensor_type.name for p in parts)
     head = tensors.get("output.weight") or tensors.get("token_embd.weight")

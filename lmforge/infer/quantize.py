@@ -193,9 +193,7 @@ def quantize_model(model: nn.Module, plan: dict[str, int], group_size: int,
                    hessians: dict[str, torch.Tensor] | None = None) -> None:
     """Replace each planned layer by its QuantizedLinear: GPTQ where `hessians` are given, else RTN."""
     for name, bits in plan.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         group = group_size if bits == 4 else None
         if hessians is None:
             layer = QuantizedLinear.from_weight(linear.weight, linear.bias, bits, group)
@@ -204,7 +202,7 @@ def quantize_model(model: nn.Module, plan: dict[str, int], group_size: int,
             layer.set_codes(*gptq(linear.weight.float(), hessians[name], bits, layer.group_size))
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.float())
-        setattr(parent, child, layer)
+        model.set_submodule(name, layer)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, block: int = 128,

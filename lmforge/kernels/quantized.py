@@ -317,12 +317,9 @@ def quantize_layers(model: nn.Module, spec: dict[str, Any], device: torch.device
     """Replace each linear layer that `spec["layers"]` names ({name: bits}) by an empty QuantizedLinear of
     `spec["group_size"]` (for loading a quantized checkpoint's state dict into)."""
     for name, bits in spec["layers"].items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        layer = QuantizedLinear(old.in_features, old.out_features, bits, spec.get("group_size"),
-                                old.bias is not None, device=device)
-        setattr(parent, child, layer)
+        old = model.get_submodule(name)
+        model.set_submodule(name, QuantizedLinear(old.in_features, old.out_features, bits, spec.get("group_size"),
+                                                  old.bias is not None, device=device))
 
 
 @torch.no_grad()
@@ -336,7 +333,6 @@ def dequantize_layers(model: nn.Module) -> None:
             linear.weight.copy_(module.dequantize())
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            model.set_submodule(name, linear)
     if hasattr(model, "quantization"):
         del model.quantization
