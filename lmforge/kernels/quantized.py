@@ -22,9 +22,9 @@ rows a call multiplies (1, up to 8, more: a prompt), cached per machine:
 | `dequantize` | 4, 8 | the fp32 weight made again at each call, then `F.linear` (any device; the plain way) |
 
 On a GPU (and with LMFORGE_KERNELS=off) the layer dequantizes. Measured on a 2-core AMD EPYC Zen 4,
-a GPT-2 block's linear layers at 1 row: int4pack_bf16 0.53 ms, int8pack_bf16 0.80 ms, int8pack_fp32
-3.9 ms, int4pack_fp32 7.2 ms, fp32 weights (packed for oneDNN) 4.5 ms: with fp32 activations the
-low-bit kernels are slower than no quantization at all (why each is raced, not assumed).
+a GPT-2 block's linear layers at 1 row: int4pack_bf16 0.40 ms, int8pack_bf16 0.80 ms, int8pack_fp32
+3.9 ms, int4pack_fp32 7.0 ms, fp32 weights (packed for oneDNN) 5.05 ms: with fp32 activations the int4
+kernel is slower than no quantization at all (why each is raced, not assumed).
 """
 
 from __future__ import annotations
