@@ -48,6 +48,8 @@ class ModelConfig:
     n_layer: int = param(6, "number of Transformer blocks")
     n_head: int = param(6, "attention heads (queries)")
     n_kv_head: int | None = param(None, "key/value heads for grouped-query attention (default: n_head)")
+    head_dim: int | None = param(None, "width of each attention head (default: d_model / n_head; a model with "
+                                       "pruned heads keeps its head width)")
     d_model: int = param(384, "width of the residual stream")
     d_ff: int | None = param(None, "hidden width of the MLP (default: 4*d_model, or ~8/3*d_model for swiglu)")
     norm: str = param("layernorm", "layernorm (GPT-2) or rmsnorm (Llama)")
@@ -66,6 +68,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.head_dim is None and self.n_head > 0:
+            self.head_dim = self.d_model // self.n_head
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
         if self.d_ff is None:
@@ -80,15 +84,16 @@ class ModelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name} = {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
-            if getattr(self, name) < 1:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim"):
+            if getattr(self, name) is None or getattr(self, name) < 1:
                 raise UserError(f"model.{name} = {getattr(self, name)}; expected a positive integer")
-        if self.d_model % self.n_head:
-            raise UserError(f"model.d_model = {self.d_model} is not divisible by model.n_head = {self.n_head}")
+        if self.d_model % self.n_head and self.head_dim == self.d_model // self.n_head:
+            raise UserError(f"model.d_model = {self.d_model} is not divisible by model.n_head = {self.n_head}; "
+                            "set model.head_dim for heads narrower than d_model / n_head")
         if self.n_head % self.n_kv_head:
             raise UserError(f"model.n_head = {self.n_head} is not divisible by model.n_kv_head = {self.n_kv_head}")
-        if self.position == "rope" and (self.d_model // self.n_head) % 2:
-            raise UserError("rope needs an even head size (d_model / n_head)")
+        if self.position == "rope" and self.head_dim % 2:
+            raise UserError(f"rope needs an even head size; model.head_dim = {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout = {self.dropout}; expected a value in [0, 1)")
         for name in ("n_encoder_layer", "latent_dim"):
@@ -100,10 +105,6 @@ class ModelConfig:
     def encoder_layers(self) -> int:
         """Blocks of the encoder of a seq2seq or vae model."""
         return self.n_encoder_layer or self.n_layer
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
 
 @dataclass

@@ -138,9 +138,6 @@ def _llama_config(c: dict[str, Any], model_type: str) -> ModelConfig:
     if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UserError("partial rotary embeddings (partial_rotary_factor) are not supported")
     head_dim = c.get("head_dim") or d_model // n_head
-    if d_model % n_head or head_dim != d_model // n_head:
-        raise UserError(f"head_dim {head_dim} != hidden_size / num_attention_heads ({d_model} / {n_head}) "
-                        "is not supported")
     if model_type != "qwen2" and (c.get("attention_bias") or c.get("mlp_bias")):
         raise UserError(f"{model_type} with attention_bias or mlp_bias is not supported (biases on q/k/v only: "
                         "Qwen2)")
@@ -157,6 +154,7 @@ def _llama_config(c: dict[str, Any], model_type: str) -> ModelConfig:
         n_layer=_need(c, "num_hidden_layers"),
         n_head=n_head,
         n_kv_head=c.get("num_key_value_heads") or n_head,
+        head_dim=head_dim,
         d_model=d_model,
         d_ff=_need(c, "intermediate_size"),
         norm="rmsnorm", mlp="swiglu", position="rope",
@@ -170,7 +168,8 @@ def _llama_config(c: dict[str, Any], model_type: str) -> ModelConfig:
 
 def hf_family(config: ModelConfig) -> str:
     """The Hugging Face model_type that represents `config` exactly (gpt2, llama or qwen2), else a UserError."""
-    gpt2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, qkv_bias=True, n_kv_head=config.n_head)
+    gpt2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, qkv_bias=True, n_kv_head=config.n_head,
+                head_dim=config.d_model // config.n_head)
     llama = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
     if all(getattr(config, k) == v for k, v in gpt2.items()):
         return "gpt2"
