@@ -30,13 +30,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lmforge.data.sources import read_source
+from lmforge.data.sources import calibration_sequences
 from lmforge.errors import UserError
 from lmforge.files import check_new_directory
 from lmforge.kernels.quantized import QuantizedLinear, int4_codes, int4_grid, int8_codes, int8_scales
@@ -146,21 +146,6 @@ def layer_plan(model: nn.Module, bits: int, head_bits: int, group_size: int) -> 
     if not plan:
         raise UserError("the model has no linear layers to quantize")
     return plan
-
-
-def calibration_sequences(data: str, tokenizer: Any, samples: int, tokens: int, text_field: str = "text"
-                          ) -> torch.Tensor:
-    """`samples` windows (samples, tokens) of token ids taken evenly from the text of `data`."""
-    ids: list[int] = []
-    for doc in read_source(data, text_field):
-        ids += tokenizer.encode(doc.text) + [tokenizer.eos_id]
-        if len(ids) >= 50 * samples * tokens:  # enough to spread the windows over
-            break
-    if len(ids) < tokens:
-        raise UserError(f"--calib {data} has {len(ids)} tokens; expected at least --calib-tokens = {tokens}")
-    all_ids = torch.tensor(ids)
-    starts = torch.linspace(0, len(ids) - tokens, samples).long()
-    return torch.stack([all_ids[s:s + tokens] for s in starts.tolist()])
 
 
 @torch.no_grad()

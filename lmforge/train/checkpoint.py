@@ -2,7 +2,8 @@
 
     CHECKPOINT/
       config.json        the ModelConfig (kind and sizes); in a quantized checkpoint also `quantization`
-                         (bits, group size, method, the layers: lmforge.infer.quantize)
+                         (bits, group size, method, the layers: lmforge.infer.quantize), in a pruned one
+                         `pruning` (method, pattern, sparsity: lmforge.infer.prune)
       model.safetensors  the weights (fp32; a quantized layer's integer codes and fp32 scales)
       tokenizer.json     the tokenizer
       tokenizer_config.json  its eos/bos tokens and chat template (Hugging Face style; only when it has them)
@@ -62,6 +63,8 @@ CONFIG, WEIGHTS, TOKENIZER, INFO, TRAINER_STATE = (
 SHARDED = "sharded"  # the directory of FSDP's shards, in a checkpoint of --train.strategy fsdp
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 QUANTIZATION = "quantization"  # the key of config.json that says which layers are quantized, and how
+PRUNING = "pruning"  # the key of config.json that says how the model was pruned (lmforge.infer.prune)
+RECORDS = (QUANTIZATION, PRUNING)  # what config.json holds beside the ModelConfig, kept as the model's attributes
 FILES = "files"  # the key of lmforge.json that records the checkpoint's other files
 
 _verified: set[tuple] = set()  # signatures (names, sizes, mtimes, inodes) of checkpoints found whole
@@ -115,8 +118,8 @@ def save_checkpoint(
         elif weights or sharded is None:
             save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         if isinstance(model.config, ModelConfig):
-            quantization = getattr(model, "quantization", None)  # lmforge.infer.quantize: which layers, how
-            values = {**to_dict(model.config), **({QUANTIZATION: quantization} if quantization else {})}
+            values = {**to_dict(model.config), **{key: getattr(model, key) for key in RECORDS
+                                                   if getattr(model, key, None)}}
             (tmp / CONFIG).write_text(json.dumps(values, indent=2) + "\n")
         else:  # a transformers model with no native port: its config.json, so transformers loads the directory
             (tmp / CONFIG).write_text(model.config.to_json_string())
@@ -252,17 +255,18 @@ def read_model_config(directory: Path) -> ModelConfig:
     return read_config_file(directory)[0]
 
 
-def read_config_file(directory: Path) -> tuple[ModelConfig, dict[str, Any] | None]:
-    """config.json's ModelConfig and its quantization record (None for a model in float), read once."""
+def read_config_file(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """config.json's ModelConfig and its other records ({"quantization": ..., "pruning": ...}, those
+    present), read once."""
     values = _read_json(directory / CONFIG)
     if not isinstance(values, dict):
         raise UserError(f"{directory / CONFIG} must hold a JSON object (a ModelConfig)")
-    quantization = values.pop(QUANTIZATION, None)
+    records = {key: values.pop(key) for key in RECORDS if values.get(key)}
     kind = values.get("kind", "decoder")
     if kind not in MODEL_KINDS:
         raise UserError(f"{directory / CONFIG}: model kind {kind!r} is not supported; "
                         f"supported: {', '.join(MODEL_KINDS)}")
-    return from_dict(ModelConfig, values, str(directory / CONFIG)).validate(), quantization
+    return from_dict(ModelConfig, values, str(directory / CONFIG)).validate(), records
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -306,17 +310,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     The class follows the config's `kind`: a Decoder, a Seq2Seq or a VAE (`lmforge.models.build_model`).
     """
     directory = verified_checkpoint(path)
-    config, quantization = read_config_file(directory)
+    config, records = read_config_file(directory)
+    quantization = records.get(QUANTIZATION)
     state = load_weights(directory, device)
     with torch.device("meta"):
         model = build_model(config)
+        for key, record in records.items():
+            setattr(model, key, record)
         if quantization:
             try:
                 quantize_layers(model, quantization)
             except (KeyError, ValueError, TypeError, AttributeError) as e:
                 raise UserError(f"damaged checkpoint: {directory / CONFIG} has an invalid {QUANTIZATION} entry "
                                 f"({_first_line(e)})") from None
-            model.quantization = quantization
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
