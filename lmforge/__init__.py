@@ -31,6 +31,7 @@ __all__ = [
     "model_table",
     "prepare",
     "pretrain",
+    "prune",
     "quantize",
     "train_tokenizer",
 ]
@@ -38,7 +39,7 @@ __all__ = [
 
 _HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.recipes.finetune", "chat": "lmforge.tasks.chat",
           "evaluate": "lmforge.tasks.evaluate",
-          "quantize": "lmforge.infer.quantize"}
+          "quantize": "lmforge.infer.quantize", "prune": "lmforge.infer.prune"}
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,7 @@
     lmforge generate runs/x --prompt "ROMEO:" --max-new-tokens 100
     lmforge import smollm2-135m-instruct runs/smollm2 ; lmforge export runs/smollm2 --format hf|onnx --out runs/hf
     lmforge quantize runs/x --bits 4 --method gptq --calib kjv --out runs/x-int4 ; lmforge generate runs/x --draft D
+    lmforge prune runs/x --method wanda --sparsity 0.5 [--pattern 2:4|structured] --calib kjv --out runs/x-50
     lmforge finetune smollm2-135m-instruct chatterbot --out runs/chat --method lora ; lmforge chat runs/chat
     lmforge classify train|predict|eval|zero-shot ... ; lmforge summarize|translate train|predict|eval ...
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize
@@ -111,6 +112,7 @@ VERBS = {v.name: v for v in [
          aliases={"--format": "data_format", **DEVICE}, done="lmforge.recipes.finetune:finetuned"),
     Verb("quantize", "lmforge.infer.quantize:quantize", required=("out",),
          done="wrote the {bits}-bit ({method}) checkpoint to {result}"),
+    Verb("prune", "lmforge.infer.prune:prune", required=("out",), done="lmforge.infer.prune:pruned"),
     Verb("merge", "lmforge.api:merge", required=("out",), done="merged the adapters of {checkpoint} into {result}"),
     Verb("consolidate", "lmforge.api:consolidate", required=("out",),
          done="wrote the sharded checkpoint {checkpoint} as a normal checkpoint in {result}"),

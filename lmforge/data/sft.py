@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from lmforge.data.batches import EpochBatches
-from lmforge.data.readers import read_documents, read_jsonl_records
+from lmforge.data.readers import read_jsonl_records
+from lmforge.data.sources import read_source
 from lmforge.errors import UserError
 
 IGNORE = -100
@@ -93,7 +94,7 @@ def text_examples(source: str | Path | Sequence[dict], tokenizer, max_length: in
                   text_field: str = "text") -> list[Example]:
     """Plain text as causal LM windows of `max_length` tokens (documents joined by end-of-text)."""
     if isinstance(source, (str, Path)):
-        name, texts = Path(source).name, [doc.text for doc in read_documents(source, text_field=text_field)]
+        name, texts = Path(source).name, [doc.text for doc in read_source(source, text_field)]
     else:
         name, texts = "records", [str(record.get(text_field, "")) for record in source]
     ids: list[int] = []
