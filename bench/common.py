@@ -70,6 +70,51 @@ def _version(package: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# a model's quality on held-out text, and its greedy decoding speed
+
+PROMPT = list(range(1000, 1032))  # 32 token ids: the prompt of every decoding-speed figure
+
+
+def held_out(tokenizer, quick: bool) -> dict[str, tuple[list[int], int]]:
+    """{name: (token ids, UTF-8 bytes)} of two held-out texts: the first 400 verses of kjv's test split
+    and the first 24,000 characters of the Shakespeare test play As You Like It (--quick: less)."""
+    from lmforge.data import load
+
+    verses = [r["text"] for r in load("kjv", "test")[: 100 if quick else 400]]
+    play = next(r["text"] for r in load("shakespeare", "test") if r["title"] == "as_you_like_it")
+    texts = {"kjv test": "\n".join(verses), "shakespeare held-out": play[: 8_000 if quick else 24_000]}
+    return {name: ([tokenizer.eos_id, *tokenizer.encode(text)], len(text.encode("utf-8")))
+            for name, text in texts.items()}
+
+
+def held_out_quality(model, quick: bool) -> dict[str, dict[str, float]]:
+    """{text: {perplexity, bits_per_byte}} of `model` on the held-out texts, scored in windows of its context."""
+    import numpy as np
+
+    from lmforge.eval.metrics import perplexity
+    from lmforge.train.objectives import bits_per_byte, evaluate_tokens
+
+    record = {}
+    for name, (ids, utf8) in held_out(model.tokenizer, quick).items():
+        result = evaluate_tokens(model, np.array(ids, dtype=np.int64), model.config.block_size, 4)
+        record[name] = {"perplexity": round(perplexity(result["loss"]), 3),
+                        "bits_per_byte": round(bits_per_byte(result["loss"], len(ids) - 1, utf8), 4)}
+    return record
+
+
+def greedy_tokens_per_s(model, batch: int, new: int, rounds: int = 2) -> float:
+    """The best of `rounds` greedy decodes of `new` tokens from PROMPT at `batch` rows, in tokens/s."""
+    from lmforge.infer.generate import generate_ids
+
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        generate_ids(model, [PROMPT] * batch, max_new_tokens=new, temperature=0)
+        best = max(best, batch * new / (time.perf_counter() - start))
+    return round(best, 1)
+
+
+# ------------------------------------------------------------------------------------------------
 # lmforge GPT-2 style weights -> Hugging Face GPT2LMHeadModel, through lmforge.models.hf's tables
 
 def gpt2_config(c: ModelConfig):

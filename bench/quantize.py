@@ -42,10 +42,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_state  # noqa: E402
+from common import PROMPT, emit, greedy_tokens_per_s, held_out_quality, machine_state  # noqa: E402
 
 HERE = Path(__file__).resolve()
-PROMPT = list(range(1000, 1032))
 
 
 def cache() -> Path:
@@ -120,25 +119,10 @@ def make_checkpoints(own: str | None) -> dict[str, tuple[Path, str]]:
 # one format, in its own process
 
 
-def held_out(tokenizer, quick: bool) -> dict[str, tuple[list[int], int]]:
-    """{name: (token ids, UTF-8 bytes)} of the two held-out texts."""
-    from lmforge.data import load
-
-    verses = [r["text"] for r in load("kjv", "test")[: 100 if quick else 400]]
-    play = next(r["text"] for r in load("shakespeare", "test") if r["title"] == "as_you_like_it")
-    texts = {"kjv test": "\n".join(verses), "shakespeare held-out": play[: 8_000 if quick else 24_000]}
-    return {name: ([tokenizer.eos_id, *tokenizer.encode(text)], len(text.encode("utf-8")))
-            for name, text in texts.items()}
-
-
 def measure_one(checkpoint: str, dtype: str, quick: bool, quality: bool) -> dict:
-    import numpy as np
 
     import lmforge
-    from lmforge.eval.metrics import perplexity
-    from lmforge.infer.generate import generate_ids
     from lmforge.kernels.quantized import QuantizedLinear, kernel_for
-    from lmforge.train.objectives import bits_per_byte, evaluate_tokens
 
     model = lmforge.load(checkpoint, dtype=torch.bfloat16 if dtype == "bf16" else None)
     record: dict = {"size_mb": dir_mb(Path(checkpoint)) if dtype == "fp32" else None}
@@ -147,18 +131,9 @@ def measure_one(checkpoint: str, dtype: str, quick: bool, quality: bool) -> dict
         record["kernels"] = {rows: kernel_for(layer.bits, layer.group_size, rows, torch.device("cpu"))
                              for rows in (1, 8, 128)}
     if quality and model.tokenizer is not None:
-        for name, (ids, utf8) in held_out(model.tokenizer, quick).items():
-            result = evaluate_tokens(model, np.array(ids, dtype=np.int64), model.config.block_size, 4)
-            record[name] = {"perplexity": round(perplexity(result["loss"]), 3),
-                            "bits_per_byte": round(bits_per_byte(result["loss"], len(ids) - 1, utf8), 4)}
-    new = 50 if quick else 200
+        record.update(held_out_quality(model, quick))
     for batch in (1, 8):
-        best = 0.0
-        for _ in range(2):
-            start = time.perf_counter()
-            generate_ids(model, [PROMPT] * batch, max_new_tokens=new, temperature=0)
-            best = max(best, batch * new / (time.perf_counter() - start))
-        record[f"tokens_per_s_b{batch}"] = round(best, 1)
+        record[f"tokens_per_s_b{batch}"] = greedy_tokens_per_s(model, batch, 50 if quick else 200)
     record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0)
     return record
 
