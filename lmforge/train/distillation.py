@@ -256,6 +256,7 @@ class TeacherCache:
         picks = rows.cpu().numpy()
         values = torch.from_numpy(np.ascontiguousarray(self.values[picks, :length])).flatten(0, 1)
         indices = torch.from_numpy(np.ascontiguousarray(self.indices[picks, :length])).flatten(0, 1).long()
+        values, indices = values.to(rows.device), indices.to(rows.device)
         return lambda start, end: (values[start:end], indices[start:end])
 
 
