@@ -21,6 +21,7 @@ __all__ = [
     "chat",
     "consolidate",
     "demo",
+    "distill",
     "evaluate",
     "export",
     "finetune",
@@ -38,7 +39,7 @@ __all__ = [
 
 
 _HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.recipes.finetune", "chat": "lmforge.tasks.chat",
-          "evaluate": "lmforge.tasks.evaluate",
+          "evaluate": "lmforge.tasks.evaluate", "distill": "lmforge.recipes.distill",
           "quantize": "lmforge.infer.quantize", "prune": "lmforge.infer.prune"}
 
 

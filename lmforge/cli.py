@@ -9,6 +9,7 @@
     lmforge quantize runs/x --bits 4 --method gptq --calib kjv --out runs/x-int4 ; lmforge generate runs/x --draft D
     lmforge prune runs/x --method wanda --sparsity 0.5 [--pattern 2:4|structured] --calib kjv --out runs/x-50
     lmforge finetune smollm2-135m-instruct chatterbot --out runs/chat --method lora ; lmforge chat runs/chat
+    lmforge distill runs/big --student llama-mini --data kjv --out runs/small [--temperature 2 --alpha 0.5 --loss kl]
     lmforge classify train|predict|eval|zero-shot ... ; lmforge summarize|translate train|predict|eval ...
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize
     lmforge VERB --print-config > my.yaml ; lmforge VERB --config my.yaml      # any verb's settings as YAML
@@ -110,6 +111,8 @@ VERBS = {v.name: v for v in [
          done=lambda out, a: f"exported {a['checkpoint']} as {EXPORTS.get(a['format'], a['format'])} to {out}"),
     Verb("finetune", "lmforge.recipes.finetune:finetune", required=("out",), hide=("base", "defaults"),
          aliases={"--format": "data_format", **DEVICE}, done="lmforge.recipes.finetune:finetuned"),
+    Verb("distill", "lmforge.recipes.distill:distill", required=("student", "data", "out"), aliases=DEVICE,
+         done="lmforge.recipes.distill:distilled"),
     Verb("quantize", "lmforge.infer.quantize:quantize", required=("out",),
          done="wrote the {bits}-bit ({method}) checkpoint to {result}"),
     Verb("prune", "lmforge.infer.prune:prune", required=("out",), done="lmforge.infer.prune:pruned"),
