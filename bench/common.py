@@ -75,6 +75,18 @@ def _version(package: str) -> str:
 PROMPT = list(range(1000, 1032))  # 32 token ids: the prompt of every decoding-speed figure
 
 
+def smollm2_fp32():
+    """SmolLM2-135M-Instruct in fp32 (the GGUF's Q4_1 weights dequantized), imported once into the benchmarks'
+    cache: the real model that bench/quantize.py, prune.py and distill.py measure."""
+    import lmforge
+    from lmforge.perf import cache_dir
+
+    path = cache_dir() / "bench" / "quantize" / "smollm2-fp32"
+    if not (path / "config.json").is_file():
+        lmforge.import_model("smollm2-135m-instruct", path, dequantize=True)
+    return path
+
+
 def held_out(tokenizer, quick: bool) -> dict[str, tuple[list[int], int]]:
     """{name: (token ids, UTF-8 bytes)} of two held-out texts: the first 400 verses of kjv's test split
     and the first 24,000 characters of the Shakespeare test play As You Like It (--quick: less)."""

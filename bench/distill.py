@@ -1,16 +1,16 @@
 """Distillation measured: a small student trained on cross-entropy alone vs distilled from SmolLM2-135M-Instruct,
 and the structurally pruned teacher, each after the same token budget, next to the teacher itself.
 
-    python bench/distill.py                  # 200 steps x 8 windows x 128 tokens per row (~25 minutes, 2 cores)
+    python bench/distill.py                  # 150 steps x 8 windows x 128 tokens per row (~30 minutes, 2 cores)
     python bench/distill.py --quick          # 10 steps x 2 x 64, 100 held-out verses, 20 new tokens (~3 minutes)
     python bench/distill.py --steps 400      # another budget (the same for every row)
 
 Rows: the teacher (SmolLM2-135M-Instruct, imported in fp32 once, in bench/quantize.py's cache); (a) the
 student trained with cross-entropy only (`lmforge distill --alpha 0`: the teacher is not run); (b) the
 same student distilled (alpha 0.5, T 2, KL(teacher || student)); (c) the teacher structurally pruned by
-Wanda to half its width with `recover_steps` of cross-entropy recovery on kjv (`lmforge.prune`); (d)
-that pruned model distilled from the teacher for the budget. (c) and (d) are skipped, with a note,
-where `lmforge.prune` does not exist yet. Every row trains on the same tokens: steps x batch x window.
+Wanda by half of its blocks' parameters, then recovered with cross-entropy on kjv (`lmforge prune
+--recover-steps`); (d) the same pruned model (before recovery) distilled from the teacher instead: the
+Minitron recipe. Every row trains on the same tokens: steps x batch x window of kjv's training verses.
 
 The student: Llama-shaped (RoPE, RMSNorm, SwiGLU, GQA), 4 layers, d_model 256, 4 heads (2 key/value),
 SmolLM2's 49,152-token vocabulary and tokenizer (tied embeddings): 12.6M of its ~16M parameters are the
@@ -18,7 +18,7 @@ embedding, so the head dominates its compute, as in every small student of a lar
 4 x 256 is what trains a few hundred steps in minutes on 2 cores, and is ~8x smaller than the teacher.
 
 Measured per row: bits per byte (and perplexity) on held-out text, the first 400 verses of kjv's test
-split (100 with --quick; as bench/quantize.py), scored in windows of 256 tokens; greedy tokens/s of
+split and 24,000 characters of a Shakespeare test play (bench/common.py `held_out`); greedy tokens/s of
 `generate_ids` from a 32-token prompt, 100 new tokens (--quick: 20), batch 1 and 8, best of 2; the
 parameter count; the training seconds.
 
@@ -37,13 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_state  # noqa: E402
+from common import emit, greedy_tokens_per_s, held_out_quality, machine_state, smollm2_fp32  # noqa: E402
 
-PROMPT = list(range(1000, 1032))
 STUDENT = {"model.n_layer": 4, "model.d_model": 256, "model.n_head": 4, "model.n_kv_head": 2, "model.d_ff": 768}
 
 
@@ -55,43 +53,13 @@ def cache(name: str = "distill") -> Path:
     return path
 
 
-def teacher_checkpoint() -> Path:
-    """SmolLM2-135M-Instruct in fp32, shared with bench/quantize.py (made once)."""
-    import lmforge
-
-    path = cache("quantize") / "smollm2-fp32"
-    if not (path / "config.json").is_file():
-        lmforge.import_model("smollm2-135m-instruct", path, dequantize=True)
-    return path
-
-
-def held_out(tokenizer, quick: bool) -> tuple[np.ndarray, int]:
-    """kjv's first test verses as token ids (after an end-of-text) and their UTF-8 bytes."""
-    from lmforge.data import load
-
-    text = "\n".join(r["text"] for r in load("kjv", "test")[: 100 if quick else 400])
-    return np.array([tokenizer.eos_id, *tokenizer.encode(text)], dtype=np.int64), len(text.encode("utf-8"))
-
-
 def measure(checkpoint: Path, quick: bool) -> dict:
     import lmforge
-    from lmforge.eval.metrics import perplexity
-    from lmforge.infer.generate import generate_ids
-    from lmforge.train.objectives import bits_per_byte, evaluate_tokens
 
     model = lmforge.load(checkpoint).eval()
-    ids, utf8 = held_out(model.tokenizer, quick)
-    loss = evaluate_tokens(model, ids, min(256, model.config.block_size), 4)["loss"]
-    record = {"parameters": model.num_parameters(), "kjv_perplexity": round(perplexity(loss), 3),
-              "kjv_bits_per_byte": round(bits_per_byte(loss, len(ids) - 1, utf8), 4)}
-    new = 20 if quick else 100
+    record = {"parameters": model.num_parameters(), **held_out_quality(model, quick)}
     for batch in (1, 8):
-        best = 0.0
-        for _ in range(2):
-            start = time.perf_counter()
-            generate_ids(model, [PROMPT] * batch, max_new_tokens=new, temperature=0)
-            best = max(best, batch * new / (time.perf_counter() - start))
-        record[f"tokens_per_s_b{batch}"] = round(best, 1)
+        record[f"tokens_per_s_b{batch}"] = greedy_tokens_per_s(model, batch, 20 if quick else 100)
     return record
 
 
@@ -116,19 +84,17 @@ def train(name: str, teacher: Path, student: str | Path, alpha: float, args, ove
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a tiny budget and fewer held-out verses (~3 minutes)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 200; --quick 10)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 150; --quick 10)")
     parser.add_argument("--batch", type=int, default=None, help="windows per step (default 8; --quick 2)")
     parser.add_argument("--window", type=int, default=None, help="tokens per window (default 128; --quick 64)")
-    parser.add_argument("--recover-steps", type=int, default=None, help="the pruned teacher's recovery steps "
-                                                                        "(default: --steps)")
     args = parser.parse_args()
-    args.steps = args.steps or (10 if args.quick else 200)
+    args.steps = args.steps or (10 if args.quick else 150)
     args.batch = args.batch or (2 if args.quick else 8)
     args.window = args.window or (64 if args.quick else 128)
     import lmforge
 
     emit(machine_state())
-    teacher = teacher_checkpoint()
+    teacher = smollm2_fp32()
     rows = [{"row": "teacher (SmolLM2-135M)", **measure(teacher, args.quick)}]
     emit({"figure": "distill", **rows[-1]})
     student = {**STUDENT, "train.lr": 2e-3}
@@ -141,21 +107,28 @@ def main() -> None:
     else:
         pruned = cache() / "pruned"
         shutil.rmtree(pruned, ignore_errors=True)
+        start = time.perf_counter()
         pruned = Path(lmforge.prune(teacher, pruned, method="wanda", pattern="structured", sparsity=0.5, calib="kjv",
-                                    recover_steps=args.recover_steps or args.steps, recover_data="kjv"))
+                                    calib_tokens=args.window, recover_steps=args.steps,
+                                    overrides={"train.batch_size": args.batch, "train.lr": 1e-4,
+                                               "train.eval_interval": args.steps}))
+        emit({"figure": "trained", "row": "pruned + recovery", "seconds": round(time.perf_counter() - start, 1),
+              "tokens": args.steps * args.batch * args.window})
         rows.append({"row": "(c) teacher pruned 50% (Wanda, structured) + recovery", **measure(pruned, args.quick)})
         emit({"figure": "distill", **rows[-1]})
-        checkpoint = train("pruned-kd", teacher, pruned, 0.5, args, {"train.lr": 1e-4})
+        # the same pruned model (before its recovery) distilled for the same budget instead
+        checkpoint = train("pruned-kd", teacher, pruned / "pruned", 0.5, args, {"train.lr": 1e-4})
         rows.append({"row": "(d) pruned teacher, distilled", **measure(checkpoint, args.quick)})
         emit({"figure": "distill", **rows[-1]})
     print(f"\nbudget per trained row: {args.steps} steps x {args.batch} windows x {args.window} tokens = "
           f"{args.steps * args.batch * args.window:,} tokens of kjv's train split; held-out: kjv test\n")
-    print("| model | parameters | kjv ppl | kjv bits/byte | tok/s b1 | tok/s b8 |")
-    print("|---|---|---|---|---|---|")
+    print("| model | parameters | kjv ppl | kjv bits/byte | shakespeare ppl | bits/byte | tok/s b1 | tok/s b8 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | {r['parameters']:,} | {r['kjv_perplexity']} | {r['kjv_bits_per_byte']} | "
-              f"{r['tokens_per_s_b1']} | {r['tokens_per_s_b8']} |")
-    print("| DistilGPT2 anchor (WikiText-103 ppl, not kjv) | 82M vs teacher 124M | 21.1 vs 16.3 | | | |")
+        k, s = r["kjv test"], r["shakespeare held-out"]
+        print(f"| {r['row']} | {r['parameters'] / 1e6:.1f}M | {k['perplexity']} | {k['bits_per_byte']} | "
+              f"{s['perplexity']} | {s['bits_per_byte']} | {r['tokens_per_s_b1']} | {r['tokens_per_s_b8']} |")
+    print("| DistilGPT2 anchor (WikiText-103 ppl, not kjv) | 82M vs teacher 124M | 21.1 vs 16.3 | | | | | |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Pruning measured on SmolLM2-135M-Instruct: held-out quality by method and pattern, and what structured
 pruning buys in speed and a short recovery buys back.
 
-    python bench/prune.py                   # about 40 minutes on 2 cores
+    python bench/prune.py                   # about 35 minutes on 2 cores
     python bench/prune.py --quick           # fewer held-out tokens, a few recovery steps (a smoke run)
-    python bench/prune.py --recover-steps 200
+    python bench/prune.py --recover-steps 200   # a longer recovery (8.6 s a step here)
 
 Rows: the dense model; magnitude and Wanda masks at 25% and 50% unstructured sparsity and 2:4; structured
 pruning (Wanda-style contributions: heads, MLP neurons) of 25% and 50% of the blocks' parameters, before
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, greedy_tokens_per_s, held_out_quality, machine_state  # noqa: E402
+from common import emit, greedy_tokens_per_s, held_out_quality, machine_state, smollm2_fp32  # noqa: E402
 
 CALIB = "kjv"
 
@@ -42,17 +42,6 @@ def cache() -> Path:
 
     path = cache_dir() / "bench" / "prune"
     path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def dense_checkpoint() -> Path:
-    """SmolLM2-135M-Instruct in fp32 (the GGUF's Q4_1 weights dequantized), shared with bench/quantize.py."""
-    import lmforge
-    from lmforge.perf import cache_dir
-
-    path = cache_dir() / "bench" / "quantize" / "smollm2-fp32"
-    if not (path / "config.json").is_file():
-        lmforge.import_model("smollm2-135m-instruct", path, dequantize=True)
     return path
 
 
@@ -79,12 +68,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default 100; --quick 4)")
+    parser.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default 50; --quick 4)")
     parser.add_argument("--only", help="measure only the rows whose name contains this")
     args = parser.parse_args()
-    steps = args.recover_steps or (4 if args.quick else 100)
+    steps = args.recover_steps or (4 if args.quick else 50)
     emit(machine_state())
-    dense = dense_checkpoint()
+    dense = smollm2_fp32()
     rows = []
     for name, settings in variants(args.quick, steps).items():
         if args.only and args.only not in name and name != "dense":
