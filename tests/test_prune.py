@@ -145,6 +145,8 @@ def test_structured_cli_recovers_and_every_verb_reads_the_smaller_model(llama, c
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
     assert main(["generate", str(out), "--prompt", "Shall I", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+    assert main(["eval", str(out), "--task", "lm", "--data", str(calibration_text), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "lm.json").read_text())["scores"]["perplexity"] > 1
     quantized = lmforge.quantize(out, tmp_path / "q8", bits=8)
     assert lmforge.load(quantized).generate("Shall I", max_new_tokens=3)[0]
     # transformers reads the export: its heads are narrower than d_model / n_head, as config.json says

@@ -253,12 +253,12 @@ def check_teacher_fits(source: str | Path, copies: float = 1.0) -> None:
     files = sum(f.stat().st_size for f in Path(directory).glob("*") if f.suffix in (".safetensors", ".bin", ".gguf"))
     need, how = files, "its weight files"
     if resolved.kind == "lmforge":
-        config, quantization = read_config_file(directory)
+        config, records = read_config_file(directory)
         if config.kind != "decoder":
             raise UserError(f"the teacher {source} is a {config.kind} model; distillation takes a decoder (causal LM)")
         parameters = non_embedding_parameters(config) + config.vocab_size * config.d_model * (
             1 if config.tie_embeddings else 2)
-        if not quantization and 4 * parameters > need:
+        if "quantization" not in records and 4 * parameters > need:
             need, how = 4 * parameters, f"{parameters:,} parameters in fp32, by its config.json"
     need = int(need * copies)
     available = available_memory()
