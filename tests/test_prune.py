@@ -184,6 +184,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama, calibration_text
     narrow.tokenizer = tokenizer
     save_checkpoint(tmp_path / "narrow", narrow)
     (tmp_path / "empty.txt").write_text("")
+    from lmforge.recipes.classify import Classifier
+
+    save_checkpoint(tmp_path / "classifier", Classifier(lmforge.load(llama), ["fresh", "rotten"]))
     calib = ["--calib", str(calibration_text)]
     cases = [
         ([str(llama), "--sparsity", "1.0", *calib], "expected a share in [0, 1)"),
@@ -199,9 +202,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(llama, calibration_text
         ([str(llama), "--pattern", "structured", "--sparsity", "0.1", "--drop-blocks", "1", *calib],
          "more than --sparsity"),
         ([str(tmp_path / "nowhere"), "--sparsity", "0.5", "--method", "magnitude"], "no such"),
+        ([str(tmp_path / "classifier"), "--sparsity", "0.5", "--method", "magnitude"], "is a classifier"),
     ]
     for args, message in cases:
         assert main(["prune", *args, "--out", str(tmp_path / "out")]) == 2, args
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, (args, err)
         assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier", "empty.txt", "narrow"]

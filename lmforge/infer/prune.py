@@ -111,7 +111,7 @@ def prune(
     check_new_directory(out)
     sparsity, nm = check_settings(method, sparsity, pattern, calib, drop_blocks, recover_steps,
                                   recover_data, recover_method, calib_samples, calib_tokens)
-    if Path(checkpoint).is_dir() and (resolve_checkpoint(checkpoint) / HEAD_CONFIG).is_file():
+    if is_classifier(checkpoint):
         raise UserError(f"{checkpoint} is a classifier; prune the decoder it was trained from, then train "
                         "the classifier on the pruned one")
     model = load(checkpoint, dequantize=True)  # a quantized model is pruned in float
@@ -148,6 +148,14 @@ def prune(
                       calib_tokens, text_field, overrides)
     run_recipe(recipe, out)
     return out
+
+
+def is_classifier(checkpoint: str | Path) -> bool:
+    """Whether `checkpoint` is an lmforge classifier (a backbone under a task head)."""
+    try:
+        return (resolve_checkpoint(checkpoint) / HEAD_CONFIG).is_file()
+    except UserError:  # not an lmforge checkpoint (a Hugging Face directory, a GGUF file, a catalog name)
+        return False
 
 
 def check_settings(method: str, sparsity: float | None, pattern: str, calib: str | None, drop_blocks: int,
@@ -463,7 +471,7 @@ class Recovery(Finetune):
         self.masks, self.info = masks, info
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "pruning": self.model.pruning}
+        return {**super().settings(), "pruning": {k: v for k, v in self.model.pruning.items() if k != "layers"}}
 
     def build(self) -> Job:
         save_checkpoint(self.pruned_dir, self.model, info=self.info)
