@@ -510,7 +510,10 @@ def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    values = dataclasses.asdict(config)
+    if isinstance(config, ModelConfig) and config.head_dim == config.d_model // config.n_head:
+        values["head_dim"] = None  # the default, so that a copy with another d_model or n_head follows it
+    return values
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

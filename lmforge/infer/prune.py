@@ -59,6 +59,7 @@ from lmforge.recipes.classify import HEAD_CONFIG
 from lmforge.recipes.finetune import Finetune
 from lmforge.sources import load
 from lmforge.train.checkpoint import resolve_checkpoint, save_checkpoint
+from lmforge.train.objectives import calibration_pass
 from lmforge.train.recipe import Job, run_recipe, say
 
 PATTERN = re.compile(r"(\d+):(\d+)")
@@ -212,7 +213,7 @@ def calibration_statistics(model: Decoder, sequences: torch.Tensor, layers: list
     - `inputs[name]`: the sum of squares of each input of each named linear layer (in_features,);
     - `heads[i]` (heads=True): the squared norm of each query head's share of block i's attention output;
     - `influence[i]` (blocks=True): block i's mean 1 - cosine(output, input) over the tokens."""
-    stats: dict[str, Any] = {"inputs": {}, "heads": {}, "influence": {}, "tokens": 0}
+    stats: dict[str, Any] = {"inputs": {}, "heads": {}, "influence": {}}
     handles = []
 
     def add_inputs(name: str):
@@ -243,13 +244,7 @@ def calibration_statistics(model: Decoder, sequences: torch.Tensor, layers: list
             handles.append(block.attn.proj.register_forward_pre_hook(add_heads(i, block.attn)))
         if blocks:
             handles.append(block.register_forward_hook(add_influence(i)))
-    try:
-        for start in range(0, len(sequences), batch_size):
-            model(sequences[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-    stats["tokens"] = sequences.numel()
+    calibration_pass(model, sequences, handles, batch_size)
     stats["influence"] = {i: v / sequences.numel() for i, v in stats["influence"].items()}
     return stats
 
@@ -352,7 +347,7 @@ def plan_width(config: ModelConfig, keep: float) -> tuple[int, int]:
 
 def config_with(config: ModelConfig, **sizes: int) -> ModelConfig:
     """A copy of `config` with other sizes (head_dim kept)."""
-    return ModelConfig(**{**to_dict(config), **sizes}).validate()
+    return ModelConfig(**{**to_dict(config), "head_dim": config.head_dim, **sizes}).validate()
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ from lmforge.kernels.quantized import QuantizedLinear, int4_codes, int4_grid, in
 from lmforge.recipes.classify import DEFAULT_MAX_LENGTH, HEAD_CONFIG, HEAD_WEIGHTS, Classifier
 from lmforge.sources import load
 from lmforge.train.checkpoint import resolve_checkpoint, save_checkpoint
+from lmforge.train.objectives import calibration_pass
 
 HEAD = "head"
 
@@ -163,13 +164,8 @@ def collect_hessians(model: nn.Module, plan: dict[str, int], sequences: torch.Te
             rows[name] += x.shape[0]
         return add
 
-    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in plan]
-    try:
-        for start in range(0, len(sequences), batch_size):
-            model(sequences[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    calibration_pass(model, sequences, [modules[name].register_forward_pre_hook(hook(name)) for name in plan],
+                     batch_size)
     return {name: h / max(rows[name], 1) for name, h in hessians.items()}
 
 

@@ -88,6 +88,18 @@ def evaluate_tokens(model, tokens: np.ndarray, block_size: int, batch_size: int 
     return {"loss": total / count, "tokens": count}
 
 
+@torch.no_grad()
+def calibration_pass(model, sequences: torch.Tensor, hooks: list, batch_size: int = 4) -> None:
+    """Run `model` over `sequences` (N, T) in batches for what its hooks (`hooks`, the handles of
+    `register_forward_hook` / `register_forward_pre_hook`) collect; the hooks are removed afterwards."""
+    try:
+        for start in range(0, len(sequences), batch_size):
+            model(sequences[start:start + batch_size])
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 def bits_per_byte(loss_nats_per_token: float, tokens: int, utf8_bytes: int) -> float:
     """Bits per UTF-8 byte: comparable between models with different tokenizers."""
     return loss_nats_per_token * tokens / (utf8_bytes * math.log(2))
