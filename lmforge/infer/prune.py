@@ -122,6 +122,8 @@ def prune(
     if getattr(model, "pruning", None):
         say(f"note: {checkpoint} was pruned before ({model.pruning['pattern']}); pruning it further")
     sequences = None
+    if (calib or recover_steps) and model.tokenizer is None:
+        raise UserError(f"{checkpoint} has no tokenizer to read --calib / --recover-data text with")
     if calib:
         sequences = calibration_sequences(calib, model.tokenizer, calib_samples,
                                           min(calib_tokens, model.config.block_size), text_field)
