@@ -150,6 +150,45 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def join(self, other: KVCache, room: int) -> None:
+        """Add the rows of `other` (a cache of the same model, without a condition) after these, and leave
+        room for `room` more positions (continuous batching: requests join a running batch).
+
+        Both are right-aligned on the longer one's length; the shorter one's rows get more left padding,
+        which shifts their positions back (`causal_positions_and_mask`), so each row goes on as it would alone.
+        """
+        length = max(self.length, other.length)
+        rows = []
+        for cache in (self, other):
+            B = cache.keys[0].shape[0]
+            pad = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long, device=cache.keys[0].device)
+            rows.append((cache, length - cache.length, pad + (length - cache.length)))
+        keys, values = [], []
+        for layer in range(len(self.keys)):
+            for store, source in ((keys, "keys"), (values, "values")):
+                parts = []
+                for cache, shift, _ in rows:
+                    t = getattr(cache, source)[layer][:, :, :cache.length]
+                    parts.append(torch.nn.functional.pad(t, (0, 0, shift, room)))  # (B, nkv, length + room, hd)
+                store.append(torch.cat(parts))
+        self.keys, self.values = keys, values
+        self.pad = torch.cat([pad for _, _, pad in rows])
+        self.length, self.max_len = length, length + room
+
+    def compact(self, room: int) -> None:
+        """Drop the positions that are left padding in every row; if no position is free, make `room` more."""
+        cut = int(self.pad.min()) if self.pad is not None and len(self.pad) else 0
+        free = self.max_len - self.length
+        if cut == 0 and free > 0:
+            return
+        keep = self.length - cut
+        grow = free if free > 0 else room
+        self.keys = [torch.nn.functional.pad(k[:, :, cut:self.length], (0, 0, 0, grow)) for k in self.keys]
+        self.values = [torch.nn.functional.pad(v[:, :, cut:self.length], (0, 0, 0, grow)) for v in self.values]
+        if self.pad is not None:
+            self.pad = self.pad - cut
+        self.length, self.max_len = keep, keep + grow
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep the given batch rows, in this order (rows may repeat: beam search reorders its beams)."""
         self.keys = [k[rows] for k in self.keys]
@@ -319,7 +358,9 @@ def decode_stack(model: nn.Module, ids: torch.Tensor, cache: KVCache | None = No
     """
     B, T = ids.shape
     start = cache.length if cache is not None else 0
-    if start + T > model.config.block_size:
+    shortest_pad = int(cache.pad.min()) if cache is not None and cache.pad is not None and start + T > \
+        model.config.block_size else 0  # a batch that rows joined may be longer than any one of its rows
+    if start + T - shortest_pad > model.config.block_size:
         raise ValueError(f"sequence of {start + T} tokens exceeds the context of {model.config.block_size}")
     positions, mask = causal_positions_and_mask(start, T, cache.pad if cache is not None else None, ids.device)
     x = model.tok_emb(ids)  # (B, T, d_model)
