@@ -40,7 +40,7 @@ import torch
 from lmforge import kernels
 from lmforge.infer import left_pad, warp_logits
 
-log = logging.getLogger("lmforge.serve")
+log = logging.getLogger("lmforge.server")
 
 DECODE_ROWS = 8  # the batch size the generation kernels are chosen for (lmforge.kernels.generating)
 ROOM = 64  # positions the KV cache grows by when it is full
