@@ -34,13 +34,15 @@ __all__ = [
     "pretrain",
     "prune",
     "quantize",
+    "serve",
     "train_tokenizer",
 ]
 
 
 _HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.recipes.finetune", "chat": "lmforge.tasks.chat",
           "evaluate": "lmforge.tasks.evaluate", "distill": "lmforge.recipes.distill",
-          "quantize": "lmforge.infer.quantize", "prune": "lmforge.infer.prune"}
+          "quantize": "lmforge.infer.quantize", "prune": "lmforge.infer.prune",
+          "serve": "lmforge.server.app"}
 
 
 def __getattr__(name: str) -> Any:

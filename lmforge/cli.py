@@ -12,6 +12,7 @@
     lmforge distill runs/big --student llama-mini --data kjv --out runs/small [--temperature 2 --alpha 0.5 --loss kl]
     lmforge classify train|predict|eval|zero-shot ... ; lmforge summarize|translate train|predict|eval ...
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize
+    lmforge serve runs/chat smollm2-135m-instruct --keys keys.json [--host 0.0.0.0] [--port 8000]     # + chat page
     lmforge keys create --keys keys.json --name alice --scopes chat,completions ; lmforge keys list|revoke ...
     lmforge VERB --print-config > my.yaml ; lmforge VERB --config my.yaml      # any verb's settings as YAML
 
@@ -121,9 +122,10 @@ VERBS = {v.name: v for v in [
     Verb("consolidate", "lmforge.api:consolidate", required=("out",),
          done="wrote the sharded checkpoint {checkpoint} as a normal checkpoint in {result}"),
     Verb("chat", "lmforge.tasks.chat:chat"),
-    Verb("keys create", "lmforge.serve.keys:print_created_key", required=("keys", "name", "scopes")),
-    Verb("keys list", "lmforge.serve.keys:print_keys", required=("keys",)),
-    Verb("keys revoke", "lmforge.serve.keys:print_revoked", required=("keys",)),
+    Verb("serve", "lmforge.server.app:serve"),
+    Verb("keys create", "lmforge.server.keys:print_created_key", required=("keys", "name", "scopes")),
+    Verb("keys list", "lmforge.server.keys:print_keys", required=("keys",)),
+    Verb("keys revoke", "lmforge.server.keys:print_revoked", required=("keys",)),
     Verb("augment", "lmforge.data.augment:augment_file", required=("data", "out"),
          done="wrote {result[records]:,} records and {result[augmented]:,} augmented copies to {out}"),
     Verb("data list", "lmforge.data.datasets:print_catalog", hide=("cache_dir",)),

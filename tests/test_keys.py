@@ -1,4 +1,4 @@
-"""API keys (lmforge.serve.keys): the keys file, tokens, reload in a running server, rate limits, the CLI."""
+"""API keys (lmforge.server.keys): the keys file, tokens, reload in a running server, rate limits, the CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.errors import UserError
-from lmforge.serve.keys import SCOPES, Key, KeyStore, RateLimiter, create_key, list_keys, revoke_key
+from lmforge.server.keys import SCOPES, Key, KeyStore, RateLimiter, create_key, list_keys, revoke_key
 
 UTC = timezone.utc
 
@@ -137,10 +137,10 @@ def test_a_reload_that_finds_a_damaged_file_keeps_the_last_good_keys(tmp_path, c
     token = create_key(path, "alice", ["chat"])
     store = KeyStore(path, check_every=0)
     path.write_text('{"format": "lmforge-keys", "version": 1, "keys": [{"name": "alice"')
-    with caplog.at_level(logging.WARNING, logger="lmforge.serve"):
+    with caplog.at_level(logging.WARNING, logger="lmforge.server"):
         assert store.authenticate(token).name == "alice"
         assert store.authenticate(token).name == "alice"  # the same damage is reported once
-    warnings = [r for r in caplog.records if r.name == "lmforge.serve"]
+    warnings = [r for r in caplog.records if r.name == "lmforge.server"]
     assert len(warnings) == 1 and str(path) in warnings[0].getMessage()
     assert token.split("-", 2)[2] not in caplog.text
     path.unlink()  # a vanished file keeps the keys too
@@ -282,9 +282,9 @@ def test_the_verbs_have_help_and_import_nothing_heavy(tmp_path, capsys):
         assert code == 0 and out.startswith(f"usage: lmforge {name} ")
         for p in verb_params(VERBS[name], VERBS[name].load()):  # every parameter documented under Args:
             assert (p.name.upper() if p.positional else p.flag) in out
-    script = ("import sys\nimport lmforge.serve.keys\n"  # the standard library and lmforge.errors only
+    script = ("import sys\nimport lmforge.server.keys\n"  # the standard library and lmforge.errors only
               "ours = sorted(m for m in sys.modules if m.startswith('lmforge'))\n"
-              "assert ours == ['lmforge', 'lmforge.errors', 'lmforge.serve', 'lmforge.serve.keys'], ours\n"
+              "assert ours == ['lmforge', 'lmforge.errors', 'lmforge.server', 'lmforge.server.keys'], ours\n"
               "assert not {'torch', 'numpy', 'yaml'} & set(sys.modules)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -31,6 +31,8 @@ ends where it starts a new "\\nUser:" line.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -42,12 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
+import numpy as np
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -56,6 +66,7 @@ from lmforge.server.engine import Engine, Event, QueueFull, Sampling
 from lmforge.server.keys import Key, KeyStore, RateLimiter
 
 log = logging.getLogger("lmforge.server")
+disable_created_metrics()  # no *_created series: one series per counter, as vLLM's /metrics
 audit_log = logging.getLogger("lmforge.server.audit")
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this: 413
@@ -118,7 +129,7 @@ class ChatCompletionRequest(_Sampled):
 class EmbeddingRequest(_Request):
     model: str
     input: str | list[str] = Field(description=f"a text or up to {MAX_INPUTS} texts")
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes")
 
 
 class ClassifyRequest(_Request):
@@ -194,7 +205,7 @@ class ChatCompletionChunk(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str  # a list of floats, or base64 of their float32 bytes
 
 
 class EmbeddingList(BaseModel):
@@ -286,12 +297,11 @@ class Served:
 
     @property
     def tokenizer(self) -> Any:
-        return self.model.tokenizer if self.kind != "classifier" else self.model.backbone.tokenizer
+        return self.model.tokenizer
 
     @property
     def context(self) -> int:
-        config = self.model.config if self.kind != "classifier" else self.model.backbone.config
-        return config.block_size
+        return self.model.config.block_size
 
     def run(self, function: Callable, *args: Any) -> asyncio.Future:
         """`function(model, *args)` on the model's own thread, awaitable."""
@@ -367,7 +377,8 @@ class Metrics:
 
     def __init__(self, served: dict[str, Served]):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("lmforge_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter("lmforge_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "prompt tokens read", ["model"], registry=r)
         self.completion_tokens = Counter("lmforge_completion_tokens", "tokens generated", ["model"], registry=r)
         self.latency = Histogram("lmforge_request_seconds", "time from request to last byte", ["route"], registry=r,
@@ -502,10 +513,11 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        where = loc[0] if loc else None
         if first.get("type") == "json_invalid":
             return ApiError(400, f"malformed JSON in the request body: {first.get('msg', '')}").response()
-        return ApiError(422, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where).response()
+        return ApiError(422, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}", param=where).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -582,6 +594,8 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
         vectors = await s.run(embed, ids)
         n = sum(len(i) for i in ids)
         _count(request, s, n, 0)
+        if body.encoding_format == "base64":
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         return EmbeddingList(data=[Embedding(index=i, embedding=v) for i, v in enumerate(vectors)], model=s.name,
                              usage=Usage(prompt_tokens=n, total_tokens=n))
 
@@ -657,7 +671,7 @@ def _sampling(s: Served, body: _Sampled, ids: list[int], default_max: int, stops
     room = s.context - len(ids)
     if body.max_tokens is not None and body.max_tokens > room:
         raise ApiError(400, f"max_tokens = {body.max_tokens}, but the prompt's {len(ids)} tokens leave room for "
-                       f"{room} in model '{s.name}''s context of {s.context}", param="max_tokens",
+                       f"{room} in the context of model '{s.name}' ({s.context} tokens)", param="max_tokens",
                        code="context_length_exceeded")
     return Sampling(max_tokens=body.max_tokens or min(default_max, room), temperature=body.temperature,
                     top_p=body.top_p if body.top_p < 1 else None, stop=tuple(user_stops) + tuple(stops),
@@ -686,7 +700,7 @@ async def _respond(request: Request, s: Served, body: _Sampled, runs: list[tuple
         for p, (ids, sampling) in enumerate(runs):
             for j in range(body.n):
                 index = p * body.n + j
-                seeded = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": sampling.seed + j})
+                seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
 
                 def on_event(event: Event, index: int = index) -> None:
                     loop.call_soon_threadsafe(events.put_nowait, (index, event))

@@ -125,8 +125,8 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], sampling: Sampling, on_event: Callable[[Event], None]) -> Generation:
         """Queue a request; `on_event` gets its events on the engine thread. QueueFull when the queue is full."""
-        if self.waiting.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.waiting.qsize()} requests are waiting")
+        if self.waiting.qsize() + len(self.running) >= self.max_batch + self.max_queue:
+            raise QueueFull(f"{len(self.running)} requests are generating and {self.waiting.qsize()} waiting")
         generation = Generation(prompt_ids, sampling, on_event)
         if sampling.seed is not None:
             generation.generator = torch.Generator().manual_seed(sampling.seed)

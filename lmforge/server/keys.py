@@ -60,7 +60,7 @@ FORMAT, VERSION = "lmforge-keys", 1
 WINDOW = 60.0  # seconds of the rate limits' sliding window
 TOKEN = re.compile(r"lmf-([0-9a-f]{8})-([A-Za-z0-9_-]{43})")  # token_urlsafe(32) is 43 characters
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")  # names go into tables and the server's logs
-log = logging.getLogger("lmforge.serve")
+log = logging.getLogger("lmforge.server")
 
 
 def _digest(salt: str, secret: str) -> str:
