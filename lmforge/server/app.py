@@ -48,6 +48,7 @@ import numpy as np
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -335,31 +336,43 @@ def classify(classifier: Any, texts: list[str]) -> list[list[float]]:
 
 
 class Access:
-    """Who may call what: the keys file (None: everyone) and each key's requests and tokens per minute."""
+    """Who may call what: the keys file (None: everyone) and each key's requests and tokens per minute.
+
+    The key is checked (`authenticate`, by the `Guard` middleware) before a request's body is read, on
+    every path but OPEN; the routes check its scopes and models (`check`).
+    """
+
+    OPEN = ("/health", "/")  # liveness, and the chat page (whose API calls send the key typed into it)
 
     def __init__(self, keys: str | Path | None):
         self.store = KeyStore(keys) if keys is not None else None
         self.limiter = RateLimiter()
 
-    def check(self, request: Request, scope: str | None = None, model: str | None = None) -> Key | None:
-        """The caller's key, or an ApiError: 401 without a valid key, 403 without the scope or model, 429."""
-        if self.store is None:
+    def authenticate(self, path: str, headers: list[tuple[bytes, bytes]]) -> Key | None:
+        """The caller's key (None: no keys, or an open path), or an ApiError: 401 without a valid key, 429
+        past the key's rate limit."""
+        if self.store is None or path in self.OPEN:
             return None
-        key = getattr(request.state, "key", None)
+        header = dict(headers).get(b"authorization", b"").decode("latin-1")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        key = self.store.authenticate(token) if token else None
         if key is None:
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-            key = self.store.authenticate(token) if token else None
-            if key is None:
-                raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'"
-                               if not token else "invalid, revoked or expired API key", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
-            request.state.key = key
-            retry = self.limiter.admit(key)
-            if retry is not None:
-                raise ApiError(429, f"key '{key.name}' is past its rate limit ({key.rpm or '-'} requests, "
-                               f"{key.tpm or '-'} tokens per minute)", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(max(1, int(retry + 0.999)))})
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'"
+                           if not token else "invalid, revoked or expired API key", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        retry = self.limiter.admit(key)
+        if retry is not None:
+            raise ApiError(429, f"key '{key.name}' is past its rate limit ({key.rpm or '-'} requests, "
+                           f"{key.tpm or '-'} tokens per minute)", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, int(retry + 0.999)))})
+        return key
+
+    @staticmethod
+    def check(request: Request, scope: str | None = None, model: str | None = None) -> Key | None:
+        """The caller's key, or an ApiError 403 when it lacks the `scope` or may not use the `model`."""
+        key = request.state.key
+        if key is None:
+            return None
         if scope is not None and not key.allows_scope(scope):
             raise ApiError(403, f"key '{key.name}' lacks the scope '{scope}'", code="insufficient_scope")
         if model is not None and not key.allows_model(model):
@@ -399,11 +412,12 @@ class Metrics:
 
 
 class Guard:
-    """Pure ASGI middleware: a body over `max_body` bytes is answered 413 before the app sees it; every
-    request leaves one audit record and its metrics when its response is done (streams included)."""
+    """Pure ASGI middleware: the key is checked (401, 429) and a body over `max_body` bytes answered 413
+    before the app sees the request; every request leaves one audit record and its metrics when its
+    response is done (streams included)."""
 
-    def __init__(self, app: Any, metrics: Metrics, max_body: int, audit_file: Path | None):
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+    def __init__(self, app: Any, access: Access, metrics: Metrics, max_body: int, audit_file: Path | None):
+        self.app, self.access, self.metrics, self.max_body = app, access, metrics, max_body
         self.audit_file = audit_file
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -418,9 +432,13 @@ class Guard:
             await send(message)
 
         try:
-            body = await self._read_body(scope, receive)
-            if body is None:
-                await ApiError(413, f"request body larger than {self.max_body:,} bytes")._send(scope, send_status)
+            try:
+                scope["state"]["key"] = self.access.authenticate(scope["path"], scope["headers"])
+                body = await self._read_body(scope, receive)
+                if body is None:
+                    raise ApiError(413, f"request body larger than {self.max_body:,} bytes")
+            except ApiError as e:
+                await e.response()(scope, receive, send_status)
                 return
             await self.app(scope, _replay(body, receive), send_status)
         finally:
@@ -472,14 +490,6 @@ def _replay(body: bytes, receive: Callable) -> Callable:
     return replayed
 
 
-async def _send_error(self: ApiError, scope: dict, send: Callable) -> None:
-    response = self.response()
-    await response(scope, None, send)
-
-
-ApiError._send = _send_error  # type: ignore[attr-defined]
-
-
 # ----------------------------------------------------------------------------------------------
 # the application
 
@@ -529,13 +539,12 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
         return ApiError(500, "internal server error").response()
 
     def model_of(request: Request, name: str, scope: str, kinds: Sequence[str]) -> Served:
-        key = access.check(request, scope)
+        access.check(request, scope)
         s = served.get(name)
         if s is None:
             raise ApiError(404, f"model '{name}' is not served; the served models: {', '.join(served)}",
                            param="model", code="model_not_found")
         access.check(request, scope, name)
-        del key
         if s.kind not in kinds:
             raise ApiError(400, f"model '{name}' is a {s.kind}; {request.url.path} needs a "
                            f"{' or '.join(kinds)}", param="model")
@@ -551,9 +560,21 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
         return HTMLResponse(PAGE.read_text(encoding="utf-8") if PAGE.is_file() else "<p>no chat page</p>")
 
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(request: Request) -> JSONResponse:
-        access.check(request)
+    async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
+
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                             routes=app.routes)
+            if access.store is not None:  # the key every route but /health needs
+                app.openapi_schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, operations in app.openapi_schema["paths"].items():
+                    for operation in operations.values():
+                        operation["security"] = [] if path in Access.OPEN else [{"bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = schema
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def list_models(request: Request) -> ModelList:
@@ -612,7 +633,7 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
                 for i, p in enumerate(probabilities)]
         return ClassifyResponse(data=data, model=s.name, usage=Usage(prompt_tokens=n, total_tokens=n))
 
-    app.add_middleware(Guard, metrics=metrics, max_body=max_body,
+    app.add_middleware(Guard, access=access, metrics=metrics, max_body=max_body,
                        audit_file=Path(audit_log_file) if audit_log_file else None)
     app.state.metrics = metrics
 
