@@ -925,6 +925,8 @@ def serve(
     for given in (ssl_certfile, ssl_keyfile, keys):
         if given is not None and not Path(given).is_file():
             raise UserError(f"no such file: {given}")
+    if keys is not None:
+        KeyStore(keys)  # a damaged keys file is an error before any model is loaded
     if not 1 <= max_batch <= 256 or max_queue < 0:
         raise UserError(f"--max-batch {max_batch} --max-queue {max_queue}: expected 1..256 and >= 0")
     app = create_app(load_served(checkpoints, device, dtype), keys=keys, max_batch=max_batch, max_queue=max_queue,
