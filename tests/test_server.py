@@ -163,6 +163,8 @@ def test_client_errors_map_to_the_openai_exceptions(client):
         client.completions.create(model="tiny", prompt="x", n=100)
     with pytest.raises(openai.BadRequestError, match="classif|embeddings|lm"):
         client.embeddings.create(model="clf", input="x")
+    with pytest.raises(openai.BadRequestError, match="reads at most"):
+        client.embeddings.create(model="tiny", input=["fine", "x " * 300])
 
 
 @pytest.mark.parametrize("body, status", [

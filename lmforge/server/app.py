@@ -611,7 +611,11 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
     async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
         s = model_of(request, body.model, "embeddings", ("lm",))
         texts = _inputs(body.input)
-        ids = [s.tokenizer.encode(t)[: s.context] for t in texts]
+        ids = [s.tokenizer.encode(t) for t in texts]
+        too_long = next((i for i, row in enumerate(ids) if len(row) > s.context), None)
+        if too_long is not None:
+            raise ApiError(400, f"input {too_long} is {len(ids[too_long])} tokens; model '{s.name}' reads at most "
+                           f"{s.context}", param="input", code="context_length_exceeded")
         vectors = await s.run(embed, ids)
         n = sum(len(i) for i in ids)
         _count(request, s, n, 0)
