@@ -151,11 +151,16 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class Completion(BaseModel):
+class _Reply(BaseModel):
+    """What every generation response has: its id, creation time (Unix seconds) and model."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+
+
+class Completion(_Reply):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -171,11 +176,8 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Reply):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -191,14 +193,11 @@ class ChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Reply):
     """One Server-Sent Event of a streamed chat (`data: {chunk}`); the last one with a finish_reason
     carries the usage too, and with `stream_options.include_usage` one more chunk without choices does."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
 
