@@ -146,7 +146,7 @@ VERBS = {v.name: v for v in [
     Verb("translate predict", f"{_T2T}:print_predictions", fixed={"task": "translate"}),
     Verb("translate eval", f"{_T2T}:evaluate_text_task", fixed={"task": "translate"}, positional=("data",)),
     Verb("multitask", f"{_T2T}:train_multitask", required=("mixture", "out"), aliases={"--task": "mixture", **DEVICE}),
-    Verb("eval", "lmforge.tasks.evaluate:evaluate", required=("task",)),
+    Verb("eval", "lmforge.tasks.evaluate:evaluate"),
     Verb("vae train", "lmforge.recipes.vae:train_vae_from_data", required=("data", "out"), flat=("elbo",),
          hide=("max_val_texts",), aliases=DEVICE, done="lmforge.recipes.vae:trained"),
     Verb("vae sample", "lmforge.tasks.vae:print_samples"),

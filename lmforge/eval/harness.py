@@ -25,6 +25,7 @@ extra `pip install lm-eval` provides the harness (a missing one is named in the 
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ try:
 except ImportError:  # the optional extra is missing: the backend class is not defined, `require` says why
     TemplateLM = None
 
+eval_logger = logging.getLogger("lmforge.eval.harness")
 HEAD_CHUNK = 512  # positions per LM-head matmul when scoring long continuations (fp32 logits: chunk x vocab)
 
 
@@ -71,6 +73,9 @@ if TemplateLM is not None:
             super().__init__()
             import lmforge.sources
 
+            if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm_eval's default: cuda
+                eval_logger.warning("no CUDA device here: the lmforge backend runs on the CPU")
+                device = "cpu"
             if model is None:
                 if path is None:
                     raise UserError("the lmforge backend needs path=CHECKPOINT in --model_args")

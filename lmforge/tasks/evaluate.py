@@ -5,6 +5,7 @@
     lmforge eval runs/mt --task translate --data bible_en_ja --out runs/mt-eval       # BLEU, chrF
     lmforge eval smollm2-135m-instruct --task chat --data chatterbot                  # held-out chat loss
     lmforge eval runs/demo --task lm --data my.txt                                    # perplexity, bits/byte
+    lmforge eval runs/chat --harness lmforge_boolq,lmforge_mmlu --limit 400 --out runs/chat-harness   # lm-eval
 
     report = evaluate("runs/sum", "summarize", data="xsum", out="runs/sum-eval")
 
@@ -30,7 +31,7 @@ DEFAULT_DATA = {"classify": "rotten_tomatoes", "chat": "chatterbot", "lm": "shak
 
 def evaluate(
     model: str | Path,
-    task: Task,
+    task: Task | None = None,
     data: str | Path | None = None,
     split: str = "test",
     out: str | Path | None = None,
@@ -39,6 +40,9 @@ def evaluate(
     direction: Literal["en-ja", "ja-en"] | None = None,
     max_length: int | None = None,
     device: str = "auto",
+    harness: str | None = None,
+    num_fewshot: int | None = None,
+    include_path: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure a model on a task: the task's metric, a JSON report and a table.
 
@@ -58,9 +62,22 @@ def evaluate(
         direction: translate: the direction (default: what the model was trained on)
         max_length: text tasks: tokens of prompt + answer (default: as the model was trained)
         device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
+        harness: instead of --task: lm-evaluation-harness tasks, comma-separated (lmforge's local ones:
+            lmforge_boolq, lmforge_mmlu, lmforge_rotten_tomatoes, lmforge_kjv, lmforge_shakespeare; needs
+            pip install lm-eval); writes OUT/harness.json, harness.md and each task's samples
+        num_fewshot: --harness: examples shown before each question (default: each task's own)
+        include_path: --harness: more folders of harness task YAML files (repeatable)
     """
     from lmforge.tasks import text2text
 
+    if (task is None) == (harness is None):
+        raise UserError("give either --task NAME (lmforge's metrics) or --harness TASKS (lm-evaluation-harness)")
+    if harness is not None:
+        from lmforge.devices import resolve_device
+        from lmforge.eval.harness import evaluate_harness
+
+        return evaluate_harness(model, [t.strip() for t in harness.split(",") if t.strip()], out, limit, num_fewshot,
+                                batch_size, str(resolve_device(device)), include_path or [])
     if task not in TASK_NAMES:
         raise UserError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
     if task in text2text.TASKS:
