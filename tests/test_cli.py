@@ -380,7 +380,7 @@ def test_settings_sections_become_flags_config_sections_and_overrides(tmp_path, 
 @pytest.mark.parametrize("args, fragments", [
     (["generate", "run", "--top-k", "five"], ["lmforge generate: error:", "--top-k = 'five'", "int"]),
     (["eval", "m", "--task", "poems"], ["lmforge eval: error:", "expected one of classify, summarize"]),
-    (["eval", "m"], ["lmforge eval: error:", "required", "--task"]),
+    (["eval", "m"], ["lmforge eval: error:", "--task", "--harness"]),
     (["augment", "--data", "x.jsonl", "--out", "y.jsonl", "--n-aug", "2.5"], ["--n-aug = 2.5", "int"]),
     (["prepare", "--data", "x", "--out", "y", "--clen.bands", "3"],
      ["unrecognized argument '--clen.bands'", "did you mean --clean.bands"]),
