@@ -19,7 +19,7 @@ lmforge's own forward pass and generate loop, for any decoder `lmforge.load` tak
 - `generate_until`: `lmforge.infer.generate` (greedy unless the task samples), stop strings from `until`.
 
 The log-probabilities are log-softmax of fp32 logits, as the `hf` backend computes them; the optional
-extra `pip install lm-eval` provides the harness (a missing one is named in the error).
+extra `pip install 'lmforge[harness]'` provides the harness (a missing one is named in the error).
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ HEAD_CHUNK = 512  # positions per LM-head matmul when scoring long continuations
 
 def require_harness() -> None:
     if TemplateLM is None:
-        raise UserError("the lm-evaluation-harness is not installed: pip install 'lm-eval>=0.4,<0.5' "
-                        "(or pip install -e '.[harness]')")
+        raise UserError("the lm-evaluation-harness is not installed: pip install 'lmforge[harness]'")
 
 
 def _decoder(model: Any, source: str) -> Any:
