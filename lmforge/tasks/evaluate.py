@@ -64,7 +64,7 @@ def evaluate(
         device: where the model runs: auto (a GPU where there is one), cpu, cuda, cuda:N or mps
         harness: instead of --task: lm-evaluation-harness tasks, comma-separated (lmforge's local ones:
             lmforge_boolq, lmforge_mmlu, lmforge_rotten_tomatoes, lmforge_kjv, lmforge_shakespeare; needs
-            pip install lm-eval); writes OUT/harness.json, harness.md and each task's samples
+            pip install 'lmforge[harness]'); writes OUT/harness.json, harness.md and each task's samples
         num_fewshot: --harness: examples shown before each question (default: each task's own)
         include_path: --harness: more folders of harness task YAML files (repeatable)
     """
