@@ -262,7 +262,7 @@ def evaluate_harness(model: Any, tasks: Sequence[str], out: str | Path | None = 
     for task, metrics in results["results"].items():
         for name, value in metrics.items():
             metric, _, flt = name.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            if metric.endswith("_stderr") or metric == "sample_len" or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{flt}")
             rows.append({"task": task, "metric": metric, "value": round(float(value), 4),
