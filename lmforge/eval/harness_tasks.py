@@ -48,6 +48,7 @@ from pathlib import Path
 import yaml
 
 from lmforge.data import fetch_package, load
+from lmforge.data.readers import jsonl_records
 from lmforge.errors import UserError
 from lmforge.perf import cache_dir as default_cache_dir
 
@@ -239,20 +240,12 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def _jsonl(path: Path) -> Iterable[tuple[int, dict]]:
-    """(line number, object) for each non-empty line of a JSONL file."""
+    """(line number, object) for each non-empty line of a JSONL file (`lmforge.data.readers.jsonl_records`)."""
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 is text
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {n}: expected a JSON object")
-            yield n, row
+    return jsonl_records(path, text)
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
