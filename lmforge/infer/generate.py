@@ -227,7 +227,7 @@ def generate(
         if beam_size > 1:
             rows = beam_search_ids(model, prompts, beam_size, max_new_tokens, length_penalty, early_stopping,
                                    tokenizer.eos_id, condition, use_kernels)
-            found = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
+            found = [cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
             if stream:
                 stream(found[0])
             out += found
@@ -258,24 +258,31 @@ def _sample_texts(model, tokenizer, prompts, condition, max_new_tokens, temperat
                 generated[row].append(token)
         texts = [tokenizer.decode(ids) for ids in generated]
         if stream:
-            text = _cut_at_stop(texts[0], stop)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                safe = len(text) - max((len(s) - 1 for s in stop), default=0)  # a stop may be forming
-                if safe > shown[0]:
-                    stream(text[shown[0]:safe])
-                    shown[0] = safe
+            text = cut_at_stop(texts[0], stop)
+            safe = showable_length(text, stop)
+            if safe > shown[0]:
+                stream(text[shown[0]:safe])
+                shown[0] = safe
         return bool(stop) and all(any(s in t for s in stop) for t in texts)
 
     rows = generate_ids(model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                         eos, seed, watch if stop or stream else None, condition, use_kernels, draft, draft_tokens,
                         stats)
-    texts = [_cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
+    texts = [cut_at_stop(tokenizer.decode(ids), stop) for ids in rows]
     if stream:
         stream(texts[0][shown[0]:])
     return texts
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to the first of the `stop` strings in it."""
     cuts = [text.index(s) for s in stop if s and s in text]
     return text[: min(cuts)] if cuts else text
+
+
+def showable_length(text: str, stop: Sequence[str]) -> int:
+    """How much of a text still being generated (cut at its stops) may be streamed: nothing while it ends in
+    part of a multi-byte character, and never its last characters, from which a stop string may be forming."""
+    if text.endswith("\ufffd"):
+        return 0
+    return len(text) - max((len(s) - 1 for s in stop), default=0)

@@ -39,6 +39,7 @@ import torch
 
 from lmforge import kernels
 from lmforge.infer import left_pad, warp_logits
+from lmforge.infer.generate import cut_at_stop, showable_length
 
 log = logging.getLogger("lmforge.server")
 
@@ -246,20 +247,16 @@ class Engine:
         s = generation.sampling
         ended_by_token = generation.tokens[-1] in s.stop_ids
         ids = generation.tokens[:-1] if ended_by_token else generation.tokens
-        text = self.tokenizer.decode(ids)
-        cut = min((text.index(stop) for stop in s.stop if stop in text), default=None)
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-        elif ended_by_token:
+        whole = self.tokenizer.decode(ids)
+        text = cut_at_stop(whole, s.stop)
+        if len(text) < len(whole) or ended_by_token:
             reason = "stop"
         elif len(generation.tokens) >= s.max_tokens:
             reason = "length"
         else:
             reason = None
         if reason is None:
-            if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                return
-            safe = len(text) - max((len(stop) - 1 for stop in s.stop), default=0)  # a stop may be forming
+            safe = showable_length(text, s.stop)
             if safe > generation.shown:
                 generation.on_event(Event(text[generation.shown:safe]))
                 generation.shown = safe
