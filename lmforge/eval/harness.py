@@ -9,11 +9,11 @@ lmforge's own forward pass and generate loop, for any decoder `lmforge.load` tak
 
 - `loglikelihood` (multiple choice, cloze): the harness's `TemplateLM` splits each request into context
   and continuation tokens exactly as its `hf` backend does; here the requests that share a context (the
-  options of one question) are grouped, each context runs once (contexts batched, sorted by length,
-  left-padded: padding is masked out of attention and positions, so it changes no score), and only the
-  continuation positions go through the LM head. A one-token continuation (" yes", " A") needs no
-  second pass; longer ones run after a copy of their context's KV cache, right-padded (causal attention:
-  the padding after a token never reaches it).
+  options of one question) are grouped, each context runs once, and only the continuation positions go
+  through the LM head. A one-token continuation (" yes", " A") needs no second pass; longer ones run whole.
+  Rows are sorted by length and batched with rows of nearly the same length (no row padded by more than a
+  tenth of its batch's length: padding costs as much as tokens on a CPU), right-padded: attention is causal,
+  so the padding after a row's tokens never reaches them and changes no score.
 - `loglikelihood_rolling` (perplexity): the `hf` backend's disjoint windows of the context length,
   scored the same way.
 - `generate_until`: `lmforge.infer.generate` (greedy unless the task samples), stop strings from `until`.
@@ -180,23 +180,23 @@ def score_continuations(model: Any, pairs: Sequence[tuple[Sequence[int], Sequenc
             whole.append((i, ids))
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     progress = tqdm(total=len(pairs), desc="lmforge: scoring", disable=disable_tqdm)
-    contexts = sorted(shared, key=len, reverse=True)  # similar lengths share a batch: little padding
-    for start in range(0, len(contexts), batch_size):
-        batch = contexts[start:start + batch_size]
-        logprobs = _head_logprobs(model, _hidden(model, [list(c) for c in batch])[:, -1])  # (B, V)
+    contexts = list(shared)
+    for members in _similar_lengths([len(c) for c in contexts], batch_size):
+        batch = [contexts[m] for m in members]
+        hidden, lengths = _hidden(model, batch)
+        logprobs = _head_logprobs(model, hidden[torch.arange(len(batch)), lengths - 1])  # (B, V): each row's last
         for row, context in enumerate(batch):
             best = int(logprobs[row].argmax())
             for i in shared[context]:
                 token = pairs[i][1][0]
                 results[i] = (float(logprobs[row, token]), best == token)
                 progress.update(1)
-    whole.sort(key=lambda item: len(item[1]), reverse=True)
-    for start in range(0, len(whole), batch_size):
-        batch = whole[start:start + batch_size]
-        hidden = _hidden(model, [ids for _, ids in batch])  # (B, T, d), left-padded: real tokens end at T
-        for row, (i, _) in enumerate(batch):
+    for members in _similar_lengths([len(ids) for _, ids in whole], batch_size):
+        hidden, lengths = _hidden(model, [whole[m][1] for m in members])
+        for row, i in enumerate(whole[m][0] for m in members):
             continuation = torch.tensor(pairs[i][1], device=hidden.device)
-            logprobs = _head_logprobs(model, hidden[row, -len(continuation):])  # (n, V)
+            end = int(lengths[row])
+            logprobs = _head_logprobs(model, hidden[row, end - len(continuation):end])  # (n, V)
             chosen = logprobs.gather(1, continuation[:, None]).squeeze(1)
             results[i] = (float(chosen.sum()), bool((logprobs.argmax(-1) == continuation).all()))
             progress.update(1)
@@ -204,13 +204,28 @@ def score_continuations(model: Any, pairs: Sequence[tuple[Sequence[int], Sequenc
     return results  # type: ignore[return-value]
 
 
-def _hidden(model: Any, rows: list[list[int]]) -> torch.Tensor:
-    """The final hidden states (B, T, d) of token rows, left-padded into one batch (padding masked out)."""
-    from lmforge.infer import left_pad
+def _similar_lengths(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """The indices of `lengths`, longest first, in batches of at most `batch_size` whose rows are each at least
+    nine tenths as long as the batch's first: a long outlier runs alone instead of padding fifteen short rows
+    to its length."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batches and len(batches[-1]) < batch_size and lengths[i] >= 0.9 * lengths[batches[-1][0]]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
-    tokens, pad = left_pad(rows, next(model.parameters()).device)
-    cache = model.new_cache(len(rows), tokens.shape[1], pad) if pad.any() else None
-    return model.hidden_states(tokens, cache)
+
+def _hidden(model: Any, rows: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states (B, T, d) of token rows, right-padded into one batch, and each row's length (B,).
+    Attention is causal, so a row's states are those it has alone; the positions past its length are padding."""
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(row) for row in rows], device=device)
+    tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = torch.as_tensor(row, device=device)
+    return model.hidden_states(tokens), lengths
 
 
 def _head_logprobs(model: Any, hidden: torch.Tensor) -> torch.Tensor:
