@@ -22,12 +22,14 @@ __all__ = [
     "consolidate",
     "demo",
     "distill",
+    "dpo",
     "evaluate",
     "export",
     "finetune",
     "generate",
     "import_model",
     "load",
+    "make_pairs",
     "merge",
     "model_table",
     "prepare",
@@ -42,7 +44,7 @@ __all__ = [
 _HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.recipes.finetune", "chat": "lmforge.tasks.chat",
           "evaluate": "lmforge.tasks.evaluate", "distill": "lmforge.recipes.distill",
           "quantize": "lmforge.infer.quantize", "prune": "lmforge.infer.prune",
-          "serve": "lmforge.server.app"}
+          "serve": "lmforge.server.app", "dpo": "lmforge.recipes.dpo", "make_pairs": "lmforge.tasks.preference"}
 
 
 def __getattr__(name: str) -> Any:

@@ -202,6 +202,13 @@ class FinetuneTrainConfig(TrainConfig):
 
 
 @dataclass
+class DPOTrainConfig(FinetuneTrainConfig):
+    """DPO's defaults: fine-tuning's loop over preference pairs (a batch of 8 pairs is 16 sequences)."""
+
+    lr: float | None = param(None, "peak learning rate (default: 5e-5 with LoRA, 1e-6 for full fine-tuning)")
+
+
+@dataclass
 class TaskFromScratchTrainConfig(FinetuneTrainConfig):
     """A task decoder trained from scratch (`summarize/translate train --preset`): fine-tuning's loop at a
     pretraining learning rate (fine-tuning's is far lower), batches of 16."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.layers import KVCache, fused_linear_cross_entropy
+from lmforge.models.layers import KVCache, fused_linear_cross_entropy, fused_linear_logprobs
 
 
 def make_head(config: ModelConfig, tok_emb: nn.Embedding) -> nn.Linear:
@@ -50,13 +50,19 @@ class LanguageModel(nn.Module):
         return self.head.weight
 
     def output(self, h: torch.Tensor, targets: torch.Tensor | None = None, last_only: bool = False,
-               ignore_index: int = -100) -> torch.Tensor:
+               ignore_index: int = -100, token_logprobs: bool = False) -> torch.Tensor:
         """The output head over final hidden states h (B, T, d_model), for every model kind.
 
         Logits (B, T, vocab); with `last_only`, the last position's (B, 1, vocab); with `targets` (B, T),
         the mean cross-entropy, fused with the head (`fused_linear_cross_entropy`: the full logits are
-        never made; targets equal to `ignore_index` do not count).
+        never made; targets equal to `ignore_index` do not count); with `token_logprobs` too, each target's
+        log-probability (B, T) in fp32, 0 where ignored (only those positions go through the head).
         """
+        if targets is not None and token_logprobs:
+            scored = targets != ignore_index
+            out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+            out[scored] = fused_linear_logprobs(h[scored], self.head.weight, targets[scored])
+            return out
         if targets is not None:
             return self.linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten(),
                                              ignore_index=ignore_index)

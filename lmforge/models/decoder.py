@@ -49,13 +49,15 @@ class Decoder(LanguageModel):
         cache: KVCache | None = None,
         last_only: bool = False,
         ignore_index: int = -100,
+        token_logprobs: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab); or, given `targets` (B, T), the mean next-token cross-entropy.
 
         With targets the output head and the loss are fused (the full logits are never made);
-        targets equal to `ignore_index` do not count. `last_only` returns logits (B, 1, vocab).
+        targets equal to `ignore_index` do not count. `last_only` returns logits (B, 1, vocab);
+        `token_logprobs` (with targets) each target's log-probability (B, T), 0 where ignored.
         """
-        return self.output(self.hidden_states(ids, cache), targets, last_only, ignore_index)
+        return self.output(self.hidden_states(ids, cache), targets, last_only, ignore_index, token_logprobs)
 
     def generate(self, *args: Any, **kwargs: Any) -> list[str]:
         """Continuations of the prompt(s): the options and the output are those of `lmforge.infer.generate.generate`."""

@@ -442,6 +442,59 @@ def fused_linear_cross_entropy(
     return _FusedLinearCrossEntropy.apply(h, weight, targets, chunk_size, ignore_index)
 
 
+class _FusedLinearLogProb(torch.autograd.Function):
+    """log p(target) of each row of the logits h @ weight.T, chunk by chunk, without the full logits.
+
+    The gradient with respect to h, (onehot - softmax) @ weight per row, is made in the forward pass and
+    scaled by each row's upstream gradient in the backward pass; the weight's gradient (a trained head)
+    needs the upstream gradient inside the sum over rows, so the backward pass makes the logits again.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(h.dtype)
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None  # (N, d): d log p / d h of each row
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (h[rows] @ w.T).float()  # (chunk, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse
+            if need_h:
+                logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place
+                logits[torch.arange(logits.shape[0], device=h.device), targets[rows]] += 1.0
+                torch.mm(logits.to(h.dtype), w, out=grad_h[rows])
+        ctx.chunk_size, ctx.need_h, ctx.need_w = chunk_size, need_h, need_w
+        ctx.save_for_backward(grad_h, h if need_w else None, weight if need_w else None, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, h, weight, targets = ctx.saved_tensors
+        grad_w = None
+        if ctx.need_w:
+            w = weight.to(h.dtype)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, h.shape[0], ctx.chunk_size):
+                rows = slice(start, start + ctx.chunk_size)
+                logits = (h[rows] @ w.T).float()
+                g = -torch.softmax(logits, dim=-1)
+                g[torch.arange(g.shape[0], device=h.device), targets[rows]] += 1.0
+                g.mul_(grad_output[rows, None].float())
+                grad_w += (g.T @ h[rows].float())
+            grad_w = grad_w.to(weight.dtype)
+        grad_h = grad_h * grad_output[:, None].to(grad_h.dtype) if ctx.need_h else None
+        return grad_h, grad_w, None, None
+
+
+def fused_linear_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int = 256) -> torch.Tensor:
+    """log p(targets) (N,) under the logits h @ weight.T (h: (N, d), weight: (V, d), targets: (N,)), in fp32,
+    with gradients for h and weight; the (N, V) logits are made `chunk_size` rows at a time, never whole."""
+    return _FusedLinearLogProb.apply(h, weight, targets, chunk_size)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The mean (B, d) of x (B, S, d) over the positions where `mask` (B, S) is True (None: all of them)."""
     if mask is None:

@@ -22,8 +22,13 @@ def reply(model: Any, messages: list[dict], stream: Callable[[str], None] | bool
     """The model's answer to the conversation `messages` (rendered with the chat template)."""
     tokenizer = model.tokenizer
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    stops = [s for s in END_OF_TURN if tokenizer.token_to_id(s) is not None or s in prompt]
+    stops = turn_stops(tokenizer, prompt)
     return model.generate(prompt, stop=stops + list(options.pop("stop", [])), stream=stream, **options)[0].strip()
+
+
+def turn_stops(tokenizer: Any, prompt: str) -> list[str]:
+    """The end-of-turn markers an answer to `prompt` stops at: those the tokenizer or the template uses."""
+    return [s for s in END_OF_TURN if tokenizer.token_to_id(s) is not None or s in prompt]
 
 
 def chat(
