@@ -183,7 +183,7 @@ def test_bad_settings_and_another_tokenizers_reference_are_refused(models, tmp_p
     data = _write(tmp_path / "pairs.jsonl", PAIRS)
     for flags, expected in ((["--beta", "0"], "--beta 0.0: expected a positive number"),
                             (["--beta", "-1"], "--beta -1.0: expected a positive number"),
-                            (["--loss", "hinge"], "invalid choice")):
+                            (["--loss", "hinge"], "--loss = 'hinge'; expected one of sigmoid, ipo")):
         run = _cli("dpo", str(models / "policy"), "--data", str(data), "--out", str(tmp_path / "run"), *flags)
         assert run.returncode == 2 and expected in run.stderr, run.stderr
     other = train_tokenizer(["an entirely different corpus of words"] * 50, vocab_size=300, show_progress=False)
