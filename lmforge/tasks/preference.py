@@ -102,8 +102,15 @@ def _self_play(model: Any, conversations: list[tuple[str, list[dict]]], max_new_
     prompts = [tokenizer.apply_chat_template(m[:-1], add_generation_prompt=True) for _, m in conversations]
     if not prompts:
         return [], 0
-    answers = model.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                             stop=turn_stops(tokenizer, prompts[0]), batch_size=batch_size)
+    from tqdm.auto import tqdm
+
+    answers: list[str] = []
+    with tqdm(total=len(prompts), desc="the model's own answers", unit="answer") as progress:
+        for start in range(0, len(prompts), batch_size):  # a batch at a time: the bar moves, with an ETA
+            answers += model.generate(prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                                      temperature=temperature, seed=seed + start, batch_size=batch_size,
+                                      stop=turn_stops(tokenizer, prompts[0]))
+            progress.update(len(prompts[start:start + batch_size]))
     pairs, skipped = [], 0
     for (name, messages), answer in zip(conversations, answers):
         answer, human = answer.strip(), messages[-1]["content"]
