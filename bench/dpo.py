@@ -202,8 +202,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer pairs, steps and rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per side per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1: beside other work)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     emit(machine_state())
     folder = pairs_folder(args.quick)
     with tempfile.TemporaryDirectory() as tmp:
