@@ -102,6 +102,18 @@ def test_shared_contexts_score_as_whole_sequences(make_model):
         assert greedy == bool((logits.argmax(-1) == torch.tensor(continuation)).all())
 
 
+def test_batches_hold_rows_of_nearly_the_same_length():
+    from lmforge.eval.harness import _similar_lengths
+
+    lengths = [778, 40, 300, 290, 295, 41, 39, 42, 280, 100]
+    batches = _similar_lengths(lengths, batch_size=3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))  # each row once
+    assert batches[0] == [0]  # the long outlier runs alone
+    for batch in batches:
+        assert len(batch) <= 3 and all(lengths[i] >= 0.9 * lengths[batch[0]] for i in batch)
+    assert [len(b) for b in batches] == [1, 3, 1, 1, 3, 1]
+
+
 def test_lmforge_eval_harness_writes_the_report(checkpoint, tasks):
     out = checkpoint / "report"
     report = evaluate_harness(str(checkpoint / "ckpt"), ["tiny_mc"], out=out, include_path=[tasks], limit=4)
