@@ -26,7 +26,7 @@ from lmforge.config import DPOTrainConfig, merge_settings, resolve_train, settin
 from lmforge.data.batches import EpochBatches, hold_out
 from lmforge.data.preference import collate_preferences, load_pairs
 from lmforge.errors import UserError
-from lmforge.recipes.finetune import apply_lora, describe_source, load_trainable
+from lmforge.recipes.finetune import apply_lora, describe_source, model_to_train
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.preference import PreferenceLoss, check_settings, evaluate_preferences, reference_logprobs
 from lmforge.train.recipe import Job, Recipe, run_recipe, say
@@ -66,14 +66,8 @@ class DPO(Recipe):
         if isinstance(data, (str, Path)) and all((Path(data) / name).is_file() for name in PAIRS_FILES):
             data, val_data = Path(data) / PAIRS_FILES[0], val_data if val_data is not None else \
                 Path(data) / PAIRS_FILES[1]
-        model, loss_fn = self.model, causal_lm_loss
-        if not isinstance(model, torch.nn.Module):
-            model, loss_fn = load_trainable(model)
-        native = loss_fn is causal_lm_loss
-        tokenizer = model.tokenizer
-        if tokenizer is None:
-            raise UserError(f"{self.name_of_model} has no tokenizer")
-        context = getattr(model.config, "block_size", None) or getattr(model.config, "max_position_embeddings", 2048)
+        model, loss_fn, context = model_to_train(self.model, self.name_of_model)
+        native, tokenizer = loss_fn is causal_lm_loss, model.tokenizer
         max_length = min(self.max_length or context, context)
         pairs = load_pairs(data, tokenizer, max_length)
         if val_data is not None:

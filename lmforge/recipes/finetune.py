@@ -84,6 +84,21 @@ def load_trainable(source: str | Path) -> tuple[torch.nn.Module, Any]:
     return model, causal_lm_loss
 
 
+def model_to_train(source: Any, name: str) -> tuple[torch.nn.Module, Any, int]:
+    """The model to train (`source` loaded by `load_trainable`, or a model in memory), its loss function and
+    its context length; a model without a tokenizer is refused."""
+    if isinstance(source, torch.nn.Module):
+        from lmforge.models.decoder import Decoder
+
+        model, loss_fn = source, causal_lm_loss if isinstance(source, Decoder) else logits_causal_lm_loss
+    else:
+        model, loss_fn = load_trainable(source)
+    if model.tokenizer is None:
+        raise UserError(f"{name} has no tokenizer")
+    config = model.config
+    return model, loss_fn, getattr(config, "block_size", None) or getattr(config, "max_position_embeddings", 2048)
+
+
 def describe_source(source: Any) -> str:
     """How a run records where its model or data came from: an absolute path, a name, or a count."""
     if isinstance(source, (str, Path)):
@@ -123,17 +138,9 @@ class Finetune(Recipe):
         if isinstance(data, (str, Path)) and str(data) in CHAT_DATASETS and not Path(data).exists():
             val_data = val_data if val_data is not None else chat_dataset_file(str(data), "validation")
             data = chat_dataset_file(str(data), "train")
-        if isinstance(self.model, torch.nn.Module):
-            from lmforge.models.decoder import Decoder
-
-            model, loss_fn = self.model, causal_lm_loss if isinstance(self.model, Decoder) else logits_causal_lm_loss
-        else:
-            model, loss_fn = load_trainable(self.model)
+        model, loss_fn, context = model_to_train(self.model, self.name_of_model)
         tokenizer = model.tokenizer
-        if tokenizer is None:
-            raise UserError(f"{self.name_of_model} has no tokenizer")
-        context = getattr(model.config, "block_size", None) or getattr(model.config, "max_position_embeddings", None)
-        max_length = min(self.max_length or context or 2048, context or 2048)
+        max_length = min(self.max_length or context, context)
         examples = load_examples(data, tokenizer, max_length, self.data_format, self.text_field)
         if val_data is not None:
             train, val = examples, load_examples(val_data, tokenizer, max_length, self.data_format, self.text_field)
