@@ -6,12 +6,13 @@
 The data is preference pairs (`lmforge.data.preference`: prompt, chosen, rejected; text or chat
 messages), or the folder `lmforge dpo-pairs` writes (its train.jsonl, validated on its heldout.jsonl).
 The reference model is the model before training, or `--reference CKPT` (same tokenizer); its
-log-probabilities of every pair are computed once, before training, and the policy trains against them,
-so only one model is in memory (with LoRA, the adapters start at zero: the policy starts as the
-reference). The objective is `lmforge.train.preference` (sigmoid = DPO, ipo = IPO), on the answer
-tokens only. Logged at each evaluation (metrics.jsonl, progress): the held-out loss, reward accuracy,
-chosen and rejected rewards and their margin, the held-out chosen answers' loss per token
-(`chosen_nll`), and the same reward figures over the training batches since the last evaluation.
+log-probabilities of every pair are computed once, before training, by the model as the Trainer runs it
+(device, precision, kernels), and the policy trains against them, so only one model is in memory and the
+policy starts equal to the reference to the last bit (with LoRA the adapters start at zero). The
+objective is `lmforge.train.preference` (sigmoid = DPO, ipo = IPO), on the answer tokens only. Logged at
+each evaluation (metrics.jsonl, progress): the held-out loss, reward accuracy, chosen and rejected
+rewards and their margin, the held-out chosen answers' loss per token (`chosen_nll`), and the same
+reward figures over the training batches since the last evaluation.
 """
 
 from __future__ import annotations
@@ -77,11 +78,8 @@ class DPO(Recipe):
         self.train, steps_per_epoch = resolve_train(self.train_settings, len(train), self.epochs,
                                                     DEFAULT_LR[self.method])
         batch_size, pad_id = self.train.batch_size, tokenizer.eos_id
-        reference = model if self.reference is None else self._reference_model(tokenizer)
-        say(f"reference log-probabilities of {len(train)} training and {len(val)} held-out pairs "
-            f"({'the model before training' if self.reference is None else self.reference})")
-        train, val = (reference_logprobs(reference, part, batch_size, pad_id, native) for part in (train, val))
-        del reference
+        self.pairs, self.pad_id, self.native = {"train": train, "val": val}, pad_id, native
+        self.reference_model = self._reference_model(tokenizer) if self.reference is not None else None
         if self.method == "lora":
             torch.manual_seed(self.train.seed)
             model = apply_lora(model, self.lora["rank"], self.lora["alpha"], self.lora["dropout"],
@@ -89,20 +87,34 @@ class DPO(Recipe):
         objective = PreferenceLoss(self.beta, self.loss, native)
 
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            return {**evaluate_preferences(m, val, batch_size, pad_id, self.beta, self.loss, native),
+            return {**evaluate_preferences(m, self.pairs["val"], batch_size, pad_id, self.beta, self.loss, native),
                     **objective.take_stats()}
 
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"DPO ({self.loss}, beta {self.beta}) of {self.name_of_model} ({self.method}: {trainable:,} of "
             f"{sum(p.numel() for p in model.parameters()):,} parameters train) on {len(train)} pairs, "
             f"{len(val)} held out; {steps_per_epoch} steps per epoch")
-        rows = EpochBatches(train, batch_size, self.train.seed, lambda items, step, part:
-                            collate_preferences(items, pad_id))
+        rows = EpochBatches(range(len(train)), batch_size, self.train.seed, lambda items, step, part:
+                            collate_preferences([self.pairs["train"][i] for i in items], pad_id))
         tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in train) / len(train)
         return Job(model, rows, loss_fn=objective, evaluate=evaluate, tokenizer=tokenizer,
                    info={"base": self.name_of_model, "method": self.method, "data": describe_source(self.data),
                          "dpo": {"beta": self.beta, "loss": self.loss}, "lora": self.settings()["lora"]},
                    tokens_per_row=tokens, steps_per_epoch=steps_per_epoch)
+
+    def ready(self, trainer) -> None:
+        """The reference's log-probabilities of every pair, once, with the model as it trains (device, precision,
+        kernels) before any step (a resumed run's checkpoint is loaded after this): the policy starts equal to
+        the reference, to the last bit. `--reference CKPT` (loaded and checked by `build`) is cast to the
+        same device and precision, used and dropped."""
+        model = trainer.model
+        if self.reference_model is not None:
+            model = self.reference_model.to(device=trainer.dist.device, dtype=trainer.dtype)
+        say(f"reference log-probabilities of {len(self.pairs['train'])} training and {len(self.pairs['val'])} "
+            f"held-out pairs ({'the model before training' if self.reference is None else self.reference})")
+        for part, pairs in self.pairs.items():
+            self.pairs[part] = reference_logprobs(model, pairs, trainer.config.batch_size, self.pad_id, self.native)
+        self.reference_model = None
 
     def _reference_model(self, tokenizer) -> torch.nn.Module:
         from lmforge.sources import load

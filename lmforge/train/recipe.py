@@ -1,9 +1,10 @@
 """Recipes: what a training verb builds, handed to the one Trainer, run the same way for every verb.
 
 A recipe is a small class (`lmforge.recipes`): its settings, and `build()` that returns a `Job`: the
-model, the batches, the objective and the evaluation. Optional hooks: `before()` measures the model
-before training (e.g. its validation loss), `report()` adds to the final summary (plots, extra
-metrics). `run_recipe` does the rest, identically for every verb:
+model, the batches, the objective and the evaluation. Optional hooks: `ready()` prepares what needs the
+Trainer's model as it will train, `before()` measures the model before training (e.g. its validation
+loss), `report()` adds to the final summary (plots, extra metrics). `run_recipe` does the rest,
+identically for every verb:
 
     summary = run_recipe(Finetune(model="smollm2-135m-instruct", data="chatterbot", method="lora"),
                          out="runs/chat", resume=False)
@@ -70,6 +71,10 @@ class Recipe:
     def build(self) -> Job:
         raise NotImplementedError
 
+    def ready(self, trainer: Trainer) -> None:
+        """Work that needs the Trainer's model as it will train (its device, precision and kernels), for a new
+        run and a resumed one alike, before a checkpoint is loaded (e.g. DPO's reference log-probabilities)."""
+
     def before(self, trainer: Trainer) -> dict[str, Any]:
         """Metrics of the model before training (a new run only); printed and kept in the summary."""
         return {}
@@ -106,6 +111,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict[st
     if trainer.dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_run(out, recipe)
+    recipe.ready(trainer)
     if not resume:
         before = recipe.before(trainer)
     summary = trainer.fit(resume=resume)
