@@ -127,7 +127,7 @@ class DPO(Recipe):
         return reference
 
     def before(self, trainer) -> dict[str, Any]:
-        metrics = trainer.evaluate(trainer.model)
+        metrics = trainer.evaluate(trainer.model.eval())
         say(f"before: held-out DPO loss {metrics['val_loss']:.4f}, chosen answers' loss {metrics['chosen_nll']:.4f}")
         return {"val_loss_before": round(metrics["val_loss"], 6), "chosen_nll_before": round(metrics["chosen_nll"], 6)}
 
