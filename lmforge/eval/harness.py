@@ -220,12 +220,10 @@ def _similar_lengths(lengths: list[int], batch_size: int) -> list[list[int]]:
 def _hidden(model: Any, rows: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The final hidden states (B, T, d) of token rows, right-padded into one batch, and each row's length (B,).
     Attention is causal, so a row's states are those it has alone; the positions past its length are padding."""
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(row) for row in rows], device=device)
-    tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        tokens[i, :len(row)] = torch.as_tensor(row, device=device)
-    return model.hidden_states(tokens), lengths
+    from lmforge.infer import pad_right
+
+    tokens, real = pad_right(rows, 0, next(model.parameters()).device)
+    return model.hidden_states(tokens), real.sum(dim=1)
 
 
 def _head_logprobs(model: Any, hidden: torch.Tensor) -> torch.Tensor:
