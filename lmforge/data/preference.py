@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lmforge.data.readers import read_jsonl_records
-from lmforge.data.sft import IGNORE, check_messages, ensure_chat_template
+from lmforge.data.sft import IGNORE, Example, check_messages, collate, ensure_chat_template
 from lmforge.errors import UserError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -134,17 +134,12 @@ def fit(pair: PreferencePair, max_length: int) -> PreferencePair:
 
 
 def collate_preferences(pairs: Sequence[PreferencePair], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
-    """One batch of 2B rows, right-padded: the B prompt + chosen sequences, then the B prompt + rejected ones.
-    `ids` (2B, T-1) and next-token `targets` (2B, T-1), -100 but on the answers' tokens; with the pairs'
-    reference log-probabilities, `reference` (2B,) in the same order."""
-    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    length = max(len(prompt) + len(answer) for prompt, answer in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    for row, (prompt, answer) in enumerate(rows):
-        ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-        labels[row, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer)
-    batch = {"ids": ids[:, :-1].to(device), "targets": labels[:, 1:].to(device)}
+    """One batch of 2B rows (`lmforge.data.sft.collate`): the B prompt + chosen sequences, then the B prompt +
+    rejected ones. `ids` (2B, T-1) and next-token `targets` (2B, T-1), -100 but on the answers' tokens; with
+    the pairs' reference log-probabilities, `reference` (2B,) in the same order."""
+    answers = [(p, p.chosen) for p in pairs] + [(p, p.rejected) for p in pairs]
+    batch = collate([Example(p.name, p.prompt + answer, [IGNORE] * len(p.prompt) + answer) for p, answer in answers],
+                    pad_id, device)  # fine-tuning's collate: right-padded, -100 where the loss does not count
     if all(p.reference is not None for p in pairs):
         reference = [p.reference[0] for p in pairs] + [p.reference[1] for p in pairs]  # type: ignore[index]
         batch["reference"] = torch.tensor(reference, dtype=torch.float32, device=device)
