@@ -1,7 +1,7 @@
 """Preference pairs where none exist, by self-play (SPIN, Chen et al. 2024): `lmforge dpo-pairs`.
 
     lmforge dpo-pairs smollm2-135m-instruct --data chatterbot --out runs/pairs
-    lmforge dpo runs/pairs-model... --data runs/pairs --out runs/dpo        # train.jsonl, heldout.jsonl
+    lmforge dpo smollm2-135m-instruct --data runs/pairs --out runs/dpo     # reads train.jsonl, heldout.jsonl
 
 Each conversation's last assistant turn is the chosen answer (a person wrote it); the model's own answer
 to the same conversation so far is the rejected one. DPO on such pairs moves the model from its own
@@ -21,7 +21,7 @@ from lmforge.data.datasets import CHAT_DATASETS, chat_dataset_file
 from lmforge.data.readers import read_jsonl_records
 from lmforge.data.sft import check_messages, ensure_chat_template
 from lmforge.errors import UserError
-from lmforge.files import check_new_directory
+from lmforge.files import atomic_directory, check_new_directory
 from lmforge.tasks.chat import turn_stops
 
 
@@ -75,11 +75,9 @@ def make_pairs(
     if not counts["train"] or not counts["heldout"]:
         raise UserError(f"{data}: no pair could be made for {'train' if not counts['train'] else 'heldout'} "
                         f"(every generated answer was empty or equal to the human one)")
-    out.mkdir(parents=True, exist_ok=True)
-    for split, text in written.items():
-        partial = out / f".{split}.jsonl.partial"
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(out / f"{split}.jsonl")
+    with atomic_directory(out) as folder:  # both files or neither: a half-written folder is never left behind
+        for split, text in written.items():
+            (folder / f"{split}.jsonl").write_text(text, encoding="utf-8")
     return counts
 
 
