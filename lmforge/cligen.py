@@ -301,6 +301,8 @@ def add_section(parser: argparse.ArgumentParser, name: str, cls: type, title: st
     for f in dataclasses.fields(cls):
         default = getattr(defaults, f.name) if defaults is not None else f.default
         flags = [f"--{name}.{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if flat else [])
+        if f.metadata.get("dotted"):
+            flags.append(f"--{name}.{f.name.replace('_', '.', 1)}")
         group.add_argument(*flags, dest=f"{name}.{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
                            help=_help(f.metadata.get("help", ""), default))
     return group

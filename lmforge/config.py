@@ -29,9 +29,10 @@ from lmforge.errors import UserError
 NoneType = type(None)
 
 
-def param(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by `--help` and written into docs)."""
-    return field(default=default, metadata={"help": help})
+def param(default: Any, help: str, dotted: bool = False) -> Any:
+    """A dataclass field with its help text (shown by `--help` and written into docs). `dotted`: on the
+    command line the field's first underscore may also be a dot (`dp_epsilon`: `--train.dp.epsilon`)."""
+    return field(default=default, metadata={"help": help, "dotted": dotted})
 
 
 MODEL_KINDS = ("decoder", "seq2seq", "vae", "cvae")
@@ -143,6 +144,13 @@ class TrainConfig:
     strategy: str = param("ddp", "under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: "
                                  "parameters, gradients and AdamW state sharded over the processes, for models "
                                  "that do not fit one device; checkpoints sharded until the last)")
+    dp_epsilon: float | None = param(None, "differential privacy (DP-SGD through Opacus): the privacy budget epsilon "
+                                           "the whole run may spend; batches are Poisson-sampled (batch_size is "
+                                           "their expected size), each example's gradient clipped, noise added "
+                                           "(lmforge.train.privacy)", dotted=True)
+    dp_delta: float | None = param(None, "DP: delta of (epsilon, delta)-DP (default: 1 / the number of training "
+                                         "examples)", dotted=True)
+    dp_max_grad_norm: float = param(1.0, "DP: each example's gradient is clipped to this L2 norm", dotted=True)
 
     def validate(self) -> TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
@@ -178,6 +186,12 @@ class TrainConfig:
             raise UserError(f"train.warmup_steps = {self.warmup_steps}; expected >= 0")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise UserError(f"train.max_minutes = {self.max_minutes}; expected a positive number")
+        if self.dp_epsilon is not None and not 0 < self.dp_epsilon < math.inf:
+            raise UserError(f"train.dp.epsilon = {self.dp_epsilon}; expected a positive number")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            raise UserError(f"train.dp.delta = {self.dp_delta}; expected a value between 0 and 1")
+        if not 0 < self.dp_max_grad_norm < math.inf:
+            raise UserError(f"train.dp.max_grad_norm = {self.dp_max_grad_norm}; expected a positive number")
         return self
 
 

@@ -55,3 +55,11 @@ class EpochBatches:
         start = index * self.batch_size + part * rows
         picks = [int(order[i % len(order)]) for i in range(start, start + rows)]
         return self.collate([self.items[i] for i in picks], step, part)
+
+    def __len__(self) -> int:
+        """The number of training examples (the records differential privacy protects)."""
+        return len(self.items)
+
+    def select(self, picks: Sequence[int], step: int, part: int) -> dict[str, Any]:
+        """The batch of the examples numbered `picks` (differential privacy's Poisson-sampled batches)."""
+        return self.collate([self.items[i] for i in picks], step, part)

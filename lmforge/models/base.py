@@ -15,6 +15,7 @@ loading, so checkpoints keep the same keys either way).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -40,6 +41,7 @@ class LanguageModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.activation_checkpointing = False  # set by the Trainer (train.activation_checkpointing)
+        self.per_example_loss = False  # set by the Trainer under differential privacy (see `output`)
         self.register_state_dict_post_hook(_leave_out_tied_head)
         self.register_load_state_dict_pre_hook(_fill_in_tied_head)
         self.register_load_state_dict_post_hook(_tie_head)
@@ -57,12 +59,21 @@ class LanguageModel(nn.Module):
         the mean cross-entropy, fused with the head (`fused_linear_cross_entropy`: the full logits are
         never made; targets equal to `ignore_index` do not count); with `token_logprobs` too, each target's
         log-probability (B, T) in fp32, 0 where ignored (only those positions go through the head).
+        With `per_example_loss` (differential privacy) the loss is the mean over rows of each row's mean token
+        loss, made through the head module (full logits), so each row's gradient is its own.
         """
         if targets is not None and token_logprobs:
             scored = targets != ignore_index
             out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
             out[scored] = fused_linear_logprobs(h[scored], self.head.weight, targets[scored])
             return out
+        if targets is not None and self.per_example_loss:
+            # differential privacy needs each example's own gradient (Opacus hooks the head module): logits
+            # through the head, the loss the mean over examples of each one's mean token loss
+            logits = self.head(h).float()  # (B, T, V)
+            losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore_index, reduction="none")
+            counted = (targets != ignore_index).sum(dim=1).clamp(min=1)
+            return (losses.sum(dim=1) / counted).mean()
         if targets is not None:
             return self.linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten(),
                                              ignore_index=ignore_index)

@@ -366,8 +366,8 @@ def decode_stack(model: nn.Module, ids: torch.Tensor, cache: KVCache | None = No
     x = model.tok_emb(ids)  # (B, T, d_model)
     if offset is not None:
         x = x + offset[:, None]
-    if model.pos_emb is not None:
-        x = x + model.pos_emb(positions)
+    if model.pos_emb is not None:  # positions (B, T): one row per example (per-example gradients need it)
+        x = x + model.pos_emb(positions.expand(B, T))
     x = model.dropout(x)
     rope = model.rope.cos_sin(positions, x.dtype) if model.rope is not None else None
     cross = {"memory": memory, "memory_mask": key_padding_mask(memory_mask) if memory_mask is not None else None} \

@@ -56,6 +56,17 @@ class RandomWindows:
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
         starts = starts[part * rows:(part + 1) * rows]
+        return self._batch(starts)
+
+    def __len__(self) -> int:
+        """Records for differential privacy: the disjoint windows of block_size + 1 tokens."""
+        return len(self.tokens) // (self.block_size + 1)
+
+    def select(self, picks: list[int], step: int, part: int) -> dict[str, torch.Tensor]:
+        """The batch of the disjoint windows numbered `picks` (differential privacy's Poisson-sampled batches)."""
+        return self._batch(np.asarray(picks, dtype=np.int64) * (self.block_size + 1))
+
+    def _batch(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
         windows = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
         windows = torch.from_numpy(windows).to(self.device)
         return {"ids": windows[:, :-1], "targets": windows[:, 1:]}

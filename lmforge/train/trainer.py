@@ -61,7 +61,7 @@ from lmforge.devices import resolve_device
 from lmforge.errors import Interrupted, UserError
 from lmforge.files import remove_leftovers
 from lmforge.perf import matmul_peak
-from lmforge.train import fsdp
+from lmforge.train import fsdp, privacy
 from lmforge.train.checkpoint import (
     SHARDED,
     TRAINER_STATE,
@@ -199,7 +199,10 @@ class Trainer:
                             f"{config.grad_accum} accumulation steps x {self.dist.world} processes")
         self.rows = rows_per_step
         self.model = model.to(self.dist.device)
-        self.precision = resolve_precision(config.precision, self.dist.device)
+        self.private = config.dp_epsilon is not None  # differential privacy (lmforge.train.privacy)
+        if self.private:
+            privacy.refuse_unsupported(config, self.dist.world, self.dist.device)
+        self.precision = resolve_precision("fp32" if self.private else config.precision, self.dist.device)
         self.dtype = PRECISIONS[self.precision]
         self.trainable_names = [name for name, p in model.named_parameters() if p.requires_grad]
         if self.sharded:  # FSDP2: sharded parameters in place (DTensors); bf16 through its mixed precision
@@ -226,8 +229,13 @@ class Trainer:
                                 f"(lmforge's models do)")
             for m in supported:
                 m.activation_checkpointing = True
-        # speed: hardware kernels swapped into the model's layers (lmforge.kernels; LMFORGE_KERNELS=off: none)
-        self.kernels = kernels.apply(self.model, for_="train")
+        # speed: hardware kernels swapped into the model's layers (lmforge.kernels; LMFORGE_KERNELS=off: none);
+        # not under DP, whose per-example gradients need the standard layers
+        self.kernels = kernels.apply(self.model, for_="train", enabled=False if self.private else None)
+        self.privacy = None
+        if self.private:  # Opacus's per-example gradients, clipping and noise around the model and AdamW
+            self.privacy = privacy.PrivateTraining(self.model, self.optimizer, config, batches, self.rows)
+            self.optimizer = self.privacy.optimizer
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step = 0
@@ -274,11 +282,15 @@ class Trainer:
         }
         if not self.sharded:  # FSDP's optimizer state is in the shards
             trainer_state["optimizer"] = self.optimizer.state_dict()
+        if self.privacy is not None:
+            trainer_state["privacy"] = self.privacy.state()
         if weights is not None and any(hasattr(m, "peft_config") for m in self.model.modules()):
             # only adapters are saved (of a LoRA model, or a LoRA backbone under a task head): the fp32
             # values of everything that trains travel here too
             trainer_state["trainable"] = {name: weights[name].float() for name in self.trainable_names}
         info = {**self.info, "train": to_dict(self.config), "precision": self.precision, "step": self.step, **metrics}
+        if self.privacy is not None:
+            info["privacy"] = self.privacy.record(self.step)
         save_checkpoint(self.out / directory, self.model, self.tokenizer, info,
                         trainer_state if resumable else None, weights, keep_previous=resumable, sharded=shards)
 
@@ -295,6 +307,14 @@ class Trainer:
             self._load_weights(directory, state)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.privacy is not None:
+            if "privacy" not in state:
+                raise UserError(f"{directory} was saved by a run without differential privacy; resume it without "
+                                f"train.dp.epsilon")
+            self.privacy.restore(state["privacy"])
+        elif "privacy" in state:
+            raise UserError(f"{directory} was saved by a differentially private run; resume it with the same "
+                            f"train.dp.epsilon")
         self.step = state["step"]
         self.best_val, self.bad_evals = state.get("best_val", math.inf), state.get("bad_evals", 0)
         self.running_loss, self.running_steps = state.get("running_loss", 0.0), state.get("running_steps", 0)
@@ -359,12 +379,14 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         start_time, last_time, last_step, metrics = time.perf_counter(), time.perf_counter(), self.step, {}
         saved_at, stopped_early, patience_out = None, False, False
-        while self.step < config.max_steps:
+        end = config.max_steps if self.privacy is None else min(config.max_steps, self.privacy.budget_steps)
+        while self.step < end:
             loss = self.train_step()
-            self.running_loss, self.running_steps = self.running_loss + loss, self.running_steps + 1
+            if not math.isnan(loss):  # NaN: a DP step whose Poisson batch drew nobody
+                self.running_loss, self.running_steps = self.running_loss + loss, self.running_steps + 1
             self.step += 1
             bar.update(1)
-            if self.step % config.log_interval == 0 or self.step == config.max_steps:
+            if self.step % config.log_interval == 0 or self.step == end:
                 loss = self.dist.mean(loss)
                 now = time.perf_counter()
                 record = {"step": self.step, "loss": round(loss, 6), "lr": lr_at(self.step - 1, config)}
@@ -378,21 +400,24 @@ class Trainer:
                                  for k, v in record.items() if k in ("loss", "tokens_per_s", "mfu")})
                 self._log(record)
             out_of_time = config.max_minutes is not None and time.perf_counter() - start_time > 60 * config.max_minutes
-            stopped_early = self.dist.any(out_of_time) and self.step < config.max_steps
-            last = self.step == config.max_steps or stopped_early
+            stopped_early = self.dist.any(out_of_time) and self.step < end
+            last = self.step == end or stopped_early
             if self.step % config.eval_interval == 0 or last:
-                train_loss = self.dist.mean(self.running_loss / self.running_steps)
+                train_loss = self.dist.mean(self.running_loss / max(self.running_steps, 1))
                 self.running_loss, self.running_steps = 0.0, 0  # before the save: a resume starts afresh
                 metrics, patience_out = self.eval_and_save(train_loss, last)
                 saved_at = self.step
                 last_time = time.perf_counter()  # tokens/s counts training time only
             signum = int(self.dist.max(signals.signum))  # every process stops at the same step
-            if signum and self.step < config.max_steps:
+            if signum and self.step < end:
                 bar.close()
                 self._stop(signum, saved=saved_at == self.step)
-            if stopped_early or (patience_out and self.step < config.max_steps):
+            if stopped_early or (patience_out and self.step < end):
                 break
         bar.close()
+        if end < config.max_steps and self.step == end and main:
+            tqdm.write(f"stopped at step {self.step} of {config.max_steps}: the privacy budget (epsilon "
+                       f"{self.privacy.target_epsilon:g} at delta {self.privacy.delta:.3g}) is spent")
         if stopped_early and main:
             tqdm.write(f"stopped at step {self.step} of {config.max_steps}: the time budget of "
                        f"{config.max_minutes} minutes is spent")
@@ -428,6 +453,10 @@ class Trainer:
         self.model.train()
         # the random state (dropout) of a step depends only on (seed, step, rank): resumes are exact
         torch.manual_seed(config.seed + 1_000_003 * self.step + 7919 * self.dist.rank)
+        if self.privacy is not None:  # Poisson-sampled, clipped and noised (lmforge.train.privacy)
+            loss = self.privacy.step(self.step, self.loss_fn, lambda batch: to_device(batch, self.dist.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss
         total = torch.zeros((), device=self.dist.device)  # summed on the device: one .item() per step
         for micro in range(config.grad_accum):
             part = micro * self.dist.world + self.dist.rank
@@ -478,6 +507,8 @@ class Trainer:
         config, metrics, main = self.config, {}, self.dist.main
         if train_loss is not None:
             metrics["train_loss"] = round(train_loss, 6)
+        if self.privacy is not None:
+            metrics["epsilon"] = round(self.privacy.epsilon(self.step), 4)
         if self.evaluate is not None and (main or self.sharded):  # FSDP: a forward pass takes every process
             self.model.eval()
             with torch.no_grad(), self._autocast():
