@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,13 +32,14 @@ WORDS = "king queen river garden night song bird forest".split()
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """A tiny pretrained model (a real tokenizer, shards and a short pretraining run) and chat data."""
+    """A tiny pretrained model (a real tokenizer, shards and a short pretraining run; a context that holds a whole
+    canary conversation) and chat data."""
     root = tmp_path_factory.mktemp("dp")
-    text = " ".join(f"the {a} and the {b}." for a in WORDS for b in WORDS) * 3
+    text = " ".join(f"the {a} and the {b}." for a in WORDS for b in WORDS) * 10
     (root / "a.txt").write_text(text)
     lmforge.prepare(str(root / "a.txt"), root / "data", vocab_size=300, clean=False)
     lmforge.pretrain(root / "data", root / "run", preset="tiny",
-                     overrides={"model.block_size": 64, "train.max_steps": 10, "train.eval_interval": 10,
+                     overrides={"model.block_size": 160, "train.max_steps": 10, "train.eval_interval": 10,
                                 "train.eval_batches": 1, "train.precision": "fp32"})
     with open(root / "chat.jsonl", "w") as f:
         for i in range(40):
@@ -230,3 +232,18 @@ def test_bad_privacy_settings_are_one_line_errors(base, flags, fragment, capsys)
     assert code == 2 and len(errors) == 1 and fragment in errors[0] and "Traceback" not in stderr, stderr
     assert not (out / "checkpoint").exists()
 
+
+
+def test_exposure_finds_a_memorised_canary_and_not_one_never_seen(base):
+    from lmforge.eval.exposure import exposure, make_canaries
+
+    inserted, never = make_canaries(["Alice", "Bob"], seed=1)
+    records = [json.loads(line) for line in (base / "chat.jsonl").read_text().splitlines()]
+    out = base / "canary"
+    finetune(base / "run", records + [inserted.conversation()] * 20, out, method="full", epochs=6,
+             val_data=records[:4], overrides={"train.lr": 3e-3, "train.batch_size": 8, "train.precision": "fp32"})
+    model = lmforge.load(out / "checkpoint")
+    seen = exposure(model, inserted.prompt(model.tokenizer), inserted.secret, samples=500)
+    unseen = exposure(model, never.prompt(model.tokenizer), never.secret, samples=500)
+    assert seen["preferred"] == 0 and seen["sampled_exposure"] == pytest.approx(math.log2(500), abs=0.1)
+    assert seen["exposure"] > 12 and unseen["exposure"] < 6, (seen, unseen)
