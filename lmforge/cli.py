@@ -14,6 +14,8 @@
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize
     lmforge serve runs/chat smollm2-135m-instruct --keys keys.json [--host 0.0.0.0] [--port 8000]     # + chat page
     lmforge keys create --keys keys.json --name alice --scopes chat,completions ; lmforge keys list|revoke ...
+    lmforge keygen --out data.key ; lmforge encrypt runs/x --key-file data.key --out runs/x-enc ; lmforge decrypt ...
+    lmforge pretrain ... --encrypt-key-file data.key ; lmforge generate runs/x --key-file data.key  # encryption at rest
     lmforge VERB --print-config > my.yaml ; lmforge VERB --config my.yaml      # any verb's settings as YAML
 
 How a verb is declared: one `Verb` in `VERBS` below names the function and, where the command line
@@ -40,7 +42,9 @@ differs from the signature, how (`lmforge.cligen` builds the parser when the ver
   key is the `preset` parameter).
 
 Every verb takes `--config FILE` and `--print-config` (prints the resolved settings as YAML that
---config reads back).
+--config reads back), and `--key-file K` (or the LMFORGE_KEY_FILE environment variable): the key its
+encrypted inputs are read with (`lmforge.crypto`). The verbs that write checkpoints or token shards
+take `--encrypt-key-file K`: their outputs are written encrypted. `main` handles both flags, once.
 
 The same flags mean the same everywhere: `--data` (input), `--out` (where results go), `--preset`,
 `--config`; a checkpoint is a positional argument. A user's mistake prints one line on stderr,
@@ -129,6 +133,10 @@ VERBS = {v.name: v for v in [
     Verb("keys create", "lmforge.server.keys:print_created_key", required=("keys", "name", "scopes")),
     Verb("keys list", "lmforge.server.keys:print_keys", required=("keys",)),
     Verb("keys revoke", "lmforge.server.keys:print_revoked", required=("keys",)),
+    Verb("keygen", "lmforge.crypto:keygen", required=("out",),
+         done="wrote a data key to {result} (mode 0600; keep it apart from the data it protects)"),
+    Verb("encrypt", "lmforge.crypto:encrypt", required=("key_file", "out"), done="encrypted {path} into {result}"),
+    Verb("decrypt", "lmforge.crypto:decrypt", required=("key_file", "out"), done="decrypted {path} into {result}"),
     Verb("augment", "lmforge.data.augment:augment_file", required=("data", "out"),
          done="wrote {result[records]:,} records and {result[augmented]:,} augmented copies to {out}"),
     Verb("data list", "lmforge.data.datasets:print_catalog", hide=("cache_dir",)),
@@ -183,7 +191,8 @@ def top_help() -> str:
     lines = [f"usage: lmforge [-h] [--version] VERB ...\n\n{DESCRIPTION}\n\nverbs:"]
     lines += [f"  {name:<{width}}{summary(verb)}" for name, verb in VERBS.items()]
     lines.append("\nStart with `lmforge demo`. `lmforge VERB --help` explains each verb; every verb takes "
-                 "--config FILE and --print-config.")
+                 "--config FILE, --print-config and --key-file K (encrypted inputs; or LMFORGE_KEY_FILE); the verbs "
+                 "that write checkpoints or token shards take --encrypt-key-file K (encrypted outputs).")
     return "\n".join(lines) + "\n"
 
 
@@ -226,13 +235,59 @@ def parse_command(argv: list[str]) -> Call:
     top.error(f"unknown verb {word!r}" + (f" (did you mean {close[0]!r}?)" if close else "; see lmforge --help"))
 
 
+# the verbs that write checkpoints or token shards, and so take --encrypt-key-file
+ENCRYPTING = ("prepare", "pretrain", "finetune", "quantize", "export", "import", "prune", "merge", "consolidate",
+              "distill", "dpo", "classify train", "summarize train", "translate train", "multitask", "vae train")
+KEY_FLAGS = ("--key-file", "--encrypt-key-file")
+OWN_KEY_FILE = ("encrypt", "decrypt")  # these take --key-file as their own parameter
+
+
+def take_key_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`argv` without the global --key-file / --encrypt-key-file flags, and their values by flag."""
+    rest, found = [], {}
+    own = " ".join(argv[:1]) in OWN_KEY_FILE
+    i = 0
+    while i < len(argv):
+        flag, _, value = argv[i].partition("=")
+        if flag in KEY_FLAGS and not (own and flag == "--key-file"):
+            if not value:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise UserError(f"{flag} needs a key file (a data key from `lmforge keygen` or a passphrase file)")
+                value, i = argv[i + 1], i + 1
+            found[flag] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, found
+
+
+def set_keys(verb: str, flags: dict[str, str]) -> None:
+    """The process's reading and writing keys from the global flags (lmforge.crypto)."""
+    from lmforge import crypto
+
+    if "--encrypt-key-file" in flags:
+        if verb not in ENCRYPTING:
+            raise UserError(f"--encrypt-key-file: lmforge {verb} writes no checkpoint or token shards; the verbs "
+                            f"that do: {', '.join(ENCRYPTING)}")
+        crypto.set_writing_key(flags["--encrypt-key-file"])
+    if "--key-file" in flags:
+        crypto.set_reading_key(flags["--key-file"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, key_flags = take_key_flags(argv)
+    except UserError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
     try:
         call = parse_command(argv)
     except SystemExit as e:  # help, version, --print-config, or a one-line error
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     try:
+        if key_flags:
+            set_keys(call.verb.name, key_flags)
         call()
     except UserError as e:
         print(f"{call.verb.label}: error: {' '.join(str(e).split())}", file=sys.stderr)
