@@ -77,7 +77,9 @@ def _prepared(meta: dict[str, Any], a: dict[str, Any]) -> str:
     if a["clean"] is not False:
         from lmforge.data.quality import summary_line
 
-        lines.append(summary_line(json.loads((Path(a["out"]) / "quality.json").read_text(encoding="utf-8"))))
+        from lmforge import crypto
+
+        lines.append(summary_line(json.loads(crypto.read_bytes(Path(a["out"]) / "quality.json"))))
     lines.append(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
                  f"to {a['out']}")
     return "\n".join(lines)
