@@ -75,9 +75,8 @@ INTERRUPTED = tuple(c for c in [getattr(lmforge.errors, "Interrupted", None)] if
 def _prepared(meta: dict[str, Any], a: dict[str, Any]) -> str:
     lines = []
     if a["clean"] is not False:
-        from lmforge.data.quality import summary_line
-
         from lmforge import crypto
+        from lmforge.data.quality import summary_line
 
         lines.append(summary_line(json.loads(crypto.read_bytes(Path(a["out"]) / "quality.json"))))
     lines.append(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
