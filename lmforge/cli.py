@@ -57,6 +57,8 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -262,17 +264,19 @@ def take_key_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return rest, found
 
 
-def set_keys(verb: str, flags: dict[str, str]) -> None:
-    """The process's reading and writing keys from the global flags (lmforge.crypto)."""
+@contextmanager
+def keys_from_flags(verb: str, flags: dict[str, str]) -> Iterator[None]:
+    """The process's reading and writing keys (lmforge.crypto) from the global flags, while the verb runs."""
+    if not flags:
+        yield
+        return
     from lmforge import crypto
 
-    if "--encrypt-key-file" in flags:
-        if verb not in ENCRYPTING:
-            raise UserError(f"--encrypt-key-file: lmforge {verb} writes no checkpoint or token shards; the verbs "
-                            f"that do: {', '.join(ENCRYPTING)}")
-        crypto.set_writing_key(flags["--encrypt-key-file"])
-    if "--key-file" in flags:
-        crypto.set_reading_key(flags["--key-file"])
+    if "--encrypt-key-file" in flags and verb not in ENCRYPTING:
+        raise UserError(f"--encrypt-key-file: lmforge {verb} writes no checkpoint or token shards; the verbs "
+                        f"that do: {', '.join(ENCRYPTING)}")
+    with crypto.reading_key(flags.get("--key-file")), crypto.writing_key(flags.get("--encrypt-key-file")):
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,9 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # help, version, --print-config, or a one-line error
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     try:
-        if key_flags:
-            set_keys(call.verb.name, key_flags)
-        call()
+        with keys_from_flags(call.verb.name, key_flags):
+            call()
     except UserError as e:
         print(f"{call.verb.label}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

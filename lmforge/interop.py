@@ -37,7 +37,7 @@ from lmforge.models import hf
 from lmforge.models.decoder import Decoder
 from lmforge.models.hf import config_from_hf, state_dict_from_hf, state_dict_to_hf, to_hf_config
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
-from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint, save_tensors
+from lmforge.train.checkpoint import load_checkpoint, load_tensors, read_info, save_checkpoint, save_tensors
 
 MODEL_CATALOG: dict[str, dict[str, str]] = {
     "smollm2-135m-instruct": {
@@ -99,7 +99,7 @@ def _resolve_directory(path: Path, gguf_file: str | None) -> Source:
     config = path / "config.json"
     if config.is_file():
         try:
-            values = json.loads(config.read_text(encoding="utf-8"))
+            values = json.loads(crypto.read_bytes(config))  # an encrypted checkpoint's too, with the key
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{config} is not valid JSON: {e}") from None
         if isinstance(values, dict) and "model_type" in values:
@@ -157,7 +157,6 @@ def _first_line(error: BaseException) -> str:
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The tensors of a Hugging Face model directory: model.safetensors (or shards), else pytorch_model.bin."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     def shards(index: Path) -> list[Path]:
         try:
@@ -182,7 +181,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{file} is missing (named in the weights index)")
         try:
             if file.suffix == ".safetensors":
-                state.update(load_file(file))
+                state.update(load_tensors(file))  # an encrypted export (--encrypt-key-file) too, with the key
             else:  # weights_only: a pickle from elsewhere never runs code
                 state.update(torch.load(file, map_location="cpu", weights_only=True))
         except (SafetensorError, OSError, RuntimeError, EOFError) as e:
@@ -240,7 +239,7 @@ def load_model(source: Source) -> tuple[Decoder, dict[str, Any]]:
 def _load_hf_directory(source: Source) -> tuple[Decoder, dict[str, Any]]:
     directory = source.path
     where = directory / "config.json"
-    hf_config = json.loads(where.read_text(encoding="utf-8"))
+    hf_config = json.loads(crypto.read_bytes(where))
     try:
         config = config_from_hf(hf_config)
     except UserError as e:
