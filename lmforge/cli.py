@@ -207,10 +207,50 @@ def group_help(group: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the verbs that write checkpoints or token shards, and so take --encrypt-key-file
+ENCRYPTING = ("prepare", "pretrain", "finetune", "quantize", "export", "import", "prune", "merge", "consolidate",
+              "distill", "dpo", "classify train", "summarize train", "translate train", "multitask", "vae train")
+KEY_FLAGS = ("--key-file", "--encrypt-key-file")
+OWN_KEY_FILE = ("encrypt", "decrypt")  # these take --key-file as their own parameter
+
+
+def take_key_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`argv` without the global --key-file / --encrypt-key-file flags, and their values by flag."""
+    rest, found = [], {}
+    own = " ".join(argv[:1]) in OWN_KEY_FILE
+    i = 0
+    while i < len(argv):
+        flag, _, value = argv[i].partition("=")
+        if flag in KEY_FLAGS and not (own and flag == "--key-file"):
+            if not value:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise UserError(f"{flag} needs a key file (a data key from `lmforge keygen` or a passphrase file)")
+                value, i = argv[i + 1], i + 1
+            found[flag] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, found
+
+
 def parse_command(argv: list[str]) -> Call:
     """The call `lmforge ARGV` asks for (nothing runs); exits after printing help, the version, the resolved
-    config, or a one-line error (code 2)."""
+    config, or a one-line error (code 2). The global --key-file / --encrypt-key-file go to `Call.key_files`."""
     top = Parser(prog="lmforge", add_help=False)
+    try:
+        argv, key_files = take_key_flags(argv)
+    except UserError as e:
+        top.error(str(e))
+    call = _parse_verb(argv, top)
+    if "--encrypt-key-file" in key_files and call.verb.name not in ENCRYPTING:
+        Parser(label=call.verb.label).error(
+            f"--encrypt-key-file: lmforge {call.verb.name} writes no checkpoint or token shards; the verbs that do: "
+            f"{', '.join(ENCRYPTING)}")
+    call.key_files = key_files
+    return call
+
+
+def _parse_verb(argv: list[str], top: Parser) -> Call:
     if not argv or argv[0] in ("-h", "--help"):
         (sys.stdout if argv else sys.stderr).write(top_help())
         top.exit(0 if argv else 2)
@@ -238,43 +278,14 @@ def parse_command(argv: list[str]) -> Call:
     top.error(f"unknown verb {word!r}" + (f" (did you mean {close[0]!r}?)" if close else "; see lmforge --help"))
 
 
-# the verbs that write checkpoints or token shards, and so take --encrypt-key-file
-ENCRYPTING = ("prepare", "pretrain", "finetune", "quantize", "export", "import", "prune", "merge", "consolidate",
-              "distill", "dpo", "classify train", "summarize train", "translate train", "multitask", "vae train")
-KEY_FLAGS = ("--key-file", "--encrypt-key-file")
-OWN_KEY_FILE = ("encrypt", "decrypt")  # these take --key-file as their own parameter
-
-
-def take_key_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """`argv` without the global --key-file / --encrypt-key-file flags, and their values by flag."""
-    rest, found = [], {}
-    own = " ".join(argv[:1]) in OWN_KEY_FILE
-    i = 0
-    while i < len(argv):
-        flag, _, value = argv[i].partition("=")
-        if flag in KEY_FLAGS and not (own and flag == "--key-file"):
-            if not value:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise UserError(f"{flag} needs a key file (a data key from `lmforge keygen` or a passphrase file)")
-                value, i = argv[i + 1], i + 1
-            found[flag] = value
-        else:
-            rest.append(argv[i])
-        i += 1
-    return rest, found
-
-
 @contextmanager
-def keys_from_flags(verb: str, flags: dict[str, str]) -> Iterator[None]:
+def keys_from_flags(flags: dict[str, str]) -> Iterator[None]:
     """The process's reading and writing keys (lmforge.crypto) from the global flags, while the verb runs."""
     if not flags:
         yield
         return
     from lmforge import crypto
 
-    if "--encrypt-key-file" in flags and verb not in ENCRYPTING:
-        raise UserError(f"--encrypt-key-file: lmforge {verb} writes no checkpoint or token shards; the verbs "
-                        f"that do: {', '.join(ENCRYPTING)}")
     with crypto.reading_key(flags.get("--key-file")), crypto.writing_key(flags.get("--encrypt-key-file")):
         yield
 
@@ -282,16 +293,11 @@ def keys_from_flags(verb: str, flags: dict[str, str]) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv, key_flags = take_key_flags(argv)
-    except UserError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
-        return 2
-    try:
         call = parse_command(argv)
     except SystemExit as e:  # help, version, --print-config, or a one-line error
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     try:
-        with keys_from_flags(call.verb.name, key_flags):
+        with keys_from_flags(call.key_files):
             call()
     except UserError as e:
         print(f"{call.verb.label}: error: {' '.join(str(e).split())}", file=sys.stderr)
