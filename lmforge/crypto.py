@@ -278,12 +278,14 @@ def is_encrypted(path: str | Path) -> bool:
 class EncryptingWriter(io.RawIOBase):
     """A binary file object that encrypts what is written to `sink`, chunk by chunk.
 
-    The last chunk is held back until `close()`, which writes it with the final flag."""
+    The last chunk is held back until `close()`, which writes it with the final flag. Whole chunks of a
+    large write are encrypted straight from the caller's buffer into one reused output buffer."""
 
     def __init__(self, sink: BinaryIO, key: Key, chunk_size: int = DEFAULT_CHUNK) -> None:
         self.header, aes_key = make_header(key, chunk_size)
         self.sink, self.aead, self.index = sink, AESGCM(aes_key), 0
-        self.pending = bytearray()
+        self.pending = bytearray()  # at most one chunk, not yet known to be the last
+        self.out = bytearray(NONCE + chunk_size + TAG)
         sink.write(self.header.raw)
 
     def writable(self) -> bool:
@@ -291,21 +293,31 @@ class EncryptingWriter(io.RawIOBase):
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self.pending += view
-        size = self.header.chunk_size
-        while len(self.pending) > size:  # more than a chunk: the first one is not the last
-            self._emit(bytes(self.pending[:size]), final=False)
-            del self.pending[:size]
-        return len(view)
+        written, size = len(view), self.header.chunk_size
+        while view:
+            if len(self.pending) == size:  # more data follows: the pending chunk is not the last
+                self._emit(self.pending, final=False)
+                self.pending.clear()
+            if not self.pending and len(view) > size:  # a whole chunk with more after it: no copy
+                self._emit(view[:size], final=False)
+                view = view[size:]
+                continue
+            take = min(size - len(self.pending), len(view))
+            self.pending += view[:take]
+            view = view[take:]
+        return written
 
-    def _emit(self, chunk: bytes, final: bool) -> None:
-        nonce = os.urandom(NONCE)
-        self.sink.write(nonce + self.aead.encrypt(nonce, chunk, _aad(self.header, self.index, final)))
+    def _emit(self, chunk, final: bool) -> None:
+        end = NONCE + len(chunk) + TAG
+        out = memoryview(self.out)
+        out[:NONCE] = os.urandom(NONCE)
+        self.aead.encrypt_into(bytes(out[:NONCE]), chunk, _aad(self.header, self.index, final), out[NONCE:end])
+        self.sink.write(out[:end])
         self.index += 1
 
     def close(self) -> None:
         if not self.closed:
-            self._emit(bytes(self.pending), final=True)
+            self._emit(self.pending, final=True)
             self.pending.clear()
             self.sink.flush()
         super().close()
@@ -322,7 +334,7 @@ def encrypt_bytes(data: bytes, key: Key, chunk_size: int = DEFAULT_CHUNK) -> byt
 def encrypt_file(source: str | Path, out: str | Path, key: Key, chunk_size: int = DEFAULT_CHUNK) -> None:
     """Encrypt the file `source` into a new file `out`, streaming chunk by chunk."""
     with open(source, "rb") as f, open(out, "xb") as sink, EncryptingWriter(sink, key, chunk_size) as writer:
-        while block := f.read(chunk_size):
+        while block := f.read(8 * chunk_size):  # several chunks a read: all but the last go without a copy
             writer.write(block)
 
 
@@ -371,9 +383,12 @@ def _keys_to_try(key: Key | None) -> list[Key]:
     return [k for k in dict.fromkeys([active_reading_key(), active_writing_key()]) if k is not None]
 
 
-def decrypt_stream(f: BinaryIO, size: int, name: str, key: Key | None = None) -> Iterator[memoryview]:
+def decrypt_stream(f: BinaryIO, size: int, name: str, key: Key | None = None,
+                   into: bytearray | None = None) -> Iterator[memoryview]:
     """The plaintext chunks of the encrypted file `f` of `size` bytes, each authenticated before it is
-    yielded (a damaged chunk stops the stream with a UserError; callers keep nothing of a failed read)."""
+    yielded (a damaged chunk stops the stream with a UserError; callers keep nothing of a failed read).
+
+    `into`: a buffer of the whole plaintext's size that the chunks are decrypted into, in place."""
     header = read_header(f, name)
     aead = AESGCM(_key_for(header, name, _keys_to_try(key)))
     stored = header.chunk_size + NONCE + TAG
@@ -382,14 +397,15 @@ def decrypt_stream(f: BinaryIO, size: int, name: str, key: Key | None = None) ->
     last = body - (count - 1) * stored
     if last < NONCE + TAG:
         raise UserError(f"{name} is truncated (its last encrypted chunk is incomplete)")
-    out = bytearray(header.chunk_size)
-    buffer = bytearray(stored)
+    buffer = bytearray(min(stored, body))
+    out = memoryview(into) if into is not None else memoryview(bytearray(len(buffer) - NONCE - TAG))
     for index in range(count):
         length = stored if index < count - 1 else last
         view = memoryview(buffer)[:length]
         if f.readinto(view) != length:
             raise UserError(f"{name} changed while it was read")
-        plain = memoryview(out)[:length - NONCE - TAG]
+        start = index * header.chunk_size if into is not None else 0
+        plain = out[start:start + length - NONCE - TAG]
         try:
             aead.decrypt_into(bytes(view[:NONCE]), view[NONCE:], _aad(header, index, index == count - 1), plain)
         except InvalidTag:
@@ -408,6 +424,26 @@ def plaintext_size(path: Path) -> int:
     return max(0, body - count * (NONCE + TAG))
 
 
+def content_size(path: str | Path) -> int:
+    """The size of the file's contents: decrypted where it is encrypted."""
+    path = Path(path)
+    return plaintext_size(path) if is_encrypted(path) else path.stat().st_size
+
+
+def iter_content(path: str | Path, block: int = 1 << 20) -> Iterator[bytes | memoryview]:
+    """The file's contents block by block, decrypted (and authenticated) where it is encrypted; nothing
+    is kept in memory but the current block (for hashing a large file)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) == MAGIC:
+            f.seek(0)
+            yield from decrypt_stream(f, os.fstat(f.fileno()).st_size, str(path))
+            return
+        f.seek(0)
+        while data := f.read(block):
+            yield data
+
+
 def read_bytes(path: str | Path, key: Key | None = None) -> bytes | bytearray:
     """The contents of the file at `path`: decrypted in memory where it is encrypted (with `key`, or the
     process's reading or writing key), as they are where it is plain."""
@@ -417,11 +453,9 @@ def read_bytes(path: str | Path, key: Key | None = None) -> bytes | bytearray:
             f.seek(0)
             return f.read()
         f.seek(0)
-        data = bytearray(plaintext_size(path))  # one buffer, filled chunk by chunk: no copy of the whole
-        at = 0
-        for chunk in decrypt_stream(f, os.fstat(f.fileno()).st_size, str(path), key):
-            data[at:at + len(chunk)] = chunk
-            at += len(chunk)
+        data = bytearray(plaintext_size(path))  # one buffer, each chunk decrypted into its place
+        for _ in decrypt_stream(f, os.fstat(f.fileno()).st_size, str(path), key, into=data):
+            pass
     return data
 
 

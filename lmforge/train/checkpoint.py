@@ -31,12 +31,13 @@ one replaces `checkpoint/` only once written, fsynced and verified, the old one 
 directory thus takes up to twice the space of one checkpoint.
 
 Encryption at rest (`lmforge.crypto`): while a writing key is set (`--encrypt-key-file`) every file
-of the checkpoint is written encrypted, straight from memory (no plaintext file at any moment), and
-lmforge.json's sizes and sha256 are those of the stored (encrypted) bytes: verification costs what it
-costs for a plain checkpoint, and still catches a file swapped in from another checkpoint encrypted
-with the same key, which authentication alone would not. Every read goes through
-`crypto.read_bytes`, which decrypts in memory with the process's key; the weights become tensors
-viewing the one decrypted buffer (`tensors_from_buffer`), without a second copy.
+of the checkpoint is written encrypted, straight from memory (no plaintext file at any moment).
+lmforge.json records the contents (size and sha256 of the plaintext), whether stored plain or
+encrypted: `lmforge encrypt` / `lmforge decrypt` of a checkpoint keep it valid, and verifying an
+encrypted checkpoint decrypts (so authenticates) every file and still catches a file swapped in from
+another checkpoint encrypted with the same key, which authentication alone would not. Every read
+goes through `crypto.read_bytes`, which decrypts in memory with the process's key; the weights
+become tensors viewing the one decrypted buffer (`tensors_from_buffer`), without a second copy.
 
 Loaders start with `verified_checkpoint(path)` (resolve, then verify), or use `load_checkpoint`,
 `load_weights`, `read_info` or `load_trainer_state`, which verify. They read safetensors and JSON,
@@ -253,15 +254,15 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 def _describe_files(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative name: {"bytes": size, "sha256": digest}} for every file under `directory`."""
-    return {path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {path.relative_to(directory).as_posix(): {"bytes": crypto.content_size(path), "sha256": _sha256(path)}
             for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def _sha256(path: Path) -> str:
+    """The sha256 of the file's contents (decrypted in memory, block by block, where it is encrypted)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    for block in crypto.iter_content(path):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -275,7 +276,7 @@ def _check_recorded(path: Path, expected: dict[str, Any]) -> None:
     """The file lmforge.json describes: present, of its recorded size and sha256."""
     if not path.is_file():
         raise UserError(f"damaged checkpoint: {path} is missing (lmforge.json lists it)")
-    size = path.stat().st_size
+    size = crypto.content_size(path)
     if size != expected.get("bytes"):
         raise UserError(f"damaged checkpoint: {path} has {size} bytes, lmforge.json records {expected.get('bytes')} "
                         f"(truncated or overwritten)")
