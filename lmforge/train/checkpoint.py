@@ -33,11 +33,15 @@ directory thus takes up to twice the space of one checkpoint.
 Encryption at rest (`lmforge.crypto`): while a writing key is set (`--encrypt-key-file`) every file
 of the checkpoint is written encrypted, straight from memory (no plaintext file at any moment).
 lmforge.json records the contents (size and sha256 of the plaintext), whether stored plain or
-encrypted: `lmforge encrypt` / `lmforge decrypt` of a checkpoint keep it valid, and verifying an
-encrypted checkpoint decrypts (so authenticates) every file and still catches a file swapped in from
-another checkpoint encrypted with the same key, which authentication alone would not. Every read
-goes through `crypto.read_bytes`, which decrypts in memory with the process's key; the weights
-become tensors viewing the one decrypted buffer (`tensors_from_buffer`), without a second copy.
+encrypted, so `lmforge encrypt` / `lmforge decrypt` of a checkpoint keep it valid; an encrypted file
+is checked by decrypting (so authenticating) and hashing it. A file written encrypted is also
+recorded by its `sealed` digest (`crypto.seal`: the header and every chunk's nonce and tag), which
+is checked instead, at the cost of a few bytes read per 4 MiB: each chunk is authenticated against
+its tag when it is read, so a sealed file decrypts to what was saved or not at all, and a file
+swapped in from another checkpoint encrypted with the same key (which authentication alone would
+accept) is refused. Every read goes through `crypto.read_bytes`, which decrypts in memory with the
+process's key; the weights become tensors viewing the one decrypted buffer (`tensors_from_buffer`),
+without a second copy.
 
 Loaders start with `verified_checkpoint(path)` (resolve, then verify), or use `load_checkpoint`,
 `load_weights`, `read_info` or `load_trainer_state`, which verify. They read safetensors and JSON,
@@ -47,6 +51,7 @@ and `torch.load(weights_only=True)`: no pickled code is ever run.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import pickle
@@ -254,7 +259,9 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 def _describe_files(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative name: {"bytes": size, "sha256": digest}} for every file under `directory`."""
-    return {path.relative_to(directory).as_posix(): {"bytes": crypto.content_size(path), "sha256": _sha256(path)}
+    return {path.relative_to(directory).as_posix(): {"bytes": crypto.content_size(path), "sha256": _sha256(path),
+                                                     **({"sealed": crypto.seal(path)} if crypto.is_encrypted(path)
+                                                        else {})}
             for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
@@ -280,6 +287,11 @@ def _check_recorded(path: Path, expected: dict[str, Any]) -> None:
     if size != expected.get("bytes"):
         raise UserError(f"damaged checkpoint: {path} has {size} bytes, lmforge.json records {expected.get('bytes')} "
                         f"(truncated or overwritten)")
+    if "sealed" in expected and crypto.is_encrypted(path):  # the chunks are authenticated as they are read
+        if not hmac.compare_digest(crypto.seal(path), str(expected["sealed"])):
+            raise UserError(f"damaged checkpoint: {path} is not the encrypted file lmforge.json records (replaced "
+                            f"since it was saved)")
+        return
     if _sha256(path) != expected.get("sha256"):
         raise UserError(f"damaged checkpoint: {path} does not match the sha256 in lmforge.json (changed since "
                         f"it was saved; remove {FILES!r} from lmforge.json to accept deliberate edits)")
