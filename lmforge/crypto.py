@@ -38,6 +38,7 @@ import base64
 import hashlib
 import hmac
 import io
+import mmap
 import os
 import secrets
 import struct
@@ -384,7 +385,7 @@ def _keys_to_try(key: Key | None) -> list[Key]:
 
 
 def decrypt_stream(f: BinaryIO, size: int, name: str, key: Key | None = None,
-                   into: bytearray | None = None) -> Iterator[memoryview]:
+                   into: bytearray | mmap.mmap | None = None) -> Iterator[memoryview]:
     """The plaintext chunks of the encrypted file `f` of `size` bytes, each authenticated before it is
     yielded (a damaged chunk stops the stream with a UserError; callers keep nothing of a failed read).
 
@@ -466,16 +467,25 @@ def iter_content(path: str | Path, block: int = 1 << 20) -> Iterator[bytes | mem
             yield data
 
 
-def read_bytes(path: str | Path, key: Key | None = None) -> bytes | bytearray:
+def _plaintext_buffer(size: int) -> bytearray | mmap.mmap:
+    """A writable buffer of `size` bytes: a large one mapped with its pages populated at once (Linux's
+    MAP_POPULATE: a third faster than faulting 4 KiB pages in one by one as the chunks are decrypted)."""
+    if size < 16 << 20 or not hasattr(mmap, "MAP_POPULATE"):
+        return bytearray(size)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+
+
+def read_bytes(path: str | Path, key: Key | None = None) -> bytes | bytearray | mmap.mmap:
     """The contents of the file at `path`: decrypted in memory where it is encrypted (with `key`, or the
-    process's reading or writing key), as they are where it is plain."""
+    process's reading or writing key), as they are where it is plain. A large decrypted file comes as a
+    writable anonymous `mmap` (bytes-like: torch.frombuffer, np.frombuffer and bytes() take it)."""
     path = Path(path)
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             f.seek(0)
             return f.read()
         f.seek(0)
-        data = bytearray(plaintext_size(path))  # one buffer, each chunk decrypted into its place
+        data = _plaintext_buffer(plaintext_size(path))  # one buffer, each chunk decrypted into its place
         for _ in decrypt_stream(f, os.fstat(f.fileno()).st_size, str(path), key, into=data):
             pass
     return data
