@@ -193,6 +193,38 @@ def test_quantize_and_hf_export_write_encrypted(ws, tmp_path, capsys):
     assert_one_line_error(*cli(capsys, "generate", ws / "run", "--encrypt-key-file", key), "writes no checkpoint")
 
 
+def test_lora_finetune_writes_encrypted_adapters_that_load_with_the_key(ws, tmp_path, capsys):
+    (tmp_path / "chat.txt").write_text("the king and the queen sing by the river at night.\n" * 40)
+    out, key = tmp_path / "lora", ws / "data.key"
+    code, err = cli(capsys, "finetune", ws / "run-enc", tmp_path / "chat.txt", "--out", out, "--method", "lora",
+                    "--train.max_steps", "2", "--train.eval_interval", "2", "--train.precision", "fp32",
+                    "--key-file", key, "--encrypt-key-file", key)
+    assert code == 0, err
+    best = out / "best"
+    assert (best / "adapter_model.safetensors").is_file()
+    assert all(crypto.is_encrypted(p) for p in files_under(best))
+    model = lmforge.load(out, key=key)  # the base (itself encrypted) with the adapters folded in, in memory
+    assert model(torch.tensor([[1, 2, 3]])).shape[-1] == model.config.vocab_size
+
+
+def test_checkpoints_encrypted_afterwards_load_and_sealed_files_cannot_be_swapped(ws, tmp_path, capsys):
+    key = ws / "data.key"
+    assert cli(capsys, "encrypt", ws / "run", "--key-file", key, "--out", tmp_path / "enc")[0] == 0
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.no_grad():  # lmforge.json records the contents: still valid once encrypted (checked by hashing)
+        torch.testing.assert_close(lmforge.load(tmp_path / "enc", key=key)(ids), lmforge.load(ws / "run")(ids))
+    assert cli(capsys, "decrypt", tmp_path / "enc", "--key-file", key, "--out", tmp_path / "dec")[0] == 0
+    assert all((tmp_path / "dec" / p.relative_to(ws / "run")).read_bytes() == p.read_bytes()
+               for p in files_under(ws / "run"))
+    # a file from another checkpoint under the same key authenticates, but is not the one recorded
+    swapped = tmp_path / "swapped"
+    shutil.copytree(ws / "run-enc", swapped)
+    with crypto.writing_key(key):
+        crypto.write_bytes(swapped / "checkpoint" / "tokenizer.json", lmforge.load(ws / "run").tokenizer.to_json())
+    with pytest.raises(UserError, match="not the encrypted file lmforge.json records"):
+        lmforge.load(swapped, key=key)
+
+
 def test_server_serves_an_encrypted_checkpoint_with_the_environment_key(ws, monkeypatch):
     from lmforge.server.app import create_app, load_served
 
