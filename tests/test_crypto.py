@@ -225,6 +225,24 @@ def test_checkpoints_encrypted_afterwards_load_and_sealed_files_cannot_be_swappe
         lmforge.load(swapped, key=key)
 
 
+def test_onnx_export_writes_an_encrypted_graph_that_runs_from_memory(ws, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    key = ws / "data.key"
+    code, err = cli(capsys, "export", ws / "run-enc", "--format", "onnx", "--out", tmp_path / "onnx",
+                    "--key-file", key, "--encrypt-key-file", key)
+    assert code == 0, err
+    assert all(crypto.is_encrypted(p) for p in files_under(tmp_path / "onnx"))
+    greedy = ["--prompt", "the king", "--max-new-tokens", "6", "--temperature", "0"]
+    capsys.readouterr()
+    assert main(["generate", str(ws / "run"), *greedy]) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "onnx"), *greedy, "--key-file", str(key)]) == 0
+    assert capsys.readouterr().out == expected  # the same greedy text as the plain checkpoint
+    assert_one_line_error(*cli(capsys, "export", ws / "run", "--format", "onnx", "--onnx-dtype", "int8", "--out",
+                               tmp_path / "int8", "--encrypt-key-file", key), "fp32")
+
+
 def test_server_serves_an_encrypted_checkpoint_with_the_environment_key(ws, monkeypatch):
     from lmforge.server.app import create_app, load_served
 

@@ -161,7 +161,7 @@ def _export_graph(model: nn.Module, path: Path | None) -> bytes | None:
             raise UserError(f"ONNX export needs torch's dynamo exporter (torch >= 2.6); this is torch "
                             f"{torch.__version__}: {e}") from None
     exporter_log.setLevel(level)
-    return None if path is None else program.model_proto.SerializeToString()
+    return program.model_proto.SerializeToString() if path is None else None
 
 
 def _quantize_int8(source: Path, target: Path, config: ModelConfig) -> None:
