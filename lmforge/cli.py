@@ -209,7 +209,7 @@ def group_help(group: str) -> str:
 
 # the verbs that write checkpoints or token shards, and so take --encrypt-key-file
 ENCRYPTING = ("prepare", "pretrain", "finetune", "quantize", "export", "import", "prune", "merge", "consolidate",
-              "distill", "dpo", "classify train", "summarize train", "translate train", "multitask", "vae train")
+              "dpo", "classify train", "summarize train", "translate train", "multitask", "vae train")
 KEY_FLAGS = ("--key-file", "--encrypt-key-file")
 OWN_KEY_FILE = ("encrypt", "decrypt")  # these take --key-file as their own parameter
 

@@ -62,6 +62,7 @@ MAX_CHUNK = 1 << 28
 _FIXED = struct.Struct(">8sBBI8s")  # magic, version, kdf, chunk size, key id
 _SCRYPT = struct.Struct(">16sBBB")  # salt, log2 n, r, p
 SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 15, 8, 1  # 32 MiB and ~0.1 s per derivation
+SCRYPT_MAX_MEMORY = 256 << 20  # what a file's header may ask for (128 r n bytes)
 DATA_KEY_PREFIX = "lmforge-data-key-v1:"
 ENV_KEY_FILE = "LMFORGE_KEY_FILE"
 KEY_FLAG = "--key-file"
@@ -91,7 +92,7 @@ class Key:
         params = (salt, log2_n, r, p)
         if params not in self._derived:
             self._derived[params] = hashlib.scrypt(self.secret, salt=salt, n=1 << log2_n, r=r, p=p,
-                                                   maxmem=256 << 20, dklen=32)
+                                                   maxmem=SCRYPT_MAX_MEMORY + (1 << 20), dklen=32)
         return self._derived[params]
 
     def writing_salt(self) -> bytes:
@@ -252,7 +253,8 @@ def read_header(f: BinaryIO, name: str) -> Header:
         if len(extra) < _SCRYPT.size:
             raise UserError(f"{name} is truncated inside its encryption header")
         scrypt = _SCRYPT.unpack(extra)
-        if not (10 <= scrypt[1] <= 22 and 1 <= scrypt[2] <= 32 and 1 <= scrypt[3] <= 16):
+        if not (10 <= scrypt[1] <= 22 and 1 <= scrypt[2] <= 32 and 1 <= scrypt[3] <= 16
+                and 128 * scrypt[2] << scrypt[1] <= SCRYPT_MAX_MEMORY):
             raise UserError(f"{name} has a damaged encryption header (scrypt log2 n={scrypt[1]}, r={scrypt[2]}, "
                             f"p={scrypt[3]})")
         fixed += extra
