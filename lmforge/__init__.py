@@ -4,6 +4,7 @@
     lmforge.prepare("corpus/", "runs/data")
     lmforge.pretrain("runs/data", "runs/x", preset="gpt-micro")
     model = lmforge.load("runs/x")            # model(ids) -> logits; model.tokenizer
+    model = lmforge.load("runs/x-enc", key="data.key")   # an encrypted checkpoint, decrypted in memory (lmforge.crypto)
     chat = lmforge.load("smollm2-135m-instruct")   # or a Hugging Face directory, a .gguf file
     print(model.generate("Once upon a time", max_new_tokens=50)[0])
     lmforge.evaluate("runs/sum", "summarize", data="xsum", out="runs/sum-eval")   # the numbers of `lmforge eval`

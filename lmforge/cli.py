@@ -14,6 +14,8 @@
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize
     lmforge serve runs/chat smollm2-135m-instruct --keys keys.json [--host 0.0.0.0] [--port 8000]     # + chat page
     lmforge keys create --keys keys.json --name alice --scopes chat,completions ; lmforge keys list|revoke ...
+    lmforge keygen --out data.key ; lmforge encrypt runs/x --key-file data.key --out runs/x-enc ; lmforge decrypt ...
+    lmforge pretrain ... --encrypt-key-file data.key ; lmforge generate runs/x --key-file data.key  # encryption at rest
     lmforge VERB --print-config > my.yaml ; lmforge VERB --config my.yaml      # any verb's settings as YAML
 
 How a verb is declared: one `Verb` in `VERBS` below names the function and, where the command line
@@ -40,7 +42,9 @@ differs from the signature, how (`lmforge.cligen` builds the parser when the ver
   key is the `preset` parameter).
 
 Every verb takes `--config FILE` and `--print-config` (prints the resolved settings as YAML that
---config reads back).
+--config reads back), and `--key-file K` (or the LMFORGE_KEY_FILE environment variable): the key its
+encrypted inputs are read with (`lmforge.crypto`). The verbs that write checkpoints or token shards
+take `--encrypt-key-file K`: their outputs are written encrypted. `main` handles both flags, once.
 
 The same flags mean the same everywhere: `--data` (input), `--out` (where results go), `--preset`,
 `--config`; a checkpoint is a positional argument. A user's mistake prints one line on stderr,
@@ -53,6 +57,8 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +77,10 @@ INTERRUPTED = tuple(c for c in [getattr(lmforge.errors, "Interrupted", None)] if
 def _prepared(meta: dict[str, Any], a: dict[str, Any]) -> str:
     lines = []
     if a["clean"] is not False:
+        from lmforge import crypto
         from lmforge.data.quality import summary_line
 
-        lines.append(summary_line(json.loads((Path(a["out"]) / "quality.json").read_text(encoding="utf-8"))))
+        lines.append(summary_line(json.loads(crypto.read_bytes(Path(a["out"]) / "quality.json"))))
     lines.append(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']}) "
                  f"to {a['out']}")
     return "\n".join(lines)
@@ -129,6 +136,10 @@ VERBS = {v.name: v for v in [
     Verb("keys create", "lmforge.server.keys:print_created_key", required=("keys", "name", "scopes")),
     Verb("keys list", "lmforge.server.keys:print_keys", required=("keys",)),
     Verb("keys revoke", "lmforge.server.keys:print_revoked", required=("keys",)),
+    Verb("keygen", "lmforge.crypto:keygen", required=("out",),
+         done="wrote a data key to {result} (mode 0600; keep it apart from the data it protects)"),
+    Verb("encrypt", "lmforge.crypto:encrypt", required=("key_file", "out"), done="encrypted {path} into {result}"),
+    Verb("decrypt", "lmforge.crypto:decrypt", required=("key_file", "out"), done="decrypted {path} into {result}"),
     Verb("augment", "lmforge.data.augment:augment_file", required=("data", "out"),
          done="wrote {result[records]:,} records and {result[augmented]:,} augmented copies to {out}"),
     Verb("data list", "lmforge.data.datasets:print_catalog", hide=("cache_dir",)),
@@ -183,7 +194,8 @@ def top_help() -> str:
     lines = [f"usage: lmforge [-h] [--version] VERB ...\n\n{DESCRIPTION}\n\nverbs:"]
     lines += [f"  {name:<{width}}{summary(verb)}" for name, verb in VERBS.items()]
     lines.append("\nStart with `lmforge demo`. `lmforge VERB --help` explains each verb; every verb takes "
-                 "--config FILE and --print-config.")
+                 "--config FILE, --print-config and --key-file K (encrypted inputs; or LMFORGE_KEY_FILE); the verbs "
+                 "that write checkpoints or token shards take --encrypt-key-file K (encrypted outputs).")
     return "\n".join(lines) + "\n"
 
 
@@ -195,10 +207,50 @@ def group_help(group: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the verbs that write checkpoints or token shards, and so take --encrypt-key-file
+ENCRYPTING = ("prepare", "pretrain", "finetune", "quantize", "export", "import", "prune", "merge", "consolidate",
+              "dpo", "classify train", "summarize train", "translate train", "multitask", "vae train")
+KEY_FLAGS = ("--key-file", "--encrypt-key-file")
+OWN_KEY_FILE = ("encrypt", "decrypt")  # these take --key-file as their own parameter
+
+
+def take_key_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`argv` without the global --key-file / --encrypt-key-file flags, and their values by flag."""
+    rest, found = [], {}
+    own = " ".join(argv[:1]) in OWN_KEY_FILE
+    i = 0
+    while i < len(argv):
+        flag, _, value = argv[i].partition("=")
+        if flag in KEY_FLAGS and not (own and flag == "--key-file"):
+            if not value:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise UserError(f"{flag} needs a key file (a data key from `lmforge keygen` or a passphrase file)")
+                value, i = argv[i + 1], i + 1
+            found[flag] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, found
+
+
 def parse_command(argv: list[str]) -> Call:
     """The call `lmforge ARGV` asks for (nothing runs); exits after printing help, the version, the resolved
-    config, or a one-line error (code 2)."""
+    config, or a one-line error (code 2). The global --key-file / --encrypt-key-file go to `Call.key_files`."""
     top = Parser(prog="lmforge", add_help=False)
+    try:
+        argv, key_files = take_key_flags(argv)
+    except UserError as e:
+        top.error(str(e))
+    call = _parse_verb(argv, top)
+    if "--encrypt-key-file" in key_files and call.verb.name not in ENCRYPTING:
+        Parser(label=call.verb.label).error(
+            f"--encrypt-key-file: lmforge {call.verb.name} writes no checkpoint or token shards; the verbs that do: "
+            f"{', '.join(ENCRYPTING)}")
+    call.key_files = key_files
+    return call
+
+
+def _parse_verb(argv: list[str], top: Parser) -> Call:
     if not argv or argv[0] in ("-h", "--help"):
         (sys.stdout if argv else sys.stderr).write(top_help())
         top.exit(0 if argv else 2)
@@ -226,6 +278,18 @@ def parse_command(argv: list[str]) -> Call:
     top.error(f"unknown verb {word!r}" + (f" (did you mean {close[0]!r}?)" if close else "; see lmforge --help"))
 
 
+@contextmanager
+def keys_from_flags(flags: dict[str, str]) -> Iterator[None]:
+    """The process's reading and writing keys (lmforge.crypto) from the global flags, while the verb runs."""
+    if not flags:
+        yield
+        return
+    from lmforge import crypto
+
+    with crypto.reading_key(flags.get("--key-file")), crypto.writing_key(flags.get("--encrypt-key-file")):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -233,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # help, version, --print-config, or a one-line error
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     try:
-        call()
+        with keys_from_flags(call.key_files):
+            call()
     except UserError as e:
         print(f"{call.verb.label}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

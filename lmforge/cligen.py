@@ -101,6 +101,7 @@ class Call:
 
     verb: Verb
     kwargs: dict[str, Any]
+    key_files: dict[str, str] = field(default_factory=dict)  # the CLI's global --key-file / --encrypt-key-file
 
     def __call__(self) -> Any:
         result = self.verb.load()(**self.kwargs)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lmforge import __version__
+from lmforge import __version__, crypto
 from lmforge.config import ModelConfig
 from lmforge.data.catalog import fetch_package
 from lmforge.data.readers import default_cache_dir
@@ -37,7 +37,7 @@ from lmforge.models import hf
 from lmforge.models.decoder import Decoder
 from lmforge.models.hf import config_from_hf, state_dict_from_hf, state_dict_to_hf, to_hf_config
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
-from lmforge.train.checkpoint import load_checkpoint, read_info, save_checkpoint
+from lmforge.train.checkpoint import load_checkpoint, load_tensors, read_info, save_checkpoint, save_tensors
 
 MODEL_CATALOG: dict[str, dict[str, str]] = {
     "smollm2-135m-instruct": {
@@ -99,7 +99,7 @@ def _resolve_directory(path: Path, gguf_file: str | None) -> Source:
     config = path / "config.json"
     if config.is_file():
         try:
-            values = json.loads(config.read_text(encoding="utf-8"))
+            values = json.loads(crypto.read_bytes(config))  # an encrypted checkpoint's too, with the key
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{config} is not valid JSON: {e}") from None
         if isinstance(values, dict) and "model_type" in values:
@@ -157,7 +157,6 @@ def _first_line(error: BaseException) -> str:
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The tensors of a Hugging Face model directory: model.safetensors (or shards), else pytorch_model.bin."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     def shards(index: Path) -> list[Path]:
         try:
@@ -182,7 +181,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{file} is missing (named in the weights index)")
         try:
             if file.suffix == ".safetensors":
-                state.update(load_file(file))
+                state.update(load_tensors(file))  # an encrypted export (--encrypt-key-file) too, with the key
             else:  # weights_only: a pickle from elsewhere never runs code
                 state.update(torch.load(file, map_location="cpu", weights_only=True))
         except (SafetensorError, OSError, RuntimeError, EOFError) as e:
@@ -240,7 +239,7 @@ def load_model(source: Source) -> tuple[Decoder, dict[str, Any]]:
 def _load_hf_directory(source: Source) -> tuple[Decoder, dict[str, Any]]:
     directory = source.path
     where = directory / "config.json"
-    hf_config = json.loads(where.read_text(encoding="utf-8"))
+    hf_config = json.loads(crypto.read_bytes(where))
     try:
         config = config_from_hf(hf_config)
     except UserError as e:
@@ -276,7 +275,8 @@ def _load_gguf_cached(source: Source) -> tuple[Decoder, dict[str, Any]]:
             pass
     model, origin = _load_gguf(source)
     try:
-        save_checkpoint(cached, model, info={"source": origin})
+        with crypto.writing_key(None):  # the cache of a public file: plain, whatever the run writes
+            save_checkpoint(cached, model, info={"source": origin})
     except (OSError, UserError):
         pass  # a cache that cannot be written: the file is converted again next time
     return model, origin
@@ -449,8 +449,6 @@ def export_hf(model: Decoder, out: str | Path) -> Path:
     tokenizer_config.json and special_tokens_map.json: `transformers.AutoModelForCausalLM.from_pretrained(OUT)`
     and `AutoTokenizer.from_pretrained(OUT)` load it. An existing non-empty OUT is refused, untouched.
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     check_new_directory(out)
     config, tokenizer = model.config, model.tokenizer
@@ -461,12 +459,12 @@ def export_hf(model: Decoder, out: str | Path) -> Path:
     check_vocab(tokenizer, config, "the model")
     state = state_dict_to_hf(model.state_dict(), config)
     with atomic_directory(out) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})  # encrypted with a writing key
         _write_json(tmp / "config.json", hf_config)
         generation = {k: v for k, v in hf_config.items() if k in ("bos_token_id", "eos_token_id") and v is not None}
         _write_json(tmp / "generation_config.json", generation)
         if tokenizer is not None:
-            (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
+            crypto.write_bytes(tmp / TOKENIZER_FILE, tokenizer.to_json())
             tokenizer_config = tokenizer.config_dict()
             tokenizer_config.setdefault("model_max_length", config.block_size)
             _write_json(tmp / "tokenizer_config.json", tokenizer_config)
@@ -476,4 +474,4 @@ def export_hf(model: Decoder, out: str | Path) -> Path:
 
 
 def _write_json(file: Path, value: Any) -> None:
-    file.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    crypto.write_bytes(file, json.dumps(value, indent=2, ensure_ascii=False) + "\n")

@@ -39,6 +39,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lmforge import crypto
 from lmforge.errors import UserError
 from lmforge.files import current_umask
 
@@ -284,8 +285,9 @@ class Tokenizer:
 def _write_atomic(file: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:  # encrypted while a writing key is set (lmforge.crypto)
+            f.write(text.encode("utf-8") if crypto.active_writing_key() is None
+                    else crypto.encrypt_bytes(text.encode("utf-8"), crypto.active_writing_key()))
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes owner-only files
         os.replace(tmp, file)
     except BaseException:
@@ -295,7 +297,7 @@ def _write_atomic(file: Path, text: str) -> None:
 
 def _read_backend(file: Path) -> tokenizers.Tokenizer:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = bytes(crypto.read_bytes(file)).decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{file} is not a tokenizer.json: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
@@ -315,7 +317,7 @@ def _read_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     try:
-        value = json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(crypto.read_bytes(file))
     except UnicodeDecodeError:
         raise UserError(f"{file} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -339,7 +341,7 @@ def _read_metadata(directory: Path) -> dict[str, Any]:
     if isinstance(template, list):  # several named templates: take the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if template is None and (directory / CHAT_TEMPLATE_FILE).is_file():
-        template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        template = crypto.read_text(directory / CHAT_TEMPLATE_FILE)
     max_length = config.get("model_max_length")
     return {
         "eos_token": _token_text(config.get("eos_token")),

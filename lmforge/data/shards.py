@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmforge import crypto
 from lmforge.data.quality import CleanConfig, leakage
 from lmforge.data.readers import Document, read_documents
 from lmforge.errors import UserError
@@ -208,10 +209,10 @@ def prepare(
             "tokenizer": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
             "source": source_str,
         }
-        (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        crypto.write_bytes(tmp / TOKENIZER_FILE, tokenizer_json)  # every file encrypted while a writing key is set
+        crypto.write_bytes(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         if quality is not None:
-            (tmp / QUALITY_FILE).write_text(json.dumps(quality, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            crypto.write_bytes(tmp / QUALITY_FILE, json.dumps(quality, indent=2, ensure_ascii=False) + "\n")
         _check_out(out, overwrite)  # the directory may have changed while we tokenized
     return meta
 
@@ -232,12 +233,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _write_tokens(path: Path, docs: list[Document], tokenizer: Tokenizer, dtype: np.dtype, bar: tqdm) -> int:
     """Append each document's ids and the end-of-text id to `path`; return the number of tokens."""
     n = 0
-    with open(path, "wb") as f:
+    with crypto.open_writer(path) as f:
         for batch in _batches(docs):
             ids = tokenizer.encode_batch([d.text for d in batch])
             for doc_ids in ids:
                 doc_ids.append(tokenizer.eos_id)
-                np.asarray(doc_ids, dtype=dtype).tofile(f)
+                f.write(np.asarray(doc_ids, dtype=dtype).tobytes())
                 n += len(doc_ids)
             bar.update(len(batch))
     return n
@@ -267,7 +268,7 @@ class TokenShards:
         if not meta_path.is_file():
             raise UserError(f"{self.directory} holds no prepared data (no {META_FILE}); run `lmforge prepare` first")
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = json.loads(crypto.read_bytes(meta_path))
         except UnicodeDecodeError:
             raise UserError(f"{meta_path} is not UTF-8 text; prepare the data again") from None
         except json.JSONDecodeError as e:
@@ -295,7 +296,7 @@ class TokenShards:
     def tokenizer(self) -> Tokenizer:
         """The tokenizer the shards were made with (checked against meta.json's hash)."""
         file = self.directory / TOKENIZER_FILE
-        if file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() != self.meta["tokenizer"]:
+        if file.is_file() and hashlib.sha256(crypto.read_bytes(file)).hexdigest() != self.meta["tokenizer"]:
             raise UserError(f"{file} is not the tokenizer these shards were made with; prepare the data again")
         return Tokenizer.load(file if file.is_file() else self.directory)
 
@@ -304,19 +305,25 @@ class TokenShards:
         self._check_split_name(split)
         return int(self.meta[f"{split}_tokens"])
 
-    def split(self, name: str) -> np.memmap:
-        """The token ids of "train" or "val" as a 1-D read-only memory map."""
+    def split(self, name: str) -> np.ndarray:
+        """The token ids of "train" or "val" as a 1-D read-only memory map (encrypted shards: a read-only
+        array decrypted in memory)."""
         n = self.num_tokens(name)
         path = self.directory / f"{name}.bin"
         if not path.is_file():
             raise UserError(f"{path} is missing; prepare the data again")
-        size = path.stat().st_size
+        encrypted = crypto.is_encrypted(path)
+        size = crypto.plaintext_size(path) if encrypted else path.stat().st_size
         if size != n * self.dtype.itemsize:
             raise UserError(
                 f"{path} holds {size // self.dtype.itemsize} tokens but {META_FILE} says {n}; prepare the data again"
             )
         if n == 0:  # mmap cannot map an empty file; prepare never writes one
             raise UserError(f"{name} split of {self.directory} is empty; prepare the data again")
+        if encrypted:
+            tokens = np.frombuffer(crypto.read_bytes(path), dtype=self.dtype)
+            tokens.flags.writeable = False
+            return tokens
         return np.memmap(path, dtype=self.dtype, mode="r", shape=(n,))
 
     def check_length(self, split: str, block_size: int) -> None:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge import crypto
 from lmforge.config import ModelConfig, to_dict
 from lmforge.errors import UserError
 from lmforge.files import atomic_directory, check_new_directory
@@ -124,8 +125,9 @@ def graph_names(n_layer: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def _export_graph(model: nn.Module, path: Path) -> None:
-    """Trace `model` (fp32, eval) into an ONNX graph at `path` with torch's dynamo exporter."""
+def _export_graph(model: nn.Module, path: Path | None) -> bytes | None:
+    """Trace `model` (fp32, eval) into an ONNX graph at `path` with torch's dynamo exporter (no path: the
+    graph's serialized bytes, for an encrypted export)."""
     _require("onnxscript", "ONNX export")
     c = model.config
     B, T, P = 2, 3, 4  # distinct and > 1, so the exporter keeps every axis dynamic
@@ -151,13 +153,15 @@ def _export_graph(model: nn.Module, path: Path) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(DecoderGraph(model), (ids, mask, positions, past), str(path), input_names=inputs,
-                              output_names=outputs, dynamic_shapes=shapes, dynamo=True, external_data=large,
-                              optimize=True)
+            program = torch.onnx.export(DecoderGraph(model), (ids, mask, positions, past),
+                                        None if path is None else str(path), input_names=inputs,
+                                        output_names=outputs, dynamic_shapes=shapes, dynamo=True,
+                                        external_data=large, optimize=True)
         except TypeError as e:  # an older torch.onnx.export, without the dynamo exporter's arguments
             raise UserError(f"ONNX export needs torch's dynamo exporter (torch >= 2.6); this is torch "
                             f"{torch.__version__}: {e}") from None
     exporter_log.setLevel(level)
+    return program.model_proto.SerializeToString() if path is None else None
 
 
 def _quantize_int8(source: Path, target: Path, config: ModelConfig) -> None:
@@ -210,20 +214,26 @@ def export_onnx(model: nn.Module, out: str | Path, dtype: Literal["fp32", "int8"
     check_new_directory(out)
     if model.head.weight.dtype != torch.float32 or model.training:
         model = copy.deepcopy(model).float().eval()
+    encrypting = crypto.active_writing_key() is not None
+    if encrypting and (dtype != "fp32" or sum(p.numel() for p in model.parameters()) * 4 > 1.8 * 2**30):
+        raise UserError("an encrypted ONNX export is fp32 and under 2 GB (onnxruntime's quantization and external "
+                        "data write plain files); drop --onnx-dtype int8 or --encrypt-key-file (nothing was written)")
     with atomic_directory(out) as tmp, torch.no_grad():
-        if dtype == "fp32":
+        if encrypting:  # serialized in memory, written encrypted: no plaintext graph on disk
+            crypto.write_bytes(tmp / GRAPH, _export_graph(model, None))
+        elif dtype == "fp32":
             _export_graph(model, tmp / GRAPH)
         else:
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out.name}.fp32-") as fp32:
                 _export_graph(model, Path(fp32) / GRAPH)
                 _quantize_int8(Path(fp32) / GRAPH, tmp / GRAPH, model.config)
-        (tmp / CONFIG).write_text(json.dumps(to_dict(model.config), indent=2) + "\n")
+        crypto.write_bytes(tmp / CONFIG, json.dumps(to_dict(model.config), indent=2) + "\n")
         if model.tokenizer is not None:
             model.tokenizer.save(tmp)
         inputs, outputs = graph_names(model.config.n_layer)
         info = {"format": "onnx", "dtype": dtype, "graph": GRAPH, "layout": "huggingface-decoder-with-past",
                 "inputs": inputs, "outputs": outputs, "source": source, "versions": _versions()}
-        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        crypto.write_bytes(tmp / INFO, json.dumps(info, indent=2) + "\n")
     return out
 
 
@@ -366,14 +376,16 @@ def load_onnx(directory: str | Path, threads: int | None = None) -> OnnxDecoder:
     if config.kind != "decoder":
         raise UserError(f"{directory / CONFIG}: model kind {config.kind!r}; the ONNX engine runs decoders")
     info_file = directory / INFO
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info = json.loads(crypto.read_bytes(info_file)) if info_file.is_file() else {}
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    graph = directory / GRAPH  # an encrypted graph is decrypted into memory only
+    source = bytes(crypto.read_bytes(graph)) if crypto.is_encrypted(graph) else str(graph)
     try:
-        session = ort.InferenceSession(str(directory / GRAPH), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a damaged or foreign graph
         raise UserError(f"{directory / GRAPH}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
     names = [i.name for i in session.get_inputs()]

@@ -33,16 +33,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from lmforge import crypto
 from lmforge.data.sources import calibration_sequences
 from lmforge.errors import UserError
 from lmforge.files import check_new_directory
 from lmforge.kernels.quantized import QuantizedLinear, int4_codes, int4_grid, int8_codes, int8_scales
 from lmforge.recipes.classify import DEFAULT_MAX_LENGTH, HEAD_CONFIG, HEAD_WEIGHTS, Classifier
 from lmforge.sources import load
-from lmforge.train.checkpoint import resolve_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import load_tensors, resolve_checkpoint, save_checkpoint
 from lmforge.train.objectives import calibration_pass
 
 HEAD = "head"
@@ -125,9 +125,9 @@ def with_classifier_head(backbone: nn.Module, checkpoint: str | Path) -> nn.Modu
     directory = resolve_checkpoint(path)
     if not (directory / HEAD_CONFIG).is_file():
         return backbone
-    config = json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8"))
+    config = json.loads(crypto.read_bytes(directory / HEAD_CONFIG))
     classifier = Classifier(backbone, config["labels"], config.get("max_length", DEFAULT_MAX_LENGTH))
-    classifier.head.load_state_dict(load_file(directory / HEAD_WEIGHTS))
+    classifier.head.load_state_dict(load_tensors(directory / HEAD_WEIGHTS))
     return classifier
 
 

@@ -29,15 +29,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmforge import crypto
 from lmforge.config import ClassifyTrainConfig, merge_settings, resolve_train, settings
 from lmforge.data.batches import EpochBatches, hold_out
 from lmforge.errors import UserError
 from lmforge.infer import pad_right
 from lmforge.recipes.finetune import apply_lora, describe_source
+from lmforge.train.checkpoint import save_tensors
 from lmforge.train.recipe import Job, Recipe, run_recipe, say
 
 HEAD_WEIGHTS, HEAD_CONFIG = "classifier.safetensors", "classifier.json"
@@ -169,9 +170,9 @@ class Classifier(nn.Module):
 
         Called by `save_checkpoint`, which then saves the backbone (full weights or LoRA adapters) as usual.
         """
-        save_file({"weight": weights["head.weight"], "bias": weights["head.bias"]}, directory / HEAD_WEIGHTS)
+        save_tensors({"weight": weights["head.weight"], "bias": weights["head.bias"]}, directory / HEAD_WEIGHTS)
         config = {"labels": self.labels, "pooling": "last_token", "max_length": self.max_length}
-        (directory / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        crypto.write_bytes(directory / HEAD_CONFIG, json.dumps(config, indent=2) + "\n")  # encrypted with the rest
         return {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
 
 

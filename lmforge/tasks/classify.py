@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from lmforge import crypto
 from lmforge.errors import UserError
 from lmforge.infer import model_device, pad_right
 from lmforge.recipes.classify import (  # the training half of the task; names kept importable from here
@@ -72,16 +72,16 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     """A trained classifier from its checkpoint directory, or the `best/` checkpoint of its run directory,
     on `device` (as `lmforge.load` takes it)."""
     import lmforge.sources
-    from lmforge.train.checkpoint import verified_checkpoint
+    from lmforge.train.checkpoint import load_tensors, verified_checkpoint
 
     directory = verified_checkpoint(path)
     if not (directory / HEAD_CONFIG).is_file() or not (directory / HEAD_WEIGHTS).is_file():
         raise UserError(f"{directory} is not a classifier ({HEAD_CONFIG} or {HEAD_WEIGHTS} is missing); "
                         f"train one with: lmforge classify train MODEL DATA --out DIR")
-    config = json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8"))
+    config = json.loads(crypto.read_bytes(directory / HEAD_CONFIG))
     backbone = lmforge.sources.load(directory, device=device)
     classifier = Classifier(backbone, config["labels"], config.get("max_length", DEFAULT_MAX_LENGTH))
-    classifier.head.load_state_dict(load_file(directory / HEAD_WEIGHTS))
+    classifier.head.load_state_dict(load_tensors(directory / HEAD_WEIGHTS))
     return classifier.to(model_device(backbone)).eval()
 
 

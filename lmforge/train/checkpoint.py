@@ -30,6 +30,19 @@ one replaces `checkpoint/` only once written, fsynced and verified, the old one 
 (`resolve_checkpoint` looks at both; temporary directories are hidden and never picked). A run
 directory thus takes up to twice the space of one checkpoint.
 
+Encryption at rest (`lmforge.crypto`): while a writing key is set (`--encrypt-key-file`) every file
+of the checkpoint is written encrypted, straight from memory (no plaintext file at any moment).
+lmforge.json records the contents (size and sha256 of the plaintext), whether stored plain or
+encrypted, so `lmforge encrypt` / `lmforge decrypt` of a checkpoint keep it valid; an encrypted file
+is checked by decrypting (so authenticating) and hashing it. A file written encrypted is also
+recorded by its `sealed` digest (`crypto.seal`: the header and every chunk's nonce and tag), which
+is checked instead, at the cost of a few bytes read per 4 MiB: each chunk is authenticated against
+its tag when it is read, so a sealed file decrypts to what was saved or not at all, and a file
+swapped in from another checkpoint encrypted with the same key (which authentication alone would
+accept) is refused. Every read goes through `crypto.read_bytes`, which decrypts in memory with the
+process's key; the weights become tensors viewing the one decrypted buffer (`tensors_from_buffer`),
+without a second copy.
+
 Loaders start with `verified_checkpoint(path)` (resolve, then verify), or use `load_checkpoint`,
 `load_weights`, `read_info` or `load_trainer_state`, which verify. They read safetensors and JSON,
 and `torch.load(weights_only=True)`: no pickled code is ever run.
@@ -38,6 +51,8 @@ and `torch.load(weights_only=True)`: no pickled code is ever run.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import io
 import json
 import pickle
 import platform
@@ -48,8 +63,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
+from lmforge import crypto
 from lmforge.config import MODEL_KINDS, ModelConfig, from_dict, to_dict
 from lmforge.errors import UserError
 from lmforge.files import atomic_directory
@@ -99,6 +115,9 @@ def save_checkpoint(
     the weights are then written only where `state_dict` is given.
     """
     directory = Path(directory)
+    if sharded is not None and crypto.active_writing_key() is not None:
+        raise UserError("--encrypt-key-file does not cover FSDP's sharded checkpoints; train with "
+                        "--train.strategy ddp, or encrypt a consolidated checkpoint with `lmforge encrypt`")
     with atomic_directory(directory, previous_of(directory) if keep_previous else None) as tmp:
         if sharded is not None:
             sharded.rename(tmp / SHARDED)
@@ -113,25 +132,82 @@ def save_checkpoint(
         if hasattr(model, "peft_config"):  # LoRA: only the adapters, in peft's own format
             from peft import get_peft_model_state_dict
 
-            save_file(get_peft_model_state_dict(model, state_dict=weights), tmp / ADAPTER_WEIGHTS)
-            model.peft_config["default"].save_pretrained(tmp)
+            save_tensors(get_peft_model_state_dict(model, state_dict=weights), tmp / ADAPTER_WEIGHTS)
+            adapter = model.peft_config["default"].to_dict()  # what peft's save_pretrained writes, through crypto
+            adapter = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}
+            crypto.write_bytes(tmp / ADAPTER_CONFIG, json.dumps(adapter, indent=2, sort_keys=True))
         elif weights or sharded is None:
-            save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+            save_tensors(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         if isinstance(model.config, ModelConfig):
             values = {**to_dict(model.config), **{key: getattr(model, key) for key in RECORDS
                                                    if getattr(model, key, None)}}
-            (tmp / CONFIG).write_text(json.dumps(values, indent=2) + "\n")
+            crypto.write_bytes(tmp / CONFIG, json.dumps(values, indent=2) + "\n")
         else:  # a transformers model with no native port: its config.json, so transformers loads the directory
-            (tmp / CONFIG).write_text(model.config.to_json_string())
+            crypto.write_bytes(tmp / CONFIG, model.config.to_json_string())
         tokenizer = tokenizer or getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)  # and tokenizer_config.json beside it when there is metadata
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            buffer = io.BytesIO()
+            torch.save(trainer_state, buffer)
+            crypto.write_bytes(tmp / TRAINER_STATE, buffer.getbuffer())
         record = {"versions": versions(), **(info or {}), FILES: _describe_files(tmp)}
-        (tmp / INFO).write_text(json.dumps(record, indent=2) + "\n")
+        crypto.write_bytes(tmp / INFO, json.dumps(record, indent=2) + "\n")
         verify_checkpoint(tmp)
     return directory
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file at `path`; while a writing key is set, serialized in memory and written encrypted."""
+    if crypto.active_writing_key() is None:
+        save_file(tensors, path, metadata=metadata)
+    else:
+        crypto.write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at `path`, decrypted in memory where it is encrypted; a damaged
+    file is a one-line UserError."""
+    try:
+        if crypto.is_encrypted(path):
+            return {k: v.to(device) for k, v in tensors_from_buffer(crypto.read_bytes(path), path).items()}
+        return load_file(path, device=str(device))
+    except SafetensorError as e:
+        raise UserError(f"damaged checkpoint: {path} cannot be read ({_first_line(e)})") from None
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def tensors_from_buffer(buffer: bytearray, name: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors data held in `buffer`, as views of it (no copy; they keep it alive)."""
+    length = int.from_bytes(buffer[:8], "little") if len(buffer) >= 8 else len(buffer)
+    try:
+        if 8 + length > len(buffer):
+            raise ValueError("header past the end")
+        entries = json.loads(bytes(buffer[8:8 + length]))
+        start, tensors = 8 + length, {}
+        for key, entry in entries.items():
+            if key == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            count = 1
+            for n in shape:
+                count *= n
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if not 0 <= begin <= end <= len(buffer) - start or end - begin != count * itemsize:
+                raise ValueError(f"{key}: offsets {begin}..{end} do not hold {shape}")
+            if count == 0:
+                tensors[key] = torch.empty(shape, dtype=dtype)
+            elif (start + begin) % itemsize:  # unaligned: a copy, as safetensors would make
+                tensors[key] = torch.frombuffer(bytes(buffer[start + begin:start + end]), dtype=dtype).view(shape)
+            else:
+                tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start + begin).view(shape)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"damaged checkpoint: {name} has no readable safetensors header ({_first_line(e)})") from None
+    return tensors
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -183,15 +259,17 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 def _describe_files(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative name: {"bytes": size, "sha256": digest}} for every file under `directory`."""
-    return {path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {path.relative_to(directory).as_posix(): {"bytes": crypto.content_size(path), "sha256": _sha256(path),
+                                                     **({"sealed": crypto.seal(path)} if crypto.is_encrypted(path)
+                                                        else {})}
             for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def _sha256(path: Path) -> str:
+    """The sha256 of the file's contents (decrypted in memory, block by block, where it is encrypted)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    for block in crypto.iter_content(path):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -205,17 +283,26 @@ def _check_recorded(path: Path, expected: dict[str, Any]) -> None:
     """The file lmforge.json describes: present, of its recorded size and sha256."""
     if not path.is_file():
         raise UserError(f"damaged checkpoint: {path} is missing (lmforge.json lists it)")
-    size = path.stat().st_size
+    size = crypto.content_size(path)
     if size != expected.get("bytes"):
         raise UserError(f"damaged checkpoint: {path} has {size} bytes, lmforge.json records {expected.get('bytes')} "
                         f"(truncated or overwritten)")
+    if "sealed" in expected and crypto.is_encrypted(path):  # the chunks are authenticated as they are read
+        if not hmac.compare_digest(crypto.seal(path), str(expected["sealed"])):
+            raise UserError(f"damaged checkpoint: {path} is not the encrypted file lmforge.json records (replaced "
+                            f"since it was saved)")
+        return
     if _sha256(path) != expected.get("sha256"):
         raise UserError(f"damaged checkpoint: {path} does not match the sha256 in lmforge.json (changed since "
                         f"it was saved; remove {FILES!r} from lmforge.json to accept deliberate edits)")
 
 
 def _check_readable(path: Path) -> None:
-    """The structure of one file, by its kind: JSON parses, safetensors and torch archives are whole."""
+    """The structure of one file, by its kind: JSON parses, safetensors and torch archives are whole.
+
+    An encrypted file's chunks are authenticated as it is read: only its JSON is read here."""
+    if path.suffix != ".json" and crypto.is_encrypted(path):
+        return
     if path.suffix == ".json":
         _read_json(path)
     elif path.suffix == ".safetensors":
@@ -245,7 +332,7 @@ def _check_safetensors(path: Path) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(crypto.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
 
@@ -276,10 +363,7 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> dict[st
         return {k: v.to(device) for k, v in sharded_weights(directory / SHARDED).items()}
     if not (directory / WEIGHTS).is_file():
         raise UserError(f"{directory} has no {WEIGHTS}")
-    try:
-        return load_file(directory / WEIGHTS, device=str(device))
-    except SafetensorError as e:
-        raise UserError(f"damaged checkpoint: {directory / WEIGHTS} cannot be read ({_first_line(e)})") from None
+    return load_tensors(directory / WEIGHTS, device)
 
 
 def sharded_weights(path: Path, part: str = "model") -> dict[str, torch.Tensor]:
@@ -352,7 +436,8 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     """trainer_state.pt of a verified checkpoint: step, optimizer and scaler states (no code is run)."""
     verify_checkpoint(directory)
     try:
-        return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(crypto.read_bytes(directory / TRAINER_STATE)), map_location="cpu",
+                          weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise UserError(f"damaged checkpoint: {directory / TRAINER_STATE} cannot be read ({_first_line(e)})") from None
 
