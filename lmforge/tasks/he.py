@@ -117,7 +117,7 @@ def load_public_context(data: bytes) -> Any:
     """The client's public context, checked: CKKS, an accepted degree, a level to rescale into, Galois keys,
     a scale, and no secret key (refused: the server must never be able to decrypt)."""
     ts = _tenseal()
-    import tenseal.sealapi as sealapi  # registers SEAL's types (the moduli) with Python
+    import tenseal.sealapi  # noqa: F401  (registers SEAL's types, the moduli among them, with Python)
 
     if not data or len(data) > MAX_CONTEXT_BYTES:
         raise UserError(f"the context is {len(data):,} bytes; expected 1 to {MAX_CONTEXT_BYTES:,}")
@@ -129,7 +129,7 @@ def load_public_context(data: bytes) -> Any:
         raise UserError("the context carries its secret key; send the public one (HEClient.public_context()): "
                         "the server must not be able to decrypt")
     parms = context.seal_context().data.first_context_data().parms()
-    if parms.scheme() != sealapi.SCHEME_TYPE.CKKS:
+    if parms.scheme().name != "CKKS":
         raise UserError("the context is not CKKS (the head's scores are real numbers)")
     if parms.poly_modulus_degree() not in DEGREES:
         raise UserError(f"the context's polynomial degree is {parms.poly_modulus_degree()}; expected one of "
