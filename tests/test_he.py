@@ -136,10 +136,12 @@ def test_the_server_scores_encrypted_features_end_to_end(checkpoint, classifier,
         return httpx.post(url + path, json=body, timeout=60, headers={"Authorization": f"Bearer {key}"} if key else {})
 
     with running(app) as url:
-        registered = post("/v1/classify/he/contexts", {"context": public})
+        registered = post("/v1/classify/he/contexts", {"model": "clf", "context": public})
         assert registered.status_code == 200, registered.text
         context_id = registered.json()["id"]
-        held = app.state.he_contexts.get("alice", context_id)
+        assert registered.json()["model"] == "clf"
+        model, held = app.state.he_contexts.get("alice", context_id)
+        assert model == "clf"
         assert not held.has_secret_key() and not held.is_private()  # the server cannot decrypt
         for features_row, want in zip(features, expected):
             body = {"model": "clf", "context_id": context_id,
@@ -151,12 +153,12 @@ def test_the_server_scores_encrypted_features_end_to_end(checkpoint, classifier,
             assert np.abs(scores - want).max() <= 1e-3
         # access: no key, a key without the scope, another key's context
         assert post("/v1/classify/he", body, key=None).status_code == 401
-        assert post("/v1/classify/he/contexts", {"context": public}, key=chat).status_code == 403
+        assert post("/v1/classify/he/contexts", {"model": "clf", "context": public}, key=chat).status_code == 403
         assert post("/v1/classify/he", body, key=chat).status_code == 403
         assert post("/v1/classify/he", body, key=other).status_code == 404
         # hostile or malformed input: a clear 4xx with OpenAI's error object
         with_secret = base64.b64encode(client.context.serialize(save_secret_key=True)).decode()
-        refused = post("/v1/classify/he/contexts", {"context": with_secret})
+        refused = post("/v1/classify/he/contexts", {"model": "clf", "context": with_secret})
         assert refused.status_code == 400 and "secret key" in refused.json()["error"]["message"]
         for bad, status, words in (({"input": "not base64!"}, 400, "base64"),
                                    ({"input": base64.b64encode(b"x" * 999).decode()}, 400, "CKKS"),
@@ -167,7 +169,7 @@ def test_the_server_scores_encrypted_features_end_to_end(checkpoint, classifier,
             answer = post("/v1/classify/he", {**body, **bad})
             assert answer.status_code == status and words in answer.json()["error"]["message"], answer.text
         for bad in ("%%%", base64.b64encode(b"garbage" * 100).decode(), ""):
-            answer = post("/v1/classify/he/contexts", {"context": bad})
+            answer = post("/v1/classify/he/contexts", {"model": "clf", "context": bad})
             assert answer.status_code == 400 and answer.json()["error"]["param"] == "context", answer.text
         too_big = post("/v1/classify/he", {**body, "input": "A" * (1 << 21)})
         assert too_big.status_code == 413  # the 1 MiB limit of every route but the contexts'

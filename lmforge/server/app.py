@@ -144,6 +144,7 @@ class ClassifyRequest(_Request):
 
 
 class HEContextRequest(_Request):
+    model: str = Field(description="the classifier the context is for (its features must fit the slots)")
     context: str = Field(description="base64 of a TenSEAL CKKS public context: Galois keys, no secret key "
                                      "(lmforge.tasks.he.HEClient.public_context())")
 
@@ -151,12 +152,14 @@ class HEContextRequest(_Request):
 class HEContext(BaseModel):
     object: Literal["classify.he.context"] = "classify.he.context"
     id: str = Field(description="name it as context_id in /v1/classify/he; only this key finds it")
+    model: str
     bytes: int
 
 
 class HEClassifyRequest(_Request):
     model: str
-    context_id: str = Field(description="a context registered with /v1/classify/he/contexts by this key")
+    context_id: str = Field(description="a context registered for this model with /v1/classify/he/contexts by "
+                                        "this key")
     input: str = Field(description="base64 of the CKKS-encrypted feature vector (HEClient.encrypt_features)")
 
 
@@ -671,23 +674,26 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
 
     @app.post(HE_CONTEXTS_PATH, response_model=HEContext, responses=ERRORS)
     async def register_he_context(body: HEContextRequest, request: Request) -> HEContext:
-        key = access.check(request, "classify")
+        s = model_of(request, body.model, "classify", ("classifier",))
+        key = request.state.key
         data = _base64(body.context, "context")
         try:
-            context = await asyncio.to_thread(load_public_context, data)
+            context = await asyncio.to_thread(load_public_context, data, s.model.head.in_features)
         except UserError as e:
             raise ApiError(400, str(e), param="context") from None
-        return HEContext(id=he_contexts.add(key.name if key else None, context), bytes=len(data))
+        context_id = he_contexts.add(key.name if key else None, (s.name, context))
+        return HEContext(id=context_id, model=s.name, bytes=len(data))
 
     @app.post("/v1/classify/he", response_model=HEClassifyResponse, responses=ERRORS)
     async def classify_encrypted(body: HEClassifyRequest, request: Request) -> HEClassifyResponse:
         s = model_of(request, body.model, "classify", ("classifier",))
         key = request.state.key
-        context = he_contexts.get(key.name if key else None, body.context_id)
-        if context is None:
-            raise ApiError(404, f"no context '{body.context_id}' registered by this key (contexts are kept in "
-                           f"memory, a few per key: register it again with POST {HE_CONTEXTS_PATH})",
-                           param="context_id", code="context_not_found")
+        found = he_contexts.get(key.name if key else None, body.context_id)
+        if found is None or found[0] != s.name:
+            raise ApiError(404, f"no context '{body.context_id}' registered for model '{s.name}' by this key "
+                           f"(contexts are kept in memory, a few per key: register it again with POST "
+                           f"{HE_CONTEXTS_PATH})", param="context_id", code="context_not_found")
+        context = found[1]
         ciphertext = _base64(body.input, "input")
         try:
             scores = await s.run(score_with, context, ciphertext)

@@ -113,9 +113,10 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 # the server: a public context and the head
 
 
-def load_public_context(data: bytes) -> Any:
-    """The client's public context, checked: CKKS, an accepted degree, a level to rescale into, Galois keys,
-    a scale, and no secret key (refused: the server must never be able to decrypt)."""
+def load_public_context(data: bytes, dimension: int | None = None) -> Any:
+    """The client's public context, checked: CKKS, an accepted degree (with slots for `dimension` features),
+    a level to rescale into, Galois keys, a scale, and no secret key (refused: the server must never be
+    able to decrypt)."""
     ts = _tenseal()
     import tenseal.sealapi  # noqa: F401  (registers SEAL's types, the moduli among them, with Python)
 
@@ -134,6 +135,9 @@ def load_public_context(data: bytes) -> Any:
     if parms.poly_modulus_degree() not in DEGREES:
         raise UserError(f"the context's polynomial degree is {parms.poly_modulus_degree()}; expected one of "
                         f"{', '.join(map(str, DEGREES))}")
+    if dimension is not None and dimension > parms.poly_modulus_degree() // 2:
+        raise UserError(f"the context's {parms.poly_modulus_degree() // 2} slots cannot hold the classifier's "
+                        f"{dimension} features (make it with HEClient({dimension}))")
     if len(parms.coeff_modulus()) < 2:
         raise UserError("the context has no level left for the head's multiplication (give two or more data moduli)")
     if not context.has_galois_keys():
@@ -228,7 +232,7 @@ def he_predict(classifier: Any, texts: Sequence[str], batch_size: int = 32,
     plain = features.numpy() @ weight.T + bias  # the plaintext scores, for the comparison
     client = HEClient(features.shape[1])
     public = client.public_context()
-    server_context = load_public_context(public)  # what the server holds: no secret key
+    server_context = load_public_context(public, weight.shape[1])  # what the server holds: no secret key
     predictions = []
     for row, reference in zip(features, plain):
         t0 = time.perf_counter()
