@@ -971,7 +971,8 @@ def serve(
     """Serve models over an OpenAI-compatible HTTP API, with API keys and a web chat page.
 
     Routes: /v1/models, /v1/completions, /v1/chat/completions (streaming), /v1/embeddings, /v1/classify
-    (a classifier checkpoint), /metrics (Prometheus), /health, and the chat page at /. With --keys every
+    (a classifier checkpoint) and /v1/classify/he (its head on CKKS-encrypted features), /metrics
+    (Prometheus), /health, and the chat page at /. With --keys every
     route but /health and the page needs `Authorization: Bearer KEY`; the keys file is re-read when it
     changes (`lmforge keys create|revoke` take effect without a restart).
 
