@@ -151,19 +151,25 @@ class Classifier(nn.Module):
         return self.head(pooled.to(self.head.weight.dtype))
 
     @torch.no_grad()
-    def probabilities(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """Label probabilities (N, n_labels) of `texts`, in `labels` order."""
+    def features(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """What the head reads (N, d_model): each text's last real token's hidden state, in the head's dtype, on
+        the head's device; the label scores are `self.head(features)`."""
         self.eval()
         device = self.head.weight.device
         rows = encode_batch(self.tokenizer, texts, self.max_length)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
-        out = torch.empty(len(rows), len(self.labels))
+        out = torch.empty(len(rows), self.head.in_features, dtype=self.head.weight.dtype, device=device)
         for start in tqdm(range(0, len(order), batch_size), disable=not progress, unit="batch", desc="classify"):
             picks = order[start:start + batch_size]
             ids, mask = pad_right([rows[i] for i in picks], self.tokenizer.eos_id, device)
-            lengths = mask.sum(1)
-            out[picks] = self(ids, lengths).float().softmax(-1).cpu()
+            pooled = last_token_states(self.backbone.hidden_states(ids), mask.sum(1))
+            out[torch.tensor(picks, device=device)] = pooled.to(out.dtype)
         return out
+
+    @torch.no_grad()
+    def probabilities(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """Label probabilities (N, n_labels) of `texts`, in `labels` order."""
+        return self.head(self.features(texts, batch_size, progress)).float().softmax(-1).cpu()
 
     def save_head(self, directory: Path, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Write the head and the labels into a checkpoint being written; return the backbone's weights.

@@ -10,6 +10,8 @@ Routes (every one but /health and the chat page / needs `Authorization: Bearer K
     POST /v1/chat/completions     chat by the tokenizer's template, streaming  scope chat
     POST /v1/embeddings           mean-pooled, normalised hidden states        scope embeddings
     POST /v1/classify             a classifier checkpoint's labels, probabilities  scope classify
+    POST /v1/classify/he/contexts register a CKKS public context (no secret key)  scope classify
+    POST /v1/classify/he          a classifier's head on CKKS-encrypted features  scope classify
     GET  /metrics                 Prometheus text                              scope admin
     GET  /openapi.json            the schema of all of the above               any key
     GET  /health                  liveness, no key
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import dataclasses
 import ipaddress
 import json
@@ -65,6 +68,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.errors import UserError
 from lmforge.server.engine import Engine, Event, QueueFull, Sampling
 from lmforge.server.keys import Key, KeyStore, RateLimiter
+from lmforge.tasks.he import MAX_CONTEXT_BYTES, PublicContexts, load_public_context, score_with
 
 log = logging.getLogger("lmforge.server")
 disable_created_metrics()  # no *_created series: one series per counter, as vLLM's /metrics
@@ -74,6 +78,7 @@ MAX_BODY_BYTES = 1 << 20  # a request body larger than this: 413
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_N = 8  # choices per request
 MAX_INPUTS = 64  # texts per embeddings / classify request
+HE_CONTEXTS_PATH = "/v1/classify/he/contexts"  # its body (a public context with Galois keys) may be larger
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions
 CHAT_MAX_TOKENS = 1024  # a chat answer's default limit (less where the context ends sooner)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")  # the tokens that end a chat answer
@@ -136,6 +141,34 @@ class EmbeddingRequest(_Request):
 class ClassifyRequest(_Request):
     model: str
     input: str | list[str] = Field(description=f"a text or up to {MAX_INPUTS} texts")
+
+
+class HEContextRequest(_Request):
+    model: str = Field(description="the classifier the context is for (its features must fit the slots)")
+    context: str = Field(description="base64 of a TenSEAL CKKS public context: Galois keys, no secret key "
+                                     "(lmforge.tasks.he.HEClient.public_context())")
+
+
+class HEContext(BaseModel):
+    object: Literal["classify.he.context"] = "classify.he.context"
+    id: str = Field(description="name it as context_id in /v1/classify/he; only this key finds it")
+    model: str
+    bytes: int
+
+
+class HEClassifyRequest(_Request):
+    model: str
+    context_id: str = Field(description="a context registered for this model with /v1/classify/he/contexts by "
+                                        "this key")
+    input: str = Field(description="base64 of the CKKS-encrypted feature vector (HEClient.encrypt_features)")
+
+
+class HEClassifyResponse(BaseModel):
+    object: Literal["classify.he"] = "classify.he"
+    model: str
+    labels: list[str]
+    scores: list[str] = Field(description="base64 of one encrypted score (logit) per label, in labels order "
+                                          "(HEClient.decrypt)")
 
 
 class Usage(BaseModel):
@@ -415,9 +448,10 @@ class Guard:
     before the app sees the request; every request leaves one audit record and its metrics when its
     response is done (streams included)."""
 
-    def __init__(self, app: Any, access: Access, metrics: Metrics, max_body: int, audit_file: Path | None):
+    def __init__(self, app: Any, access: Access, metrics: Metrics, max_body: int, audit_file: Path | None,
+                 body_limits: dict[str, int] | None = None):
         self.app, self.access, self.metrics, self.max_body = app, access, metrics, max_body
-        self.audit_file = audit_file
+        self.audit_file, self.body_limits = audit_file, body_limits or {}  # {path: its larger limit}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -433,9 +467,10 @@ class Guard:
         try:
             try:
                 scope["state"]["key"] = self.access.authenticate(scope["path"], scope["headers"])
-                body = await self._read_body(scope, receive)
+                limit = self.body_limits.get(scope["path"], self.max_body)
+                body = await self._read_body(scope, receive, limit)
                 if body is None:
-                    raise ApiError(413, f"request body larger than {self.max_body:,} bytes")
+                    raise ApiError(413, f"request body larger than {limit:,} bytes")
             except ApiError as e:
                 await e.response()(scope, receive, send_status)
                 return
@@ -443,9 +478,9 @@ class Guard:
         finally:
             self._record(scope, status[0], time.perf_counter() - started)
 
-    async def _read_body(self, scope: dict, receive: Callable) -> bytes | None:
+    async def _read_body(self, scope: dict, receive: Callable, limit: int) -> bytes | None:
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+        if length is not None and (not length.isdigit() or int(length) > limit):
             return None
         chunks, size = [], 0
         while True:
@@ -454,7 +489,7 @@ class Guard:
                 return b"".join(chunks)
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_body:
+            if size > limit:
                 return None
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -514,6 +549,7 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
     app = FastAPI(title="lmforge", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description="OpenAI-compatible API over lmforge models (lmforge.server.app).")
     app.state.served, app.state.access = served, access
+    app.state.he_contexts = he_contexts = PublicContexts()
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -636,8 +672,39 @@ def create_app(models: dict[str, Any], keys: str | Path | None = None, max_batch
                 for i, p in enumerate(probabilities)]
         return ClassifyResponse(data=data, model=s.name, usage=Usage(prompt_tokens=n, total_tokens=n))
 
+    @app.post(HE_CONTEXTS_PATH, response_model=HEContext, responses=ERRORS)
+    async def register_he_context(body: HEContextRequest, request: Request) -> HEContext:
+        s = model_of(request, body.model, "classify", ("classifier",))
+        key = request.state.key
+        data = _base64(body.context, "context")
+        try:
+            context = await asyncio.to_thread(load_public_context, data, s.model.head.in_features)
+        except UserError as e:
+            raise ApiError(400, str(e), param="context") from None
+        context_id = he_contexts.add(key.name if key else None, (s.name, context))
+        return HEContext(id=context_id, model=s.name, bytes=len(data))
+
+    @app.post("/v1/classify/he", response_model=HEClassifyResponse, responses=ERRORS)
+    async def classify_encrypted(body: HEClassifyRequest, request: Request) -> HEClassifyResponse:
+        s = model_of(request, body.model, "classify", ("classifier",))
+        key = request.state.key
+        found = he_contexts.get(key.name if key else None, body.context_id)
+        if found is None or found[0] != s.name:
+            raise ApiError(404, f"no context '{body.context_id}' registered for model '{s.name}' by this key "
+                           f"(contexts are kept in memory, a few per key: register it again with POST "
+                           f"{HE_CONTEXTS_PATH})", param="context_id", code="context_not_found")
+        context = found[1]
+        ciphertext = _base64(body.input, "input")
+        try:
+            scores = await s.run(score_with, context, ciphertext)
+        except UserError as e:
+            raise ApiError(400, str(e), param="input") from None
+        return HEClassifyResponse(model=s.name, labels=s.model.labels,
+                                  scores=[base64.b64encode(c).decode() for c in scores])
+
     app.add_middleware(Guard, access=access, metrics=metrics, max_body=max_body,
-                       audit_file=Path(audit_log_file) if audit_log_file else None)
+                       audit_file=Path(audit_log_file) if audit_log_file else None,
+                       body_limits={HE_CONTEXTS_PATH: max(max_body, MAX_CONTEXT_BYTES * 4 // 3 + 4096)})
     app.state.metrics = metrics
 
     def stop_engines() -> None:
@@ -675,6 +742,13 @@ def _encode(s: Served, text: str) -> list[int]:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; model '{s.name}' reads at most {s.context} "
                        f"(leave room for at least one new token)", param="prompt", code="context_length_exceeded")
     return ids
+
+
+def _base64(text: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{param}: not base64", param=param) from None
 
 
 def _inputs(given: str | list[str]) -> list[str]:
@@ -897,7 +971,8 @@ def serve(
     """Serve models over an OpenAI-compatible HTTP API, with API keys and a web chat page.
 
     Routes: /v1/models, /v1/completions, /v1/chat/completions (streaming), /v1/embeddings, /v1/classify
-    (a classifier checkpoint), /metrics (Prometheus), /health, and the chat page at /. With --keys every
+    (a classifier checkpoint) and /v1/classify/he (its head on CKKS-encrypted features), /metrics
+    (Prometheus), /health, and the chat page at /. With --keys every
     route but /health and the page needs `Authorization: Bearer KEY`; the keys file is re-read when it
     changes (`lmforge keys create|revoke` take effect without a restart).
 
