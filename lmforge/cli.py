@@ -10,6 +10,7 @@
     lmforge prune runs/x --method wanda --sparsity 0.5 [--pattern 2:4|structured] --calib kjv --out runs/x-50
     lmforge finetune smollm2-135m-instruct chatterbot --out runs/chat --method lora ; lmforge chat runs/chat
     lmforge distill runs/big --student llama-mini --data kjv --out runs/small [--temperature 2 --alpha 0.5 --loss kl]
+    lmforge gan train --generator runs/lines-mle --data shakespeare --out runs/gan [--reward rollout --rollouts 4]
     lmforge classify train|predict|eval|zero-shot ... ; lmforge summarize|translate train|predict|eval ...
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize
     lmforge serve runs/chat smollm2-135m-instruct --keys keys.json [--host 0.0.0.0] [--port 8000]     # + chat page
@@ -116,6 +117,8 @@ VERBS = {v.name: v for v in [
     Verb("dpo", "lmforge.recipes.dpo:dpo", required=("data", "out"), aliases=DEVICE, done="lmforge.recipes.dpo:tuned"),
     Verb("dpo-pairs", "lmforge.tasks.preference:make_pairs", required=("out",),
          done="lmforge.tasks.preference:made_pairs"),
+    Verb("gan train", "lmforge.recipes.gan:train_gan", required=("generator", "data", "out"), aliases=DEVICE,
+         done="lmforge.recipes.gan:trained"),
     Verb("distill", "lmforge.recipes.distill:distill", required=("student", "data", "out"), aliases=DEVICE,
          done="lmforge.recipes.distill:distilled"),
     Verb("quantize", "lmforge.infer.quantize:quantize", required=("out",),
