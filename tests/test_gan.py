@@ -133,6 +133,26 @@ def test_rollout_rewards_score_completions_of_every_prefix(make_model, tokenizer
     assert len(set(q[1, :7].tolist())) > 1  # the roll-outs of different prefixes score differently
 
 
+def test_adamw_leaves_a_network_without_gradient_as_it_was():
+    """A discriminator step gives the generator no gradient (and a generator step the discriminator): the
+    optimizer the Trainer builds, fused or not, must neither move nor decay those parameters."""
+    from lmforge.config import TrainConfig
+    from lmforge.train.optim import build_optimizer
+
+    for fused in (False, True):
+        torch.manual_seed(0)
+        stepped, idle = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        params = [*stepped.parameters(), *idle.parameters()]
+        optimizer = build_optimizer(["a.weight", "a.bias", "b.weight", "b.bias"], params,
+                                    TrainConfig(weight_decay=0.5, lr=0.1), fused=fused)
+        before = [p.detach().clone() for p in params]
+        for _ in range(2):
+            stepped(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert not torch.equal(before[0], params[0]) and all(torch.equal(b, p) for b, p in zip(before[2:], params[2:]))
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics of samples
 

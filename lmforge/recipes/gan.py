@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -225,6 +226,8 @@ class GANTrain(Recipe):
             val_fraction
         self.eval_samples = eval_samples
         self.train_settings = merge_settings(GANTrainConfig, overrides).validate()  # before anything is read
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or self.train_settings.strategy == "fsdp":
+            raise UserError("lmforge gan train runs in one process (no torchrun, no train.strategy fsdp)")
         self.name_of_generator = describe_source(generator)
         self.step_seen, self.collapses = 0, 0
 
@@ -301,9 +304,7 @@ class GANTrain(Recipe):
         return hold_out(lines, self.val_fraction, seed=0, what="line")
 
     def ready(self, trainer) -> None:
-        if trainer.dist.enabled or trainer.sharded:
-            raise UserError("lmforge gan train runs in one process (no torchrun, no train.strategy fsdp)")
-        self.out = trainer.out
+        self.out = trainer.out  # where evaluations write their samples
 
     def _log_samples(self, texts: list[str], scores: dict[str, float]) -> None:
         """A few samples into metrics.jsonl; a mode-collapse warning on stderr."""
