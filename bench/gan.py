@@ -63,7 +63,7 @@ def sweep(checkpoint: Path, heldout: list[str], n_samples: int, max_tokens: int,
     import lmforge
     from lmforge.eval.metrics import NgramReferences, self_bleu
     from lmforge.recipes.gan import heldout_bits, sample_scores
-    from lmforge.train.adversarial import as_sequence, sample_sequences
+    from lmforge.train.adversarial import as_sequence, sample_sequences, texts_of
 
     model = lmforge.load(checkpoint).eval()
     tokenizer, eos = model.tokenizer, model.tokenizer.eos_id
@@ -72,7 +72,7 @@ def sweep(checkpoint: Path, heldout: list[str], n_samples: int, max_tokens: int,
     references = NgramReferences(heldout)
     for temperature in TEMPERATURES:
         samples = sample_sequences(model, n_samples, eos, max_tokens, temperature=temperature, seed=seed)
-        texts = [tokenizer.decode(row[1:]).strip() for row in samples]
+        texts = texts_of(tokenizer, samples)
         scored = [t for t in texts if t] or ["<empty>"]
         point = {"temperature": temperature,
                  "bleu4": sum(references.bleu(t) for t in scored) / len(scored),

@@ -213,7 +213,9 @@ def test_gan_train_updates_both_networks_logs_and_saves_a_generator(generator, t
     assert [r["step"] for r in evals] == [4, 8]
     assert {"val_bpb", "distinct_2", "repeated", "mode_collapse", "train_d_loss", "train_pg_loss",
             "train_mle_loss", "train_reward"} <= set(evals[-1])
-    assert [r["step"] for r in records if "samples" in r] == [0, 4, 8]
+    samples = [r for r in records if "samples" in r]
+    assert [r["step"] for r in samples] == [0, 4, 8]
+    assert not any("<|endoftext|>" in text for r in samples for text in r["samples"])
     assert (tmp_path / "run" / "gan.png").stat().st_size > 10_000
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["val_bpb_before"] > 0 and "mode_collapse_evals" in summary

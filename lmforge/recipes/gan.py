@@ -73,6 +73,7 @@ from lmforge.train.adversarial import (
     returns_to_go,
     rollout_rewards,
     sample_sequences,
+    texts_of,
 )
 from lmforge.train.recipe import Job, Recipe, run_recipe, say
 
@@ -264,7 +265,7 @@ class GANTrain(Recipe):
         def evaluate(m: GANPair) -> dict[str, float]:
             scores = heldout_bits(m.generator, val_rows, val_texts, eos, batch_size)
             samples = sample_sequences(m.generator, self.eval_samples, eos, self.max_tokens, seed=self.train.seed)
-            texts = [tokenizer.decode(row[1:]).strip() for row in samples]
+            texts = texts_of(tokenizer, samples)
             scores.update(sample_scores(texts, val_texts))
             real = val_rows[:len(samples)]
             real_logits = m.discriminator.final_logits(real, eos)

@@ -123,6 +123,11 @@ def sample_sequences(generator: nn.Module, n: int, eos_id: int, max_tokens: int,
     return [as_sequence(row, eos_id, max_tokens) for row in new]
 
 
+def texts_of(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
+    """The text of each sequence (`as_sequence` form), without its start and end tokens."""
+    return [tokenizer.decode(row[1:], skip_special_tokens=True).strip() for row in rows]
+
+
 # ----------------------------------------------------------------------------------------------
 # rewards, returns, advantages and the estimator
 
