@@ -175,6 +175,8 @@ GROUPS = {
     "translate": "translation: train, predict, measure BLEU and chrF",
     "vae": "a Transformer VAE: the encoder gives mu and sigma of a latent z, the decoder writes text from z; "
            "train, sample from the prior, reconstruct, interpolate, encode",
+    "gan": "adversarial training of a text generator pretrained with maximum likelihood (SeqGAN-style REINFORCE "
+           "against a discriminator); bench/gan.py measures it against MLE over a temperature sweep",
 }
 DESCRIPTION = ("Train, adapt, run and measure generative language models, from raw text on a laptop CPU to many "
                "GPUs with torchrun.")
