@@ -20,7 +20,7 @@ from lmforge.data import Document, prepare
 from lmforge.eval.metrics import reference_bleu, self_bleu
 from lmforge.models import build_model
 from lmforge.recipes.classify import Classifier
-from lmforge.recipes.gan import phase_of, read_lines, train_gan
+from lmforge.recipes.gan import phase_of, read_lines, sample_scores, train_gan
 from lmforge.train.adversarial import (
     DISCRIMINATOR_WEIGHTS,
     Discriminator,
@@ -228,6 +228,15 @@ def test_rollout_rewards_train_through_the_python_twin(generator, tmp_path):
                         d_warmup=1, max_tokens=10, eval_samples=4, val_data=SONNET.splitlines()[:4],
                         overrides={"train.max_steps": 3, "train.batch_size": 4, "train.eval_interval": 3})
     assert summary["step"] == 3 and "train_pg_loss" in summary and "train_d_loss" in summary
+
+
+def test_mode_collapse_is_flagged_by_repeats_or_few_distinct_bigrams():
+    real = SONNET.splitlines()
+    assert sample_scores(real[:8], real)["mode_collapse"] == 0.0
+    assert sample_scores([real[0]] * 4 + real[1:6], real)["mode_collapse"] == 1.0  # a third repeated
+    loops = [f"and the and the and the {w}" for w in "abcdefgh"]  # none repeated, few distinct bigrams
+    scores = sample_scores(loops, real)
+    assert scores["repeated"] == 0.0 and scores["mode_collapse"] == 1.0
 
 
 def test_read_lines_keeps_lines_of_words_not_speaker_names(tmp_path):
