@@ -38,6 +38,7 @@ __all__ = [
     "prune",
     "quantize",
     "serve",
+    "train_gan",
     "train_tokenizer",
 ]
 
@@ -45,7 +46,8 @@ __all__ = [
 _HOMES = {"demo": "lmforge.demo", "finetune": "lmforge.recipes.finetune", "chat": "lmforge.tasks.chat",
           "evaluate": "lmforge.tasks.evaluate", "distill": "lmforge.recipes.distill",
           "quantize": "lmforge.infer.quantize", "prune": "lmforge.infer.prune",
-          "serve": "lmforge.server.app", "dpo": "lmforge.recipes.dpo", "make_pairs": "lmforge.tasks.preference"}
+          "serve": "lmforge.server.app", "dpo": "lmforge.recipes.dpo", "make_pairs": "lmforge.tasks.preference",
+          "train_gan": "lmforge.recipes.gan"}
 
 
 def __getattr__(name: str) -> Any:

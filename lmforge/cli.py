@@ -10,6 +10,7 @@
     lmforge prune runs/x --method wanda --sparsity 0.5 [--pattern 2:4|structured] --calib kjv --out runs/x-50
     lmforge finetune smollm2-135m-instruct chatterbot --out runs/chat --method lora ; lmforge chat runs/chat
     lmforge distill runs/big --student llama-mini --data kjv --out runs/small [--temperature 2 --alpha 0.5 --loss kl]
+    lmforge gan train --generator runs/lines-mle --data shakespeare --out runs/gan [--reward rollout --rollouts 4]
     lmforge classify train|predict|eval|zero-shot ... ; lmforge summarize|translate train|predict|eval ...
     lmforge vae train|sample|reconstruct|interpolate|encode ... ; lmforge eval MODEL --task summarize
     lmforge serve runs/chat smollm2-135m-instruct --keys keys.json [--host 0.0.0.0] [--port 8000]     # + chat page
@@ -123,6 +124,8 @@ VERBS = {v.name: v for v in [
     Verb("dpo", "lmforge.recipes.dpo:dpo", required=("data", "out"), aliases=DEVICE, done="lmforge.recipes.dpo:tuned"),
     Verb("dpo-pairs", "lmforge.tasks.preference:make_pairs", required=("out",),
          done="lmforge.tasks.preference:made_pairs"),
+    Verb("gan train", "lmforge.recipes.gan:train_gan", required=("generator", "data", "out"), aliases=DEVICE,
+         done="lmforge.recipes.gan:trained"),
     Verb("distill", "lmforge.recipes.distill:distill", required=("student", "data", "out"), aliases=DEVICE,
          done="lmforge.recipes.distill:distilled"),
     Verb("quantize", "lmforge.infer.quantize:quantize", required=("out",),
@@ -183,6 +186,8 @@ GROUPS = {
     "translate": "translation: train, predict, measure BLEU and chrF",
     "vae": "a Transformer VAE: the encoder gives mu and sigma of a latent z, the decoder writes text from z; "
            "train, sample from the prior, reconstruct, interpolate, encode",
+    "gan": "adversarial training of a text generator pretrained with maximum likelihood (SeqGAN-style REINFORCE "
+           "against a discriminator); bench/gan.py measures it against MLE over a temperature sweep",
 }
 DESCRIPTION = ("Train, adapt, run and measure generative language models, from raw text on a laptop CPU to many "
                "GPUs with torchrun.")

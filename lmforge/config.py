@@ -256,6 +256,27 @@ class ScratchTrainConfig(TrainConfig):
     keep_best: bool = param(True, "also keep the checkpoint of the best validation loss in OUT/best")
 
 
+@dataclass
+class GANTrainConfig(TrainConfig):
+    """Adversarial training's defaults (`lmforge gan train`): a short run at a fine-tuning lr (the generator
+    starts pretrained), no warmup or weight decay, frequent evaluations, fp32, no `best/` (the held-out
+    likelihood is not what adversarial training optimises: the last checkpoint is the result)."""
+
+    batch_size: int = param(16, "sequences per step: real lines for the discriminator and the MLE term, and as "
+                                "many samples of the generator")
+    max_steps: int = param(300, "optimizer steps, discriminator and generator steps together")
+    lr: float = param(1e-4, "peak learning rate (generator and discriminator)")
+    min_lr: float = param(1e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = param(0, "steps of linear warmup")
+    weight_decay: float = param(0.0, "AdamW weight decay, applied to matrices only")
+    eval_interval: int = param(50, "evaluate (held-out bits per byte, samples, discriminator accuracy) and save "
+                                   "every this many steps")
+    eval_batches: int = param(20, "batches of held-out lines per evaluation (their bits per byte)")
+    log_interval: int = param(10, "write metrics every this many steps")
+    precision: str = param("fp32", "fp32 (the default: small models, exact rewards), auto, bf16 or fp16")
+    keep_best: bool = param(False, "also keep the checkpoint of the best validation loss in OUT/best")
+
+
 def resolve_train(config: TrainConfig, n_examples: int, epochs: float | None = None,
                   lr: float | None = None) -> tuple[TrainConfig, int]:
     """A plain, validated TrainConfig from a verb's config whose None fields follow the data: `max_steps`

@@ -80,3 +80,30 @@ def plot_lengths(series: dict[str, list[int]], png: str | Path, title: str = "",
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, png)
+
+
+def plot_panels(records: list[dict], panels: dict[str, list[str]], png: str | Path, title: str = "") -> Path:
+    """One panel per entry of `panels` (its title: the keys it draws against the step), from metrics records
+    (`{"step": .., KEY: ..}` dicts); a key no record has is left out, a panel with none says so."""
+    plt = _pyplot()
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), dpi=110, squeeze=False)
+    for ax, (name, keys) in zip(axes.flat, panels.items()):
+        drawn = False
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), "o-" if len(points) < 30 else "-", label=key, markersize=3, linewidth=1.2)
+                drawn = True
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    return _save(fig, png)
