@@ -58,7 +58,7 @@ from lmforge.models.base import LanguageModel
 ACCOUNTANT = "prv"  # Opacus's PrivacyEngine default: the privacy random variable accountant (Gopi et al. 2021)
 
 
-def refuse_unsupported(config: TrainConfig, world: int, device: torch.device) -> None:
+def refuse_unsupported(config: TrainConfig, world: int) -> None:
     """One-line errors for the settings DP-SGD does not train with (see the module docstring)."""
     if world > 1:
         raise UserError("train.dp.epsilon: differentially private training runs in one process; "

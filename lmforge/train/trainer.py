@@ -28,6 +28,10 @@ process takes its share of the same global batch, so the result matches a single
 forward pass needs them all), checkpoints keep the shards in `sharded/`, and the last one of a run
 also the whole weights. One process with `fsdp` is a process group of one (sharded checkpoints).
 
+Differential privacy: with `train.dp_epsilon` each step is DP-SGD through Opacus (lmforge.train.privacy):
+a Poisson-sampled batch, per-example gradients clipped and noised, epsilon spent logged at every evaluation
+and stored in lmforge.json, the run stopped at its budget.
+
 Device: `train.device` (`--device` on the command line; `lmforge.devices.resolve_device`): auto is
 cuda:LOCAL_RANK where CUDA works, else mps, else the CPU. The model moves there, each batch is moved
 there as it is used (batches are made on the CPU), AdamW is fused on CPU and CUDA, `auto` precision
@@ -201,7 +205,7 @@ class Trainer:
         self.model = model.to(self.dist.device)
         self.private = config.dp_epsilon is not None  # differential privacy (lmforge.train.privacy)
         if self.private:
-            privacy.refuse_unsupported(config, self.dist.world, self.dist.device)
+            privacy.refuse_unsupported(config, self.dist.world)
         self.precision = resolve_precision("fp32" if self.private else config.precision, self.dist.device)
         self.dtype = PRECISIONS[self.precision]
         self.trainable_names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -390,6 +394,8 @@ class Trainer:
                 loss = self.dist.mean(loss)
                 now = time.perf_counter()
                 record = {"step": self.step, "loss": round(loss, 6), "lr": lr_at(self.step - 1, config)}
+                if math.isnan(loss):  # a DP step that drew nobody has no loss
+                    del record["loss"]
                 if self.tokens_per_row:
                     tokens_per_s = (self.step - last_step) * config.batch_size * self.tokens_per_row / (now - last_time)
                     record["tokens_per_s"] = round(tokens_per_s, 1)
