@@ -69,8 +69,8 @@ def chat_run(model: str, out: Path, epsilon: float | None, steps: int, quick: bo
     train, validation, _ = chat_records(quick)
     overrides = {"train.max_steps": steps, "train.batch_size": 32, "train.lr": 1e-3, "train.eval_interval": steps,
                  "train.warmup_steps": max(1, steps // 10)}
-    if epsilon is not None:
-        overrides["train.dp_epsilon"] = epsilon
+    if epsilon is not None:  # micro-batches of 8: DP makes each row's (tokens x vocab) logits
+        overrides.update({"train.dp_epsilon": epsilon, "train.grad_accum": 4})
     return finetune(model, train, out, method="lora", epochs=None, val_data=validation, overrides=overrides)
 
 
